@@ -1,0 +1,207 @@
+"""Reading weight files and fitting their key layouts to a model.
+
+`load_checkpoint` is the single entry point: it reads a file (safetensors, or a torch file with
+`weights_only=True`), unwraps the usual containers (`model`, `state_dict`, `module.` / `backbone.`
+prefixes), lets the model's architecture adapt foreign layouts (official releases, timm), and loads
+strictly. Architectures register their adapter with `register_checkpoint_adapter`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+
+StateDict = Dict[str, torch.Tensor]
+# An adapter gets the unwrapped state_dict and the target model and returns the state_dict in the
+# model's own layout plus human-readable notes on what it changed (never silent).
+Adapter = Callable[[StateDict, nn.Module], Tuple[StateDict, List[str]]]
+
+_ADAPTERS: Dict[type, Adapter] = {}
+
+_CONTAINER_KEYS = ("state_dict", "model", "model_state", "model_ema", "module")
+_STRIPPABLE_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+
+
+def register_checkpoint_adapter(model_cls: type):
+    """Decorator: `fn(state_dict, model) -> (state_dict, notes)` adapts foreign layouts for `model_cls`."""
+
+    def wrap(fn: Adapter) -> Adapter:
+        _ADAPTERS[model_cls] = fn
+        return fn
+
+    return wrap
+
+
+def adapter_for(model: nn.Module) -> Optional[Adapter]:
+    for cls in type(model).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    return None
+
+
+@dataclass
+class LoadReport:
+    """What `load_checkpoint` did to make the file fit."""
+
+    path: Optional[str]
+    num_tensors: int
+    notes: List[str] = field(default_factory=list)
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        where = self.path or "<state_dict>"
+        lines = [f"loaded {self.num_tensors} tensors from {where}"]
+        lines += [f"  - {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str, str]]:
+    """Read tensors (and safetensors metadata) from a file without ever unpickling code."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected a weights file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+        return tensors, metadata
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = _one_line(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise CheckpointError(
+                f"{path}: contains pickled Python objects (e.g. a whole nn.Module); loading it would run "
+                "arbitrary code, refused (pass --trust-pickle / trust_pickle=True if you trust the file)"
+            ) from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(e)})") from None
+    return unwrap_state_dict(obj, source=path), {}
+
+
+def unwrap_state_dict(obj, source: str = "<object>") -> StateDict:
+    """Find the tensor dict inside the common training-checkpoint containers."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    raise CheckpointError(f"{source}: no state_dict of tensors found (top-level keys: {_keys_preview(obj)})")
+
+
+def strip_prefixes(state_dict: StateDict, model_keys) -> Tuple[StateDict, List[str]]:
+    """Remove wrapper prefixes (`module.`, `backbone.`, `_orig_mod.`) the model does not use."""
+    notes = []
+    model_keys = set(model_keys)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIPPABLE_PREFIXES:
+            if state_dict and all(k.startswith(prefix) for k in state_dict) and not any(
+                k.startswith(prefix) for k in model_keys
+            ):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                notes.append(f"stripped key prefix '{prefix}'")
+                changed = True
+    return state_dict, notes
+
+
+def fit_state_dict(model: nn.Module, state_dict: StateDict) -> Tuple[StateDict, List[str]]:
+    """Bring a raw state_dict into `model`'s own key layout (prefixes, then the architecture adapter)."""
+    state_dict, notes = strip_prefixes(state_dict, model.state_dict().keys())
+    adapter = adapter_for(model)
+    if adapter is not None:
+        state_dict, more = adapter(state_dict, model)
+        notes += more
+    return state_dict, notes
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+    *,
+    strict: bool = True,
+) -> LoadReport:
+    """Load weights into `model` in place; strict by default, with errors that name the keys.
+
+    `checkpoint` is a path (safetensors, or torch file read with `weights_only=True`) or a state_dict.
+    """
+    if isinstance(checkpoint, Mapping):
+        path, metadata = None, {}
+        state_dict = unwrap_state_dict(checkpoint)
+    else:
+        path = os.fspath(checkpoint)
+        state_dict, metadata = read_state_dict(path)
+    state_dict, notes = fit_state_dict(model, state_dict)
+    check_compatible(model, state_dict, source=path or "state_dict", strict=strict)
+    model.load_state_dict(state_dict, strict=strict)
+    return LoadReport(path=path, num_tensors=len(state_dict), notes=notes, metadata=metadata)
+
+
+def check_compatible(model: nn.Module, state_dict: StateDict, *, source: str, strict: bool = True) -> None:
+    """Raise CheckpointError naming missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"{len(missing)} missing keys ({_preview(missing)})")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches ({_preview(mismatched)})")
+    if problems:
+        name = type(model).__name__
+        raise CheckpointError(f"{source} does not fit {name}: " + "; ".join(problems))
+
+
+def _is_safetensors(path: str) -> bool:
+    if path.endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON object
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _preview(items, n: int = 5) -> str:
+    items = list(items)
+    more = f", ... +{len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _keys_preview(obj) -> str:
+    if isinstance(obj, Mapping):
+        return _preview([str(k) for k in obj.keys()]) or "none"
+    return type(obj).__name__
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

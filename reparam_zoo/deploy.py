@@ -1,0 +1,358 @@
+"""From a training-time model to a deployable one: fold RefConvs, fuse conv+BN, re-parameterize Rep
+blocks, and verify that the result computes what the original computes."""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from .errors import ConversionError, EquivalenceError
+from .layers.refconv import RefConvNd
+from .surgery import replace_modules
+
+Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+VERIFY_BATCH_SIZES = (1, 2)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class FuseReport:
+    """What `fuse` did, and the error it measured."""
+
+    folded: List[str] = field(default_factory=list)
+    fused: List[Tuple[str, str]] = field(default_factory=list)  # (conv, norm)
+    reparameterized: List[str] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)  # (norm, why)
+    verified: bool = False
+    max_abs_error: Optional[float] = None
+    max_rel_error: Optional[float] = None
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    input_shapes: List[List[int]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"folded {len(self.folded)} RefConv layers, fused {len(self.fused)} conv+norm pairs, "
+            f"re-parameterized {len(self.reparameterized)} blocks"
+        ]
+        for norm, why in self.left_alone:
+            lines.append(f"  left alone: {norm} ({why})")
+        if self.verified:
+            lines.append(
+                f"verified on inputs {self.input_shapes}: max abs error {self.max_abs_error:.3g}, "
+                f"max rel error {self.max_rel_error:.3g} (rtol={self.rtol:g}, atol={self.atol:g})"
+            )
+        else:
+            lines.append("NOT verified")
+        return "\n".join(lines)
+
+
+def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Turn every RefConv back into a plain conv holding its refocused kernel (computed in float64).
+
+    The result has the original model's state_dict keys and shapes.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    folded = {id(m): m.to_conv() for m in model.modules() if isinstance(m, RefConvNd)}
+    replace_modules(model, lambda m: folded.get(id(m)))
+    summary = model.__dict__.pop("refconv_summary", None)
+    if summary is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(summary.requires_grad_before.get(name, True))
+    return model
+
+
+def fuse(
+    model: nn.Module,
+    *,
+    example_inputs: Optional[Inputs] = None,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    inplace: bool = False,
+) -> nn.Module:
+    """Fold RefConvs, re-parameterize Rep blocks, fuse conv+BatchNorm, in eval mode; verify by default.
+
+    Raises `EquivalenceError` when verification fails; `result.fuse_report` says what was done.
+    """
+    if model.training:
+        warnings.warn("fuse: the model was in train mode; switched to eval mode", stacklevel=2)
+    original = model.eval()
+    inputs = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    reference = copy.deepcopy(original) if (inplace and verify) else original
+    model = original if inplace else copy.deepcopy(original)
+    report = FuseReport(rtol=rtol, atol=atol)
+
+    report.folded = [n for n, m in model.named_modules() if isinstance(m, RefConvNd)]
+    fold(model, inplace=True)
+    report.reparameterized = _reparameterize_blocks(model)
+    fused, left_alone = fuse_conv_bn(model, inputs)
+    report.fused, report.left_alone = fused, left_alone
+    model.eval()
+
+    if verify:
+        report.max_abs_error, report.max_rel_error, report.input_shapes = verify_equivalence(
+            reference, model, inputs, rtol=rtol, atol=atol
+        )
+        report.verified = True
+    model.__dict__.pop("fuse_report", None)
+    model.fuse_report = report
+    return model
+
+
+def default_example_inputs(model: nn.Module) -> Tuple[torch.Tensor, ...]:
+    """One random input of the size the model's timm `pretrained_cfg` declares."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("test_input_size") or cfg.get("input_size")
+    if not size:
+        raise ConversionError(
+            f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); pass example_inputs"
+        )
+    return (torch.randn(1, *size, generator=torch.Generator().manual_seed(0)),)
+
+
+def fuse_conv_bn(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """Fuse every BatchNorm that directly normalizes one conv's untouched output (found by tracing once).
+
+    Returns (fused (conv, norm) pairs, norms left alone with the reason).
+    """
+    pairs, left_alone = _trace_conv_bn_pairs(model, inputs)
+    modules = dict(model.named_modules())
+    replacements: Dict[int, nn.Module] = {}
+    for conv_name, bn_name in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+            bn.running_mean.double(), bn.running_var.double(), bn.eps,
+            None if bn.weight is None else bn.weight.double(), None if bn.bias is None else bn.bias.double(),
+            transpose=conv.transposed,
+        )
+        conv.weight = nn.Parameter(weight.to(conv.weight.dtype), conv.weight.requires_grad)
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), conv.weight.requires_grad)
+        replacements[id(bn)] = _after_norm(bn)
+    replace_modules(model, lambda m: replacements.get(id(m)))
+    return pairs, left_alone
+
+
+def verify_equivalence(
+    reference: nn.Module, candidate: nn.Module, inputs: Sequence[torch.Tensor], *, rtol: float, atol: float,
+) -> Tuple[float, float, List[List[int]]]:
+    """Compare outputs on random inputs shaped like `inputs`, at several batch sizes.
+
+    Returns (max abs error, max rel error, input shapes); raises EquivalenceError on disagreement.
+    Low-precision models are compared in float32 with the tolerance widened to their resolution.
+    """
+    dtype = _param_dtype(candidate)
+    if dtype in _LOW_PRECISION:
+        resolution = torch.finfo(dtype).eps * 8
+        rtol, atol = max(rtol, resolution), max(atol, resolution)
+        reference, candidate = copy.deepcopy(reference).float(), copy.deepcopy(candidate).float()
+        inputs = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+    generator = torch.Generator().manual_seed(1234)
+    max_abs = max_rel = 0.0
+    shapes: List[List[int]] = []
+    reference.eval()
+    candidate.eval()
+    for batch in VERIFY_BATCH_SIZES:
+        trial = tuple(_random_like(t, batch, generator) for t in inputs)
+        shapes.append(list(trial[0].shape))
+        with torch.no_grad():
+            expected = _flatten(reference(*trial))
+            actual = _flatten(candidate(*trial))
+        if len(expected) != len(actual):
+            raise EquivalenceError("verification failed: the fused model returns a different number of outputs")
+        for e, a in zip(expected, actual):
+            if e.shape != a.shape:
+                raise EquivalenceError(
+                    f"verification failed: output shape {tuple(a.shape)} differs from {tuple(e.shape)}"
+                )
+            diff = (e.double() - a.double()).abs()
+            abs_err = diff.max().item() if diff.numel() else 0.0
+            scale = e.double().abs().max().item() if e.numel() else 0.0
+            rel_err = abs_err / scale if scale > 0 else abs_err
+            max_abs, max_rel = max(max_abs, abs_err), max(max_rel, rel_err)
+            if not torch.isfinite(a).all() or not _close(e, a, rtol=rtol, atol=atol):
+                where = first_diverging_module(reference, candidate, trial, rtol=rtol, atol=atol)
+                raise EquivalenceError(
+                    f"verification failed: max abs error {abs_err:.3g}, max rel error {rel_err:.3g} "
+                    f"(rtol={rtol:g}, atol={atol:g}); first diverging module: {where or 'unknown'}",
+                    max_abs_error=abs_err, max_rel_error=rel_err, first_diverging_module=where,
+                )
+    return max_abs, max_rel, shapes
+
+
+def first_diverging_module(reference: nn.Module, candidate: nn.Module, inputs, *, rtol: float, atol: float):
+    """The first module (in the reference's execution order) whose output differs between the models."""
+    ref_out = _record_outputs(reference, inputs)
+    cand_out = dict(_record_outputs(candidate, inputs))
+    for name, outputs in ref_out:
+        other = cand_out.get(name)
+        if other is None or len(other) != len(outputs):
+            continue
+        for e, a in zip(outputs, other):
+            if e.shape == a.shape and not _close(e, a, rtol=rtol, atol=atol):
+                return name
+    return None
+
+
+def _close(expected: torch.Tensor, actual: torch.Tensor, *, rtol: float, atol: float) -> bool:
+    """`max|a - e| <= atol + rtol * max|e|`: relative to the output's scale, so that deep random-weight
+    models with huge activations are judged by significant digits, not by elements that sit near zero."""
+    if not expected.numel():
+        return True
+    e, a = expected.double(), actual.double()
+    return bool((a - e).abs().max() <= atol + rtol * e.abs().max())
+
+
+def _record_outputs(model: nn.Module, inputs) -> List[Tuple[str, List[torch.Tensor]]]:
+    recorded: List[Tuple[str, List[torch.Tensor]]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+            def hook(mod, args, out, name=name):
+                recorded.append((name, [t.detach().clone() for t in _flatten(out)]))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return recorded
+
+
+def _trace_conv_bn_pairs(model: nn.Module, inputs):
+    """Run once and pair each BN with the conv whose output it receives unchanged and unshared."""
+    conv_of_output: Dict[int, Tuple[str, torch.Tensor, int]] = {}
+    calls: Dict[str, int] = {}
+    consumers: Dict[int, int] = {}
+    bn_input: Dict[str, Optional[Tuple[str, int]]] = {}
+    handles = []
+    leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children()) or isinstance(m, _BatchNorm)]
+    for name, module in leaves:
+        def pre_hook(mod, args, name=name):
+            calls[name] = calls.get(name, 0) + 1
+            for t in args:
+                known = conv_of_output.get(id(t))
+                if known is not None and known[1] is t:
+                    consumers[id(t)] = consumers.get(id(t), 0) + 1
+            if isinstance(mod, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
+                src = conv_of_output.get(id(args[0]))
+                unchanged = src is not None and src[2] == args[0]._version
+                bn_input[name] = (src[0], id(args[0])) if unchanged else None
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        if isinstance(module, nn.modules.conv._ConvNd):
+            def hook(mod, args, out, name=name):
+                conv_of_output[id(out)] = (name, out, out._version)
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*_batch_of_one(inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    modules = dict(model.named_modules())
+    pairs, left_alone = [], []
+    for name, module in modules.items():
+        if not isinstance(module, _BatchNorm):
+            continue
+        source = bn_input.get(name)
+        if name not in calls:
+            left_alone.append((name, "not called in forward"))
+        elif source is None:
+            left_alone.append((name, "input is not a conv output"))
+        elif calls[name] > 1 or calls.get(source[0], 0) > 1:
+            left_alone.append((name, "shared module called more than once"))
+        elif consumers.get(source[1], 0) > 1:
+            left_alone.append((name, f"output of {source[0]} is also used elsewhere"))
+        elif modules[source[0]].out_channels != module.num_features:
+            left_alone.append((name, "channel count differs from the conv"))
+        elif module.running_mean is None or module.running_var is None:
+            left_alone.append((name, "no running statistics"))
+        else:
+            pairs.append((source[0], name))
+    return pairs, left_alone
+
+
+def _reparameterize_blocks(model: nn.Module) -> List[str]:
+    """Let Rep blocks (RepVGG, MobileOne, ...) merge their branches through their own methods,
+    the way timm's `reparameterize_model` does, remembering which ones did."""
+    done: List[str] = []
+
+    def walk(parent: nn.Module, prefix: str):
+        for child_name, child in list(parent.named_children()):
+            name = f"{prefix}{child_name}"
+            if isinstance(child, nn.modules.conv._ConvNd):
+                continue
+            if hasattr(child, "fuse") and callable(child.fuse):
+                setattr(parent, child_name, child.fuse())
+                done.append(name)
+            elif hasattr(child, "reparameterize") and callable(child.reparameterize):
+                child.reparameterize()
+                done.append(name)
+            elif hasattr(child, "switch_to_deploy") and callable(child.switch_to_deploy):
+                child.switch_to_deploy()
+                done.append(name)
+            walk(getattr(parent, child_name), name + ".")
+
+    walk(model, "")
+    return done
+
+
+def _after_norm(bn: nn.Module) -> nn.Module:
+    """What stays of a norm layer once its affine map is fused: timm's BatchNormAct keeps drop + act."""
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    parts = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    if not parts:
+        return nn.Identity()
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+
+
+def _as_tuple(inputs: Inputs) -> Tuple[torch.Tensor, ...]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    inputs = tuple(inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ConversionError("example_inputs must be a tensor or a tuple of tensors")
+    return inputs
+
+
+def _batch_of_one(inputs):
+    return tuple(t[:1] for t in inputs)
+
+
+def _random_like(t: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+    shape = (batch,) + tuple(t.shape[1:])
+    if t.is_floating_point():
+        return torch.randn(shape, generator=generator, dtype=t.dtype).to(t.device)
+    # integer inputs (token ids, indices): resample within the observed range
+    low, high = int(t.min()), int(t.max()) + 1
+    return torch.randint(low, high, shape, generator=generator, dtype=t.dtype).to(t.device)
+
+
+def _flatten(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

@@ -1,0 +1,4 @@
+"""Building blocks: the RefConv layers."""
+from .refconv import RefConv1d, RefConv2d, RefConv3d, RefConvNd
+
+__all__ = ["RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd"]

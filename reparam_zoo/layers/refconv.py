@@ -1,0 +1,332 @@
+"""RefConv: a frozen pretrained kernel refocused by a learnable, zero-initialised transform.
+
+For a conv with weight `W_b` of shape `(C_out, C_in/g, *K)` the layer computes `conv(x, W_b + T(W_b))`,
+where `T` is a conv of the layer's dimensionality applied to `W_b` seen as a one-sample image with
+`N = C_out*C_in/g` channels, kernel `map_k`, "same" zero padding and `N/g` groups (each group mixes `g`
+consecutive kernel slices). Folding computes `W_t` once and puts it into a plain conv of the original
+class, so the deployed model keeps the original structure and cost.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConversionError
+
+__all__ = ["RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd", "refconv_class_for", "refocus_kernel", "INITS"]
+
+INITS = ("zero", "xavier", "kaiming")
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def refocus_kernel(base: torch.Tensor, transform_weight: torch.Tensor, patches: Optional[torch.Tensor] = None):
+    """`W_b + T(W_b)`: the refocused kernel, differentiable w.r.t. `transform_weight`.
+
+    `transform_weight` has shape `(N, g, *map_k)`. The same math in the formulation that is fastest for
+    the shape: a dense layer's transform (g == 1) is depthwise over the N slices, a grouped conv when a
+    gradient is needed and a sum of shifted copies otherwise (PyTorch's grouped conv is very slow in
+    float64, where folding happens); for grouped and depthwise layers each of the N/g groups is a small
+    dense mix, one batched matmul over the base kernel's neighbourhoods (`patches`, cacheable because
+    the base is frozen).
+    """
+    n, g = transform_weight.shape[:2]
+    map_k = transform_weight.shape[2:]
+    kernel = base.shape[2:]
+    if g == 1:
+        if torch.is_grad_enabled() and transform_weight.requires_grad:
+            conv = _CONV_FNS[len(kernel)]
+            image = base.reshape(1, n, *kernel)
+            mixed = conv(image, transform_weight, padding=[k // 2 for k in map_k], groups=n)
+            return base + mixed.reshape(base.shape)
+        return _shifted_sum(base, transform_weight)
+    if patches is None:
+        patches = kernel_patches(base, map_k, g)
+    groups = n // g
+    mix = transform_weight.reshape(groups, g, g * math.prod(map_k))
+    mixed = torch.bmm(mix, patches)  # (groups, g, prod(K))
+    return base + mixed.reshape(base.shape)
+
+
+@torch.no_grad()
+def _shifted_sum(base: torch.Tensor, transform_weight: torch.Tensor) -> torch.Tensor:
+    """The depthwise transform of a dense layer as `sum_q w[:, q] * shift_q(W_b)`, in place, no autograd."""
+    n = transform_weight.shape[0]
+    map_k = transform_weight.shape[2:]
+    kernel = base.shape[2:]
+    pad = []
+    for k in reversed(map_k):
+        pad += [k // 2, k // 2]
+    flat = base.reshape(n, *kernel)
+    padded = F.pad(flat, pad)
+    weights = transform_weight.reshape(n, -1)
+    out = flat.clone()
+    for q, offset in enumerate(_offsets(map_k)):
+        index = (slice(None),) + tuple(slice(o, o + k) for o, k in zip(offset, kernel))
+        scale = weights[:, q].reshape((n,) + (1,) * len(kernel))
+        out.addcmul_(scale, padded[index])
+    return out.reshape(base.shape)
+
+
+def kernel_patches(base: torch.Tensor, map_k: Tuple[int, ...], g: int) -> torch.Tensor:
+    """Zero-padded neighbourhoods of every kernel position, laid out for `refocus_kernel`'s matmul.
+
+    Returns `(N/g, g*prod(map_k), prod(K))` with row index `j*prod(map_k) + q` for slice j of the group and
+    transform offset q (the same order as a conv weight `(N, g, *map_k)` flattened).
+    """
+    n = base.shape[0] * base.shape[1]
+    kernel = base.shape[2:]
+    pad = []
+    for k in reversed(map_k):
+        pad += [k // 2, k // 2]
+    padded = F.pad(base.reshape(n, *kernel), pad)
+    shifts = []
+    for offset in _offsets(map_k):
+        index = tuple(slice(o, o + k) for o, k in zip(offset, kernel))
+        shifts.append(padded[(slice(None),) + index])
+    stacked = torch.stack(shifts, dim=1)  # (N, M, *K)
+    return stacked.reshape(n // g, g * math.prod(map_k), math.prod(kernel))
+
+
+def _offsets(map_k):
+    if not map_k:
+        yield ()
+        return
+    for first in range(map_k[0]):
+        for rest in _offsets(map_k[1:]):
+            yield (first,) + rest
+
+
+class RefConvNd(nn.Module):
+    """Shared implementation of RefConv1d/2d/3d; build one with `from_conv`."""
+
+    dims: int = 0
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, map_k: int = 3, init: str = "zero"):
+        super().__init__()
+        check_convertible(conv, map_k, expected_dims=self.dims)
+        if init not in INITS:
+            raise ConversionError(f"unknown init '{init}', expected one of {', '.join(INITS)}")
+        weight = conv.weight.detach()
+        groups = conv.groups
+        n_slices = weight.shape[0] * weight.shape[1]
+        self.map_k = map_k
+        self.init = init
+        self.register_buffer("weight_base", weight.clone())
+        self.transform_weight = nn.Parameter(
+            torch.empty((n_slices, groups) + (map_k,) * self.dims, dtype=weight.dtype, device=weight.device)
+        )
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        # The original conv, kept outside the module tree with weightless tensors: it supplies the exact
+        # forward (padding modes, subclasses such as timm's same-padding conv) and is the template for
+        # the plain conv that folding produces.
+        object.__setattr__(self, "_template", _weightless_copy(conv))
+        self._overrides_forward = type(conv).forward is not _base_forward(conv)
+        self._kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._patch_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self.reset_transform(init)
+
+    @classmethod
+    def from_conv(cls, conv: nn.modules.conv._ConvNd, map_k: int = 3, init: str = "zero") -> "RefConvNd":
+        if cls is RefConvNd:
+            cls = refconv_class_for(conv)
+        return cls(conv, map_k=map_k, init=init)
+
+    # -- the conv's own attributes, so code reading them keeps working -----------------------------
+    @property
+    def conv_type(self) -> type:
+        return type(self._template)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _CONV_ATTRIBUTES:
+                return getattr(self.__dict__["_template"], name)
+            raise
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The refocused kernel (differentiable); the plain conv's weight after folding."""
+        return self.refocused_weight()
+
+    # -- math ---------------------------------------------------------------------------------------
+    def reset_transform(self, init: str = "zero") -> None:
+        with torch.no_grad():
+            if init == "zero":
+                self.transform_weight.zero_()
+            elif init == "xavier":
+                nn.init.xavier_uniform_(self.transform_weight)
+            else:  # PyTorch's default conv init
+                nn.init.kaiming_uniform_(self.transform_weight, a=math.sqrt(5))
+        self._kernel_cache = None
+
+    @property
+    def transform_groups(self) -> int:
+        return self.transform_weight.shape[0] // self.transform_weight.shape[1]
+
+    def refocused_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """`W_b + T(W_b)`, computed in `dtype` (default: the layer's dtype)."""
+        base, transform = self.weight_base, self.transform_weight
+        if dtype is not None and dtype != base.dtype:
+            return refocus_kernel(base.to(dtype), transform.to(dtype))
+        return refocus_kernel(base, transform, self._patches())
+
+    def _patches(self) -> Optional[torch.Tensor]:
+        g = self.transform_weight.shape[1]
+        if g == 1:
+            return None
+        key = _tensor_key(self.weight_base)
+        if self._patch_cache is None or self._patch_cache[0] != key:
+            with torch.no_grad():
+                patches = kernel_patches(self.weight_base, self.transform_weight.shape[2:], g)
+            self._patch_cache = (key, patches)
+        return self._patch_cache[1]
+
+    def _kernel(self) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and self.transform_weight.requires_grad
+        if needs_grad:
+            self._kernel_cache = None
+            return self.refocused_weight()
+        # Without autograd the kernel only changes when the transform or the base does.
+        key = (_tensor_key(self.transform_weight), _tensor_key(self.weight_base))
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            with torch.no_grad():
+                self._kernel_cache = (key, self.refocused_weight())
+        return self._kernel_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._kernel()
+        if not self._overrides_forward:
+            return self._template._conv_forward(x, weight, self.bias)
+        params = {"weight": weight}
+        if self.bias is not None:
+            params["bias"] = self.bias
+        return torch.func.functional_call(self._template, params, (x,))
+
+    # -- folding ------------------------------------------------------------------------------------
+    def to_conv(self) -> nn.modules.conv._ConvNd:
+        """A plain conv of the original class and attributes holding the refocused kernel (float64 math)."""
+        with torch.no_grad():
+            weight = self.refocused_weight(dtype=torch.float64).to(self.weight_base.dtype)
+        conv = copy.deepcopy(self._template)
+        conv.weight = nn.Parameter(weight)
+        if self.bias is not None:
+            conv.bias = nn.Parameter(self.bias.detach().clone())
+        return conv
+
+    def transform_macs(self) -> int:
+        """Multiply-accumulates of one transform evaluation (per step, independent of the batch)."""
+        return self.transform_weight.numel() * math.prod(self.weight_base.shape[2:])
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._kernel_cache = None
+        self._patch_cache = None
+        return result
+
+    def extra_repr(self) -> str:
+        t = self._template
+        kernel = "x".join(str(k) for k in t.kernel_size)
+        return (
+            f"{t.in_channels}, {t.out_channels}, kernel_size={kernel}, stride={t.stride}, padding={t.padding}, "
+            f"groups={t.groups}, map_k={self.map_k}, base={type(t).__name__}"
+        )
+
+
+class RefConv1d(RefConvNd):
+    dims = 1
+
+
+class RefConv2d(RefConvNd):
+    dims = 2
+
+
+class RefConv3d(RefConvNd):
+    dims = 3
+
+
+_BY_DIMS = {1: RefConv1d, 2: RefConv2d, 3: RefConv3d}
+_CONV_ATTRIBUTES = frozenset(
+    ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+     "padding_mode", "transposed", "output_padding"]
+)
+
+
+def refconv_class_for(conv: nn.Module) -> type:
+    dims = conv_dims(conv)
+    if dims not in _BY_DIMS:
+        raise ConversionError(f"{type(conv).__name__} is not a 1d/2d/3d convolution")
+    return _BY_DIMS[dims]
+
+
+def conv_dims(conv: nn.Module) -> int:
+    if isinstance(conv, nn.modules.conv._ConvNd):
+        return len(conv.kernel_size)
+    return 0
+
+
+def unsupported_reason(conv: nn.Module, map_k: int) -> Optional[str]:
+    """Why `conv` cannot become a RefConv with this `map_k`, or None when it can."""
+    if not isinstance(conv, nn.modules.conv._ConvNd):
+        return "unsupported type"
+    if conv.transposed:
+        return "unsupported type (transposed conv)"
+    if isinstance(conv, nn.modules.lazy.LazyModuleMixin) and conv.has_uninitialized_params():
+        return "unsupported type (uninitialised lazy conv)"
+    extra = [n for n, _ in conv.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    extra += [n for n, _ in conv.named_buffers(recurse=False)]
+    if extra or list(conv.children()):
+        return f"unsupported type ({type(conv).__name__} has extra state: {', '.join(extra) or 'submodules'})"
+    if all(k == 1 for k in conv.kernel_size):
+        return "1x1"
+    if any(k < map_k for k in conv.kernel_size):
+        return f"kernel {'x'.join(map(str, conv.kernel_size))} smaller than map_k={map_k}"
+    return None
+
+
+def check_map_k(map_k: int) -> None:
+    if not isinstance(map_k, int) or map_k < 1 or map_k % 2 == 0:
+        raise ConversionError(f"map_k must be a positive odd integer, got {map_k!r}")
+
+
+def check_convertible(conv: nn.Module, map_k: int, expected_dims: int = 0) -> None:
+    check_map_k(map_k)
+    reason = unsupported_reason(conv, map_k)
+    if reason is not None:
+        raise ConversionError(f"cannot refocus {type(conv).__name__}: {reason}")
+    if expected_dims and conv_dims(conv) != expected_dims:
+        raise ConversionError(
+            f"RefConv{expected_dims}d needs a {expected_dims}d conv, got {type(conv).__name__}; "
+            "use RefConvNd.from_conv to pick the class automatically"
+        )
+
+
+def _base_forward(conv: nn.Module):
+    for cls in _PLAIN_CONVS:
+        if isinstance(conv, cls):
+            return cls.forward
+    return None
+
+
+def _weightless_copy(conv: nn.Module) -> nn.Module:
+    """A deep copy of `conv` whose weight and bias live on the meta device (no memory, never used)."""
+    memo = {}
+    for name in ("weight", "bias"):
+        p = conv._parameters.get(name)
+        if p is not None:
+            memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+    template = copy.deepcopy(conv, memo)
+    template._forward_hooks.clear()
+    template._forward_pre_hooks.clear()
+    return template
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
