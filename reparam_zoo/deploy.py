@@ -99,7 +99,7 @@ def fuse(
 
     if verify:
         report.max_abs_error, report.max_rel_error, report.input_shapes = verify_equivalence(
-            reference, model, inputs, rtol=rtol, atol=atol
+            reference, model, inputs, rtol=rtol, atol=atol, absorbed=dict(fused)
         )
         report.verified = True
     model.__dict__.pop("fuse_report", None)
@@ -143,11 +143,13 @@ def fuse_conv_bn(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[List
 
 def verify_equivalence(
     reference: nn.Module, candidate: nn.Module, inputs: Sequence[torch.Tensor], *, rtol: float, atol: float,
+    absorbed: Optional[Dict[str, str]] = None,
 ) -> Tuple[float, float, List[List[int]]]:
     """Compare outputs on random inputs shaped like `inputs`, at several batch sizes.
 
     Returns (max abs error, max rel error, input shapes); raises EquivalenceError on disagreement.
     Low-precision models are compared in float32 with the tolerance widened to their resolution.
+    `absorbed` maps a conv that absorbed a BN to that BN: the fused conv's output must match the BN's.
     """
     dtype = _param_dtype(candidate)
     if dtype in _LOW_PRECISION:
@@ -179,7 +181,8 @@ def verify_equivalence(
             rel_err = abs_err / scale if scale > 0 else abs_err
             max_abs, max_rel = max(max_abs, abs_err), max(max_rel, rel_err)
             if not torch.isfinite(a).all() or not _close(e, a, rtol=rtol, atol=atol):
-                where = first_diverging_module(reference, candidate, trial, rtol=rtol, atol=atol)
+                where = first_diverging_module(reference, candidate, trial, rtol=rtol, atol=atol,
+                                               absorbed=absorbed)
                 raise EquivalenceError(
                     f"verification failed: max abs error {abs_err:.3g}, max rel error {rel_err:.3g} "
                     f"(rtol={rtol:g}, atol={atol:g}); first diverging module: {where or 'unknown'}",
@@ -188,11 +191,16 @@ def verify_equivalence(
     return max_abs, max_rel, shapes
 
 
-def first_diverging_module(reference: nn.Module, candidate: nn.Module, inputs, *, rtol: float, atol: float):
+def first_diverging_module(reference: nn.Module, candidate: nn.Module, inputs, *, rtol: float, atol: float,
+                           absorbed: Optional[Dict[str, str]] = None):
     """The first module (in the reference's execution order) whose output differs between the models."""
+    absorbed = absorbed or {}
     ref_out = _record_outputs(reference, inputs)
+    ref_by_name = dict(ref_out)
     cand_out = dict(_record_outputs(candidate, inputs))
     for name, outputs in ref_out:
+        if name in absorbed:  # a fused conv computes what its BN computed
+            outputs = ref_by_name.get(absorbed[name], [])
         other = cand_out.get(name)
         if other is None or len(other) != len(outputs):
             continue

@@ -1,0 +1,188 @@
+"""RefConv layers: the transform math against an independent grouped conv, folding, caching, errors."""
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import Conv2dSame
+
+import reparam_zoo.layers.refconv as refconv_module
+from reparam_zoo import ConversionError, RefConv1d, RefConv2d, RefConv3d, RefConvNd
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+REFCONV = {1: RefConv1d, 2: RefConv2d, 3: RefConv3d}
+
+
+def conv_configs():
+    """(dims, kwargs): dense, grouped, depthwise, depthwise x2 multiplier; k 3/5/7, non-square; stride,
+    dilation, every padding form and mode; with and without bias."""
+    cases = []
+    for dims, (cin, cout, groups), bias in itertools.product(
+        (1, 2, 3), [(4, 6, 1), (4, 8, 2), (4, 4, 4), (4, 8, 4)], (True, False)
+    ):
+        cases.append((dims, dict(in_channels=cin, out_channels=cout, kernel_size=3, groups=groups, bias=bias,
+                                 padding=1)))
+    cases += [
+        (2, dict(in_channels=3, out_channels=5, kernel_size=5, padding=2, stride=2)),
+        (2, dict(in_channels=4, out_channels=4, kernel_size=7, padding=3, groups=4)),
+        (2, dict(in_channels=4, out_channels=6, kernel_size=(3, 5), padding=(1, 2), groups=2)),
+        (2, dict(in_channels=4, out_channels=4, kernel_size=(5, 3), padding="same", dilation=2)),
+        (2, dict(in_channels=4, out_channels=8, kernel_size=3, padding="valid", stride=(2, 1))),
+        (2, dict(in_channels=4, out_channels=8, kernel_size=3, padding=1, padding_mode="reflect")),
+        (2, dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, padding_mode="replicate", groups=4)),
+        (2, dict(in_channels=4, out_channels=8, kernel_size=3, padding=1, padding_mode="circular", groups=2)),
+        (1, dict(in_channels=4, out_channels=4, kernel_size=5, padding="same", padding_mode="reflect", dilation=2)),
+        (3, dict(in_channels=2, out_channels=4, kernel_size=(3, 3, 5), padding=(1, 1, 2), padding_mode="circular")),
+        (3, dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, groups=4, padding=1)),
+    ]
+    return cases
+
+
+CONFIGS = conv_configs()
+IDS = [f"{d}d-" + "-".join(f"{k}={v}" for k, v in kw.items() if k not in ("in_channels",)) for d, kw in CONFIGS]
+
+
+def make(dims, kwargs, seed=0):
+    torch.manual_seed(seed)
+    conv = CONV[dims](**kwargs)
+    x = torch.randn(2, kwargs["in_channels"], *([10] * dims))
+    return conv, x
+
+
+def independent_refocused_kernel(conv, transform_weight):
+    """W_b + T(W_b) with T an ordinary nn.ConvNd in float64, built straight from SPEC section 1."""
+    w = conv.weight.detach().double()
+    n, g = w.shape[0] * w.shape[1], conv.groups
+    map_k = transform_weight.shape[-1]
+    transform = CONV[w.dim() - 2](n, n, map_k, padding=map_k // 2, groups=n // g, bias=False).double()
+    transform.weight.data.copy_(transform_weight.detach().double())
+    return w + transform(w.reshape(1, n, *w.shape[2:])).reshape(w.shape)
+
+
+@pytest.mark.parametrize("dims,kwargs", CONFIGS, ids=IDS)
+def test_zero_init_is_exact_and_counts(dims, kwargs):
+    conv, x = make(dims, kwargs)
+    layer = REFCONV[dims].from_conv(conv)
+    assert torch.equal(layer(x), conv(x))
+    assert layer.transform_weight.numel() == conv.in_channels * conv.out_channels * 3 ** dims
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["transform_weight"]
+    assert "weight_base" in dict(layer.named_buffers())
+    assert torch.equal(layer.weight_base, conv.weight)
+
+
+@pytest.mark.parametrize("dims,kwargs", CONFIGS, ids=IDS)
+def test_random_transform_matches_independent_math_and_folds(dims, kwargs):
+    conv, x = make(dims, kwargs)
+    layer = RefConvNd.from_conv(conv, init="xavier")
+    expected_kernel = independent_refocused_kernel(conv, layer.transform_weight)
+    torch.testing.assert_close(layer.refocused_weight().double(), expected_kernel, rtol=1e-5, atol=1e-6)
+
+    folded = layer.to_conv()
+    assert type(folded) is type(conv)
+    for attr in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size"):
+        assert getattr(folded, attr) == getattr(conv, attr)
+    y_ref, y_fold = layer(x), folded(x)
+    rel = (y_fold - y_ref).abs().max() / y_ref.abs().max()
+    assert rel <= 1e-5
+    if conv.bias is not None:
+        assert torch.equal(folded.bias, conv.bias)
+        assert not layer.bias.requires_grad
+
+
+@pytest.mark.parametrize("dims,kwargs", CONFIGS[::3], ids=IDS[::3])
+def test_gradient_reaches_only_the_transform(dims, kwargs):
+    conv, x = make(dims, kwargs)
+    layer = RefConvNd.from_conv(conv, init="kaiming")
+    layer(x).square().sum().backward()
+    assert layer.transform_weight.grad is not None and layer.transform_weight.grad.abs().sum() > 0
+    if layer.bias is not None:
+        assert layer.bias.grad is None
+    # the gradient equals autograd through the independent formulation
+    tw = layer.transform_weight.detach().double().requires_grad_()
+    w = conv.weight.detach().double()
+    n, g = w.shape[0] * w.shape[1], conv.groups
+    mixed = getattr(torch.nn.functional, f"conv{dims}d")(w.reshape(1, n, *w.shape[2:]), tw, padding=1, groups=n // g)
+    kernel = w + mixed.reshape(w.shape)
+    conv64 = RefConvNd.from_conv(conv.double()).to_conv()  # same attributes, float64
+    y = conv64._conv_forward(x.double(), kernel, None if conv.bias is None else conv.bias.double())
+    (grad,) = torch.autograd.grad(y.square().sum(), tw)
+    torch.testing.assert_close(layer.transform_weight.grad.double(), grad, rtol=1e-4, atol=1e-4)
+
+
+def test_map_k_five_on_seven_kernel():
+    conv, x = make(2, dict(in_channels=3, out_channels=4, kernel_size=7, padding=3))
+    layer = RefConv2d.from_conv(conv, map_k=5, init="xavier")
+    assert layer.transform_weight.shape == (12, 1, 5, 5)
+    torch.testing.assert_close(layer.refocused_weight().double(),
+                               independent_refocused_kernel(conv, layer.transform_weight), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "conv,map_k,message",
+    [
+        (nn.Conv2d(2, 2, 3), 2, "map_k must be a positive odd integer"),
+        (nn.Conv2d(2, 2, (1, 3)), 3, "smaller than map_k=3"),
+        (nn.Conv2d(2, 2, 3), 5, "smaller than map_k=5"),
+        (nn.Conv2d(2, 2, 1), 3, "1x1"),
+        (nn.ConvTranspose2d(2, 2, 3), 3, "transposed"),
+        (nn.Conv1d(2, 2, 3), 3, "RefConv2d needs a 2d conv"),
+    ],
+)
+def test_clear_errors(conv, map_k, message):
+    with pytest.raises(ConversionError, match=message):
+        RefConv2d.from_conv(conv, map_k=map_k)
+
+
+def test_unknown_init():
+    with pytest.raises(ConversionError, match="unknown init 'ones'"):
+        RefConv2d.from_conv(nn.Conv2d(2, 2, 3), init="ones")
+
+
+def test_conv_subclass_keeps_its_forward():
+    torch.manual_seed(0)
+    conv = Conv2dSame(3, 4, 3, stride=2)  # TF-style asymmetric "same" padding in forward()
+    x = torch.randn(1, 3, 9, 9)
+    layer = RefConv2d.from_conv(conv)
+    assert torch.equal(layer(x), conv(x))
+    layer.reset_transform("xavier")
+    folded = layer.to_conv()
+    assert type(folded) is Conv2dSame
+    torch.testing.assert_close(folded(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_path_reuses_the_kernel_until_the_transform_changes(monkeypatch):
+    conv, x = make(2, dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4))
+    layer = RefConv2d.from_conv(conv, init="xavier").eval()
+    calls = []
+    original = refconv_module.refocus_kernel
+    monkeypatch.setattr(refconv_module, "refocus_kernel", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        y1 = layer(x)
+        y2 = layer(x)
+    assert len(calls) == 1 and torch.equal(y1, y2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()  # with grad: computed again, differentiably
+    optimizer.step()
+    assert len(calls) == 2
+    with torch.no_grad():
+        y3 = layer(x)
+    assert len(calls) == 3 and not torch.equal(y3, y1)
+    torch.testing.assert_close(y3, layer.to_conv()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_property_and_attributes_read_through():
+    conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2)
+    layer = RefConv2d.from_conv(conv)
+    assert (layer.in_channels, layer.out_channels, layer.stride, layer.groups) == (4, 8, (2, 2), 2)
+    assert torch.equal(layer.weight, conv.weight)
+    assert layer.transform_macs() == layer.transform_weight.numel() * 9
+
+
+def test_dtype_and_device_moves_invalidate_caches():
+    conv, x = make(2, dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4))
+    layer = RefConv2d.from_conv(conv, init="xavier").eval()
+    with torch.no_grad():
+        y = layer(x)
+        y64 = layer.double()(x.double())
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64.float(), y, rtol=1e-5, atol=1e-6)
