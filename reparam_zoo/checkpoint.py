@@ -85,12 +85,15 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = _one_line(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        # torch's message always starts with "Weights only load failed": only a refused global means
+        # pickled Python objects; anything else (bad opcodes) is a damaged file
+        if "Unsupported global" in str(e) or "GLOBAL " in str(e):
             raise CheckpointError(
                 f"{path}: contains pickled Python objects (e.g. a whole nn.Module); loading it would run "
                 "arbitrary code, refused (pass --trust-pickle / trust_pickle=True if you trust the file)"
             ) from None
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
+        detail = str(e).split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in str(e) else msg
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(detail)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(e)})") from None
     return unwrap_state_dict(obj, source=path), {}

@@ -293,9 +293,35 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
     return pairs, left_alone
 
 
-def _reparameterize_blocks(model: nn.Module) -> List[str]:
+def apply_fuse_structure(model: nn.Module, report: FuseReport) -> nn.Module:
+    """Give a freshly built model, in place, the structure `fuse` gave the model `report` describes:
+    re-parameterize the listed Rep blocks, give the listed convs a bias and replace their norms by what
+    stays after fusion. No weights are computed and nothing is verified: this only prepares a model for
+    strict loading of a fused state_dict (e.g. from a saved model file)."""
+    model.eval()
+    wanted = set(report.reparameterized)
+    done = _reparameterize_blocks(model, only=wanted)
+    if set(done) != wanted:
+        missing = sorted(wanted - set(done))
+        raise ConversionError(f"cannot re-apply fuse structure: no Rep block named {', '.join(missing[:5])}")
+    modules = dict(model.named_modules())
+    replacements: Dict[int, nn.Module] = {}
+    for conv_name, bn_name in report.fused:
+        conv, bn = modules.get(conv_name), modules.get(bn_name)
+        if not isinstance(conv, nn.modules.conv._ConvNd) or not isinstance(bn, _BatchNorm):
+            raise ConversionError(f"cannot re-apply fuse structure: no conv+norm pair {conv_name} + {bn_name}")
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
+        replacements[id(bn)] = _after_norm(bn)
+    replace_modules(model, lambda m: replacements.get(id(m)))
+    model.__dict__.pop("fuse_report", None)
+    model.fuse_report = report
+    return model
+
+
+def _reparameterize_blocks(model: nn.Module, only: Optional[set] = None) -> List[str]:
     """Let Rep blocks (RepVGG, MobileOne, ...) merge their branches through their own methods,
-    the way timm's `reparameterize_model` does, remembering which ones did."""
+    the way timm's `reparameterize_model` does, remembering which ones did (`only`: just these names)."""
     done: List[str] = []
 
     def walk(parent: nn.Module, prefix: str):
@@ -303,7 +329,9 @@ def _reparameterize_blocks(model: nn.Module) -> List[str]:
             name = f"{prefix}{child_name}"
             if isinstance(child, nn.modules.conv._ConvNd):
                 continue
-            if hasattr(child, "fuse") and callable(child.fuse):
+            if only is not None and name not in only:
+                pass
+            elif hasattr(child, "fuse") and callable(child.fuse):
                 setattr(parent, child_name, child.fuse())
                 done.append(name)
             elif hasattr(child, "reparameterize") and callable(child.reparameterize):

@@ -54,13 +54,15 @@ def make_columns(num_columns, num_levels, drop=0.3, dtype=torch.float64, first_r
     ]).to(dtype).train()
 
 
-def run_and_grad(columns, x, states, reversible, taps=(), seed=123, loss_on_final=True):
-    """Loss over the final states and the taps with fixed random weights; returns (loss, grads)."""
+def run_and_grad(columns, x, states, reversible, taps=(), seed=123, loss_on_final=True, autocast=None):
+    """Loss over the final states and the taps with fixed random weights; returns (loss, grads).
+    `autocast`: a dtype to run the forward under CPU autocast (the backward runs outside it)."""
     x = x.detach().clone().requires_grad_()
     states = None if states is None else [s.detach().clone().requires_grad_() for s in states]
     columns.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    final, tapped = run_columns(list(columns), x, states, reversible=reversible, taps=taps)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        final, tapped = run_columns(list(columns), x, states, reversible=reversible, taps=taps)
     weights = torch.Generator().manual_seed(7)
     outputs = (list(final) if loss_on_final else []) + list(tapped)
     loss = sum((o * torch.randn(o.shape, generator=weights, dtype=o.dtype)).sum() for o in outputs)
@@ -143,11 +145,10 @@ def test_autocast_state_is_replayed_in_backward():
     for reversible in (False, True):
         for level in (lvl for c in columns for lvl in c.levels):
             level.seen_dtypes.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, grads = run_and_grad(columns, x, None, reversible=reversible)
+        _, grads = run_and_grad(columns, x, None, reversible=reversible, autocast=torch.bfloat16)
         results[reversible] = grads
         dtypes = [d for c in columns for lvl in c.levels for d in lvl.seen_dtypes]
-        # reversible: forward + recomputation in backward, both under autocast
+        # reversible: forward + recomputation in backward (outside the caller's autocast block), both bf16
         assert dtypes == [torch.bfloat16] * (len(dtypes)) and len(dtypes) == (2 if reversible else 1) * 6
     # Same bf16 ops in both modes; the reconstruction's fp32 rounding can flip a bf16 rounding
     # downstream, so agreement is to bf16 precision (without the replay the recomputation would run

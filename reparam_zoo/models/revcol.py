@@ -184,7 +184,9 @@ class Classifier(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
 
     def reset(self, num_classes: int) -> None:
-        self.classifier[1] = nn.Linear(self.in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        like = dict(device=self.classifier[0].weight.device, dtype=self.classifier[0].weight.dtype)
+        self.classifier[1] = nn.Linear(self.in_chs, num_classes, **like) if num_classes > 0 else nn.Identity()
+        self.classifier[1].apply(_init_weights)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.classifier[0](x.mean((2, 3)))
@@ -317,10 +319,13 @@ class RevCol(nn.Module):
                 Classifier(channels[-1], num_classes, drop_rate) for _ in range(NUM_SUPERVISION_HEADS)
             ])
             stride = 4 * 2 ** (self.num_levels - 1)
-            self.decoder_blocks = nn.ModuleList([
-                Decoder(channels[::-1], 3, in_chans) if num_classes <= 1000 else SimpleDecoder(channels[-1], stride, in_chans)
-                for _ in range(NUM_SUPERVISION_HEADS - 1)
-            ])
+
+            def decoder() -> nn.Module:
+                if num_classes <= 1000:
+                    return Decoder(channels[::-1], kernel_size=3, out_chans=in_chans)
+                return SimpleDecoder(channels[-1], stride, in_chans)
+
+            self.decoder_blocks = nn.ModuleList([decoder() for _ in range(NUM_SUPERVISION_HEADS - 1)])
         else:
             self.cls = Classifier(channels[-1], num_classes, drop_rate)
 
@@ -378,8 +383,6 @@ class RevCol(nn.Module):
         self.num_classes = num_classes
         for head in self._heads():
             head.reset(num_classes)
-        for head in self._heads():
-            head.classifier[1].apply(_init_weights)
 
     def forward_intermediates(
         self,
@@ -425,8 +428,8 @@ class RevCol(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         head = self._final_head()
-        if head is None:
-            return x.mean((2, 3)) if pre_logits else x
+        if head is None:  # pruned for feature extraction: pooled features
+            return x.mean((2, 3))
         return head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -461,9 +464,10 @@ class RevColSupervisionLoss(nn.Module):
     """Loss of intermediate-supervision pre-training (SPEC 3).
 
     For the reconstructions i = 0..n-1 (n = 3) with head logits i:
-    `BCEWithLogits(rec_i, image) * (1 - i/n) * reconstruction_weight + CE(logits_i) * (i+1)/(n+1) * classification_weight`,
-    plus `CE(logits_last)`. `image` is the normalised input mapped back to [0, 1] (`x * std + mean`)
-    and clamped to [0.01, 0.99]. Targets are class indices or per-class probabilities (mixup).
+    `BCEWithLogits(rec_i, image) * (1 - i/n) * reconstruction_weight`
+    `+ CE(logits_i) * (i+1)/(n+1) * classification_weight`, plus `CE(logits_last)`.
+    `image` is the normalised input mapped back to [0, 1] (`x * std + mean`) and clamped to [0.01, 0.99].
+    Targets are class indices or per-class probabilities (mixup).
     """
 
     def __init__(
@@ -505,10 +509,10 @@ class RevColSupervisionLoss(nn.Module):
         image_target = self.image_target(images)
         loss = self.classification_loss(logits[-1], targets)
         for i, (reconstruction, head_logits) in enumerate(zip(reconstructions, logits)):
-            loss = loss + F.binary_cross_entropy_with_logits(reconstruction, image_target) * (
-                1 - i / n
-            ) * self.reconstruction_weight
-            loss = loss + self.classification_loss(head_logits, targets) * (i + 1) / (n + 1) * self.classification_weight
+            reconstruction_loss = F.binary_cross_entropy_with_logits(reconstruction, image_target)
+            classification_loss = self.classification_loss(head_logits, targets)
+            loss = loss + reconstruction_loss * (1 - i / n) * self.reconstruction_weight
+            loss = loss + classification_loss * (i + 1) / (n + 1) * self.classification_weight
         return loss
 
 
@@ -543,7 +547,9 @@ def adapt_revcol_checkpoint(state_dict: Dict[str, torch.Tensor], model: nn.Modul
         else:
             dropped_heads += [prefix + k for k in head]
         if dropped_heads:
-            notes.append(f"dropped {len(dropped_heads)} keys of supervision heads the model does not have (cls_blocks.*)")
+            notes.append(
+                f"dropped {len(dropped_heads)} keys of supervision heads the model does not have (cls_blocks.*)"
+            )
         if dropped_decoders:
             notes.append(f"dropped {len(dropped_decoders)} keys of the reconstruction decoders (decoder_blocks.*)")
 
@@ -572,6 +578,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module) -> Dict[str, torch.Tensor
 # Registry
 
 _RELEASE = "https://github.com/megvii-research/RevCol/releases/download/checkpoint/"
+_HF_HUGE = "https://huggingface.co/LarryTsai/RevCol/resolve/main/revcol_models/classification/"
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
@@ -605,7 +612,7 @@ default_cfgs = generate_default_cfgs({
     "revcol_large.in22k": _cfg(url=_RELEASE + "revcol_large_22k.pth", num_classes=21841),
     "revcol_xlarge.untrained": _cfg(),
     "revcol_huge.megdata_ft_in1k_640": _cfg(
-        url="https://huggingface.co/LarryTsai/RevCol/resolve/main/revcol_models/classification/revcol_huge_megdata_in1k.pth",
+        url=_HF_HUGE + "revcol_huge_megdata_in1k.pth",
         input_size=(3, 640, 640), pool_size=(20, 20), crop_pct=1.0,
     ),
 })

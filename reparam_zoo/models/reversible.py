@@ -116,8 +116,8 @@ def run_columns(
     `taps` lists `(column_index, level_index)` pairs whose state (after that column) is also returned,
     in the given order; e.g. RevCol's supervision heads read the top level of some columns.
     `reversible=True` keeps no activations inside the columns (see the module docstring); it falls back
-    to the ordinary path when no gradient is being recorded or under a JIT trace. `grad_checkpointing` (ordinary path only)
-    recomputes each column in backward instead of keeping its activations.
+    to the ordinary path when no gradient is being recorded or under a JIT trace. `grad_checkpointing`
+    (ordinary path only) recomputes each column in backward instead of keeping its activations.
     """
     if not columns:
         raise ValueError("run_columns needs at least one column")

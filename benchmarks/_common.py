@@ -1,0 +1,129 @@
+"""Shared plumbing of the benchmark scripts: machine facts, interleaved timing, atomic result files and
+the generated blocks of benchmarks/README.md."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+README = os.path.join(BENCH_DIR, "README.md")
+MIB = 2 ** 20
+
+
+def machine_facts() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "python": platform.python_version(),
+        "device": "cpu",
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python", f"benchmarks/{script}"] + [shlex.quote(a) for a in args])
+
+
+def interleaved(
+    variants: Dict[str, Callable[[], None]], reps: int, warmup: int = 1, budget_s: float = 0.0, max_reps: int = 0,
+) -> Dict[str, Dict[str, List[float]]]:
+    """Run every variant `reps` times, rotating the order each round so that drifting load on a shared
+    machine hits all variants alike; then keep adding rounds while `budget_s` (wall seconds, warm-up
+    included) allows another one, up to `max_reps`. Returns {variant: {"wall": [...], "cpu": [...]}} in
+    seconds. A variant may return a dict of named sub-times (CPU seconds); they are kept as well."""
+    started = time.perf_counter()
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: Dict[str, Dict[str, List]] = {name: {"wall": [], "cpu": []} for name in names}
+    rep = 0
+    while True:
+        elapsed = time.perf_counter() - started
+        per_round = elapsed / (rep + warmup) if rep + warmup else 0.0
+        if rep >= reps and (rep >= max(max_reps, reps) or elapsed + per_round > budget_s):
+            break
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            parts = variants[name]()
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            for part, seconds in (parts or {}).items():
+                times[name].setdefault(part, []).append(seconds)
+        rep += 1
+    return times
+
+
+def median_ratio(times: Dict[str, Dict[str, List[float]]], numerator: str, denominator: str, kind: str = "wall") -> float:
+    """Median over rounds of the per-round ratio: each round ran both variants back to back, so the
+    ratio within a round is less exposed to slow drifts of the machine's load than a ratio of medians."""
+    pairs = zip(times[numerator][kind], times[denominator][kind])
+    return statistics.median(a / b for a, b in pairs)
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: no half-written results."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+def update_readme_block(name: str, body: str, path: str = README) -> None:
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in the README (appended at
+    the end when the markers are missing); everything outside the markers is kept as it is."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    _atomic_write(path, text)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def facts_line(facts: dict) -> str:
+    load = ", ".join(f"{x:.1f}" for x in facts["load_average_at_start"])
+    return (
+        f"torch {facts['torch']}, {facts['threads']} threads, {facts['cpu_count']} CPUs ({facts['machine']}), "
+        f"load average at start {load}"
+    )
+
+
+def _atomic_write(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        # mkstemp creates 0600; give the result the permissions an ordinary new file would get
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,174 @@
+"""Inference cost of the three stages of a RefConv model: before folding, and fused for deployment.
+
+    python benchmarks/inference.py [--models resnet18 mobilenetv2_100 rexnetv1_100] [--batches 1 32]
+        [--size 224] [--reps 7] [--threads 1] [--no-readme]
+
+For each timm model (`pretrained=False`, eval mode, under `torch.no_grad()`), side by side in one process:
+
+* plain:   the original model.
+* refconv: `reparam_zoo.convert(model)` with small random transforms (as after training), before folding.
+  Without autograd a RefConv computes its refocused kernel once and reuses it, so its forward should
+  cost what the plain model's does.
+* fused:   `reparam_zoo.fuse(refconv)`: RefConvs folded into plain convs and BatchNorms folded into the
+  convs (verified against the RefConv model), the deployed model.
+
+One timed sample is one forward at batch 32, or `--inner` forwards at batch 1. Variants run interleaved
+in rotating order, `--reps` rounds after a warm-up; reported are medians of wall and process CPU time
+and, as ratios, the median over rounds of the per-round ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+
+import reparam_zoo  # noqa: E402  (also registers rexnetv1_* with timm)
+from reparam_zoo.surgery import refconv_layers  # noqa: E402
+
+from benchmarks import _common  # noqa: E402
+
+DEFAULT_MODELS = ("resnet18", "mobilenetv2_100", "rexnetv1_100")
+VARIANTS = ("plain", "refconv", "fused")
+GOALS = {"refconv_vs_plain_max": 1.02, "fused_vs_plain_below": 1.0}
+
+
+def build_variants(name: str, size: int) -> dict:
+    torch.manual_seed(0)
+    plain = timm.create_model(name, pretrained=False).eval()
+    refconv = reparam_zoo.convert(plain).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in refconv_layers(refconv):
+            layer.transform_weight.copy_(torch.randn(layer.transform_weight.shape, generator=generator) * 0.01)
+    example = (torch.randn(1, 3, size, size, generator=generator),)
+    fused = reparam_zoo.fuse(refconv, example_inputs=example).eval()
+    return {"plain": plain, "refconv": refconv, "fused": fused}
+
+
+def forward_fn(model, x, inner: int):
+    def run():
+        with torch.no_grad():
+            for _ in range(inner):
+                model(x)
+    return run
+
+
+def measure(name: str, batches, size: int, reps: int, inner: int) -> dict:
+    models = build_variants(name, size)
+    report = models["fused"].fuse_report
+    result = {
+        "params": sum(p.numel() for p in models["plain"].parameters()),
+        "refconv_layers": len(report.folded), "fused_conv_bn": len(report.fused),
+        "fuse_max_abs_error": report.max_abs_error, "fuse_max_rel_error": report.max_rel_error,
+        "batches": {},
+    }
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
+        repeat = inner if batch == 1 else 1
+        times = _common.interleaved(
+            {v: forward_fn(models[v], x, repeat) for v in VARIANTS}, reps=reps, warmup=1
+        )
+        result["batches"][str(batch)] = {
+            "forwards_per_sample": repeat,
+            "forward_ms": {v: 1e3 * statistics.median(times[v]["wall"]) / repeat for v in VARIANTS},
+            "forward_cpu_ms": {v: 1e3 * statistics.median(times[v]["cpu"]) / repeat for v in VARIANTS},
+            "refconv_vs_plain": _common.median_ratio(times, "refconv", "plain"),
+            "fused_vs_plain": _common.median_ratio(times, "fused", "plain"),
+            "refconv_vs_plain_cpu_time": _common.median_ratio(times, "refconv", "plain", "cpu"),
+            "fused_vs_plain_cpu_time": _common.median_ratio(times, "fused", "plain", "cpu"),
+            "times": times,
+        }
+    return result
+
+
+def readme_block(results: dict) -> str:
+    rows = []
+    for name, r in results["models"].items():
+        for batch, b in r["batches"].items():
+            ms = b["forward_ms"]
+            rows.append([
+                name, batch, f"{ms['plain']:.1f}", f"{ms['refconv']:.1f}", f"{ms['fused']:.1f}",
+                f"**{b['refconv_vs_plain']:.3f}** ({b['refconv_vs_plain_cpu_time']:.3f})",
+                f"**{b['fused_vs_plain']:.3f}** ({b['fused_vs_plain_cpu_time']:.3f})",
+                f"{r['fused_conv_bn']}", f"{r['fuse_max_rel_error']:.1e}",
+            ])
+    header = [
+        "model", "batch", "plain ms", "RefConv ms", "fused ms", "RefConv/plain (CPU time)",
+        "fused/plain (CPU time)", "conv+BN fused", "fuse max rel err",
+    ]
+    return "\n".join([
+        "## Inference: RefConv before folding, and fused (`inference.py`)",
+        "",
+        "```", results["command"], "```", "",
+        f"{_common.facts_line(results['environment'])}; {results['resolution']}x{results['resolution']}, "
+        f"`torch.no_grad()`, eval mode, median of {results['reps']} interleaved rounds (a batch-1 sample is "
+        f"{results['inner']} forwards); ratios are medians of per-round ratios. Goals: RefConv/plain <= "
+        f"{GOALS['refconv_vs_plain_max']}, fused/plain < 1. Goals met: {results['goals_met']}.",
+        "",
+        _common.markdown_table(header, rows),
+    ])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--inner", type=int, default=10, help="forwards per timed sample at batch 1")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (default 1: on a shared machine more threads measure the scheduler)")
+    parser.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "inference.json"))
+    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    unknown = [m for m in args.models if m not in timm.list_models()]
+    if unknown:
+        parser.error(f"unknown timm model(s): {', '.join(unknown)}")
+
+    results = {
+        "command": _common.command_line("inference.py", argv),
+        "environment": _common.machine_facts(),
+        "resolution": args.size, "reps": args.reps, "inner": args.inner,
+        "goals": GOALS,
+        "models": {},
+    }
+    started = time.perf_counter()
+    for name in args.models:
+        t0 = time.perf_counter()
+        r = measure(name, args.batches, args.size, args.reps, args.inner)
+        results["models"][name] = r
+        for batch, b in r["batches"].items():
+            ms = b["forward_ms"]
+            print(
+                f"{name} batch {batch}: plain {ms['plain']:.1f} ms, RefConv {ms['refconv']:.1f} ms, fused "
+                f"{ms['fused']:.1f} ms; RefConv/plain {b['refconv_vs_plain']:.3f} (CPU "
+                f"{b['refconv_vs_plain_cpu_time']:.3f}), fused/plain {b['fused_vs_plain']:.3f} (CPU "
+                f"{b['fused_vs_plain_cpu_time']:.3f})",
+                flush=True,
+            )
+        print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    batches = [b for r in results["models"].values() for b in r["batches"].values()]
+    results["goals_met"] = {
+        "refconv_vs_plain": all(b["refconv_vs_plain"] <= GOALS["refconv_vs_plain_max"] for b in batches),
+        "fused_vs_plain": all(b["fused_vs_plain"] < GOALS["fused_vs_plain_below"] for b in batches),
+    }
+    results["environment"]["load_average_at_end"] = os.getloadavg()
+    results["elapsed_s"] = time.perf_counter() - started
+    _common.write_json(args.out, results)
+    if not args.no_readme:
+        _common.update_readme_block("inference", readme_block(results))
+    print(f"goals met: {results['goals_met']}; wrote {args.out} [{results['elapsed_s']:.0f} s]")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""What the commands share: the root group's error handling, MODEL options, --input-size, output paths."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import click
+
+# reparam_zoo.cli lives inside the package: torch and timm are imported before any command runs anyway
+from reparam_zoo.layers.refconv import INITS
+from reparam_zoo.modelfile import EXPORT_FORMATS
+from reparam_zoo.report import FORMATS as REPORT_FORMATS
+from reparam_zoo.surgery import TRAIN_SCOPES
+
+__all__ = ["INITS", "TRAIN_SCOPES", "REPORT_FORMATS", "EXPORT_FORMATS", "DEBUG_ENV", "ReparamGroup"]
+
+DEBUG_ENV = "REPARAM_DEBUG"
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+class ReparamGroup(click.Group):
+    """The root group: every failure becomes one line on stderr (exit 1; usage errors exit 2) unless
+    --debug / REPARAM_DEBUG=1 asks for the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug"))
+        with warnings.catch_warnings(), _quiet_hub_retries(debug):
+            _quiet_warnings(debug)
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+                raise
+            except Exception as e:
+                if debug:
+                    raise
+                raise click.ClickException(_failure_message(e)) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:  # embedding callers handle exceptions themselves
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            _fail(f"{_one_line(e.format_message())}{hint}", e.exit_code)
+        except click.exceptions.ClickException as e:
+            _fail(_one_line(e.format_message()), e.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _fail("interrupted", 130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail(message: str, code: int):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _failure_message(e: BaseException) -> str:
+    from reparam_zoo.errors import ReparamError
+
+    if isinstance(e, ReparamError):
+        return _one_line(str(e))
+    if isinstance(e, OSError):  # disk full, permissions: the user's to fix, not a bug
+        return _one_line(str(e))
+    return (f"internal error: {type(e).__name__}: {_one_line(str(e))} "
+            f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip()) or "failed"
+
+
+@contextlib.contextmanager
+def _quiet_hub_retries(debug: bool):
+    """The hub client logs every retry of a failed download; the command's own error says it in one line."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    if not debug:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _quiet_warnings(debug: bool) -> None:
+    """Warnings as one line each; library deprecation chatter only with --debug."""
+    if debug:
+        return
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.simplefilter("ignore", category)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"warning: {_one_line(str(message))}", err=True)
+
+    warnings.showwarning = show
+
+
+# -- options ------------------------------------------------------------------------------------------------
+
+def model_options(f):
+    """--arch, --checkpoint, --num-classes, --pretrained, --trust-pickle: how MODEL becomes a model."""
+    options = [
+        click.option("--arch", metavar="NAME",
+                     help="Architecture (timm or zoo name) of a MODEL checkpoint file that does not say its own."),
+        click.option("--checkpoint", metavar="PATH",
+                     help="Weights for a MODEL given as an architecture name (safetensors or a state_dict file, "
+                          "read without unpickling code; official RevCol/ReXNet layouts are adapted)."),
+        click.option("--num-classes", type=click.IntRange(min=0), metavar="N",
+                     help="Head size of the architecture to build (a checkpoint must fit it)."),
+        click.option("--pretrained", is_flag=True,
+                     help="Download the architecture's pretrained weights (needs internet; else use --checkpoint)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow MODEL to be a whole pickled nn.Module (torch.save(model)). Unpickling runs code "
+                          "from the file: only for files you trust."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def input_size_option(help_text: str):
+    return click.option("--input-size", callback=_parse_input_size, metavar="C,H,W",
+                        help=help_text + " One sample's shape without the batch, e.g. 3,224,224 (or 224 for 3,224,224).")
+
+
+def output_option(help_text: str):
+    return click.option("-o", "--output", "output", type=click.Path(dir_okay=True), metavar="PATH", help=help_text)
+
+
+def report_format_option():
+    return click.option("--format", "fmt", type=click.Choice(REPORT_FORMATS), default="table", show_default=True,
+                        help="Output format.")
+
+
+def _parse_input_size(ctx, param, value) -> Optional[Tuple[int, ...]]:
+    if value is None:
+        return None
+    text = value.replace("x", ",").replace(" ", "")
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = (3, size[0], size[0])
+    if not size or not all(s > 0 for s in size):
+        raise click.BadParameter(f"expected positive integers C,H,W (e.g. 3,224,224) or one size N; got '{value}'")
+    return size
+
+
+def check_map_k(ctx, param, value: int) -> int:
+    if value < 1 or value % 2 == 0:
+        raise click.BadParameter(f"must be a positive odd integer (the transform kernel is centred), got {value}")
+    return value
+
+
+# -- models and files ---------------------------------------------------------------------------------------
+
+def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrained=False, trust_pickle=False,
+            quiet: bool = False):
+    """The model a MODEL argument names, announced on stderr (stdout stays the command's output)."""
+    from reparam_zoo.modelfile import resolve_model
+
+    resolved = resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
+                             pretrained=pretrained, trust_pickle=trust_pickle)
+    if not quiet:
+        click.echo(f"model: {resolved.description}", err=True)
+        for note in resolved.notes:
+            click.echo(f"  - {note}", err=True)
+    return resolved
+
+
+def input_paths(*specs: Optional[str]) -> List[str]:
+    return [s for s in specs if s and os.path.isfile(s)]
+
+
+def check_output(path: str, inputs: Sequence[str], option: str = "-o/--output") -> str:
+    """A usage error, before any work, when the output cannot be written or would overwrite an input."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise click.BadParameter(f"'{path}' is a directory, expected a file path", param_hint=option)
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"folder '{folder}' does not exist", param_hint=option)
+    for source in inputs:
+        if _same_file(path, source):
+            raise click.BadParameter(f"'{path}' is an input of this command; refusing to overwrite it",
+                                     param_hint=option)
+    return path
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def default_output(spec: str, suffix: str, strip: Sequence[str] = ()) -> str:
+    """`<stem><suffix>` next to an input file, or in the current folder for an architecture name."""
+    if os.path.isfile(spec):
+        folder, name = os.path.split(spec)
+        stem = os.path.splitext(name)[0]
+    else:
+        folder, stem = "", spec
+    for tail in strip:
+        if stem.endswith(tail) and len(stem) > len(tail):
+            stem = stem[: -len(tail)]
+    return os.path.join(folder, stem + suffix)
+
+
+def example_inputs(model, input_size: Optional[Tuple[int, ...]]):
+    """One random input of `input_size` (or the size in the model's timm config) in the model's dtype."""
+    import torch
+    from reparam_zoo.deploy import default_example_inputs
+    from reparam_zoo.errors import ReparamError
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if input_size is None:
+        try:
+            return tuple(t.to(dtype) for t in default_example_inputs(model))
+        except ReparamError:
+            raise ReparamError(
+                f"cannot tell the input size of {type(model).__name__} (no timm config); pass --input-size C,H,W"
+            ) from None
+    return (torch.randn((1,) + tuple(input_size), generator=torch.Generator().manual_seed(0)).to(dtype),)
+
+
+def known_input_size(model, input_size: Optional[Tuple[int, ...]]) -> Optional[Tuple[int, ...]]:
+    if input_size is not None:
+        return tuple(input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size")
+    return tuple(size) if size else None
+
+
+@contextlib.contextmanager
+def steps(desc: str, total: int):
+    """A step counter on stderr for the slow commands (hidden when stderr is not a terminal):
+    `with steps("fuse", 3) as step: step("loading"); ...`."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=None, leave=False,
+               bar_format="{desc}: step {n_fmt}/{total_fmt} {postfix}")
+    started = []
+
+    def step(what: str) -> None:
+        if started:
+            bar.update(1)
+        started.append(what)
+        bar.set_postfix_str(what)
+
+    try:
+        yield step
+    finally:
+        bar.close()
+
+
+def echo_lines(text: str) -> None:
+    click.echo(text.rstrip("\n"))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
+    """A plain aligned text table: the first `left` columns left-aligned, the rest right-aligned."""
+    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""`reparam fuse`: fold RefConvs, fuse conv+BN, verify, and only then write the deployable model."""
+from __future__ import annotations
+
+import click
+
+from .common import (EXPORT_FORMATS, check_output, default_output, echo_lines, example_inputs, input_paths,
+                     input_size_option, model_options, output_option, resolve, steps)
+
+
+@click.command("fuse")
+@click.argument("model", metavar="MODEL")
+@model_options
+@output_option("Output file (default: <stem>.fused.<ext> next to MODEL, or in the current folder for an "
+               "architecture name; a '.refconv' in the stem is dropped).")
+@input_size_option("Input size for tracing and verification (default: the model's timm config).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Relative tolerance of the verification (relative to the output's largest magnitude).")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
+              help="Absolute tolerance of the verification.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the fused model against the original.")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="safetensors", show_default=True,
+              help="safetensors: a reparam model file (reloadable, self-describing); torchscript (jit.trace), "
+                   "onnx, pt2 (torch.export): deployment artifacts, checked against the fused model before "
+                   "they are kept.")
+def fuse_command(model, arch, checkpoint, num_classes, pretrained, trust_pickle, output, input_size, rtol, atol,
+                 no_verify, fmt):
+    """Fold RefConv layers, fuse conv+BatchNorm, verify the result, then write it.
+
+    Verification (random inputs at batch 1 and 2 against the unfused model) runs before anything is
+    written; a model that fails it is not written. A model without a rebuildable architecture (a
+    pickled module, with --trust-pickle) is written back as a pickle (.pt). MODEL is as for
+    `reparam convert`.
+    """
+    from reparam_zoo.deploy import fuse
+    from reparam_zoo.modelfile import EXPORT_SUFFIXES, architecture_of, check_finite, export, model_stage
+
+    explicit_output = output
+    output = output or default_output(model, ".fused" + EXPORT_SUFFIXES[fmt], strip=(".refconv",))
+    check_output(output, input_paths(model, checkpoint))
+    with steps("fuse", 3) as step:
+        step("loading")
+        resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
+                           pretrained=pretrained, trust_pickle=trust_pickle)
+        source = resolved.model.eval()
+        check_finite(source.state_dict(), action="fuse them")
+        inputs = example_inputs(source, input_size)
+
+        step("fusing" if no_verify else "fusing and verifying")
+        if model_stage(source) == "fused":
+            # fusing again would find nothing to do and forget the recorded structure: write it as it is
+            fused = source
+            click.echo("already fused: writing it as it is")
+        else:
+            fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol)
+        echo_lines(str(fused.fuse_report))
+
+        step(f"writing {fmt}")
+        if fmt == "safetensors" and architecture_of(fused) is None and not explicit_output:
+            # a pickled model without an architecture tag can only be written back as a pickle
+            output = default_output(model, ".fused.pt", strip=(".refconv",))
+            check_output(output, input_paths(model, checkpoint))
+        result = export(fused, output, fmt, example_inputs=inputs, rtol=rtol, atol=atol, trust_pickle=trust_pickle)
+    checked = ""
+    if result.max_abs_error is not None:
+        checked = (f" (the written file reproduces the fused model: max abs error {result.max_abs_error:.3g}, "
+                   f"max rel error {result.max_rel_error:.3g})")
+    click.echo(f"wrote {output} [{result.format}]{checked}")

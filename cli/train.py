@@ -1,0 +1,132 @@
+"""`reparam train`: refocus training (reparam_zoo.train), single process or under torchrun."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from .common import TRAIN_SCOPES, check_map_k, input_size_option, output_option
+
+
+
+@click.command("train")
+@click.argument("model", metavar="MODEL", required=False)
+@click.option("--data", "data_dir", type=click.Path(), metavar="DIR",
+              help="Image folders DIR/train/<class>/* and DIR/val/<class>/*.")
+@output_option("Run folder, new or empty (default: runs/<model>-<time>).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Per process.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+              help="Peak learning rate.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="sgd: momentum SGD (the RefConv recipe); adamw.")
+@click.option("--momentum", type=click.FloatRange(min=0, max=1), default=0.9, show_default=True,
+              help="SGD momentum.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=4e-5, show_default=True,
+              help="On the transforms (and a new head); never on biases and norms.")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Linear warmup, then cosine decay to 0 (stepped per update).")
+@input_size_option("Training crop size (default: the model's timm config).")
+@click.option("--num-classes", type=click.IntRange(min=1), metavar="N",
+              help="Replace the classifier head for N classes (must equal the data's classes); the new head "
+                   "trains too.")
+@click.option("--train-scope", type=click.Choice(TRAIN_SCOPES), default="transforms", show_default=True,
+              help="What trains: only the transforms, also norm layers, or everything but the base kernels.")
+@click.option("--map-k", type=int, default=3, show_default=True, callback=check_map_k,
+              help="Transform kernel size when MODEL still has to be converted.")
+@click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 with loss scaling on GPU).")
+@click.option("--channels-last", is_flag=True, help="channels_last memory format.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Data loading processes per training process.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Fixes data order, augmentation and dropout (an interrupted run resumes exactly).")
+@click.option("--resume", metavar="OUTDIR", type=click.Path(),
+              help="Continue the run in OUTDIR from its last checkpoint with its saved settings (MODEL, --data "
+                   "and the rest may be left out; --epochs, --workers, --fuse may change).")
+@click.option("--fuse", is_flag=True,
+              help="Also write the best model fused for deployment, verified: OUTDIR/deploy.safetensors.")
+@click.option("--arch", metavar="NAME", help="Architecture of a MODEL checkpoint file that does not say its own.")
+@click.option("--checkpoint", metavar="PATH", help="Weights for a MODEL given as an architecture name.")
+@click.option("--pretrained", is_flag=True, help="Download the architecture's pretrained weights (needs internet).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow MODEL to be a whole pickled nn.Module (unpickling runs code: trusted files only).")
+@click.option("--device", metavar="DEV", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines (OUTDIR/train.log has them).")
+def train_command(model, data_dir, output, resume, device, quiet, input_size, **settings):
+    """Refocus-train MODEL on an image-folder data set: only the RefConv transforms learn.
+
+    MODEL is anything `reparam convert` accepts; a model without RefConv layers is converted first (zero
+    init: it starts exactly as MODEL). Validates once before training (the converted model must score what
+    MODEL scores), then trains with SGD + warmup + cosine, validating every epoch. Writes to OUTDIR:
+    config.json, train.log, metrics.jsonl, metrics.png, best.safetensors, last.safetensors,
+    train_state.pt (resume state) and, with --fuse, deploy.safetensors.
+
+    Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with --resume OUTDIR.
+    Under torchrun (e.g. `torchrun --nproc_per_node 4 -m reparam_zoo.train MODEL --data DIR`) it trains with
+    DistributedDataParallel, gloo on CPU and nccl on GPU; --batch-size is per process.
+    """
+    from reparam_zoo.train import RESUMABLE_OVERRIDES, read_config, resume as resume_run, train
+
+    if input_size is not None:
+        if input_size[0] != 3 or input_size[1] != input_size[2]:
+            raise click.BadParameter("training takes square RGB crops: give N or 3,N,N", param_hint="--input-size")
+        input_size = input_size[1]
+    settings.update(input_size=input_size)
+    ctx = click.get_current_context()
+    given = {name for name in settings if _given(ctx, name)} | ({"model"} if model else set()) | (
+        {"data_dir"} if data_dir else set())
+
+    if resume:
+        if output and os.path.abspath(output) != os.path.abspath(resume):
+            raise click.UsageError("--resume OUTDIR continues in OUTDIR; leave out -o/--output")
+        config = read_config(resume)
+        saved = vars(config)
+        requested = {**settings, "model": model, "data_dir": data_dir}
+        for name in sorted(given - set(RESUMABLE_OVERRIDES)):
+            if requested[name] != saved.get(name) and not _same_path(requested[name], saved.get(name)):
+                flag = "MODEL" if name == "model" else "--" + ("data" if name == "data_dir" else name.replace("_", "-"))
+                raise click.UsageError(
+                    f"{flag} {requested[name]} differs from the run's {saved.get(name)} "
+                    f"({resume}/config.json); only {', '.join('--' + o for o in RESUMABLE_OVERRIDES)} may change"
+                )
+        overrides = {name: settings[name] for name in RESUMABLE_OVERRIDES if name in given}
+        result = resume_run(resume, device=device, verbose=not quiet, **overrides)
+    else:
+        if not model:
+            raise click.UsageError("missing MODEL (or --resume OUTDIR)")
+        if not data_dir:
+            raise click.UsageError("missing --data DIR")
+        result = train(model, data_dir, output_dir=output, device=device, verbose=not quiet, **settings)
+
+    if result.interrupted:
+        click.echo(f"interrupted: checkpoint in {result.output_dir}; continue with: "
+                   f"reparam train --resume {result.output_dir}", err=True)
+        raise click.exceptions.Exit(130)
+    if result.model is None:  # not rank 0: rank 0 reports
+        return
+    if not quiet:
+        best = result.best
+        click.echo(f"best: epoch {best['epoch']}, val acc {100 * best['val_acc']:.2f}%, "
+                   f"val loss {best['val_loss']:.4f}")
+        for key in ("best", "last", "deploy", "metrics", "plot", "log"):
+            if key in result.files:
+                click.echo(f"wrote {result.files[key]}")
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source != click.core.ParameterSource.DEFAULT
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and \
+        os.path.samefile(a, b)
+
+
+def main(args=None) -> None:
+    """`python -m reparam_zoo.train ...`: the same as `reparam train ...` (with the CLI's one-line errors)."""
+    import sys
+
+    from .main import main as reparam
+
+    reparam(["train", *(sys.argv[1:] if args is None else args)], prog_name="python -m reparam_zoo.train")

@@ -1,0 +1,842 @@
+"""Self-describing model files, and what a MODEL argument can be.
+
+A reparam model file is a safetensors file whose metadata says how to rebuild the module tree without
+pickle: the timm/zoo architecture and its constructor arguments, the stage (`plain`, `refconv`,
+`fused`) and what turned the architecture into that stage (the RefConv settings and converted layers,
+the fuse structure). `load` rebuilds the architecture, re-applies that structure and loads the tensors
+strictly, so a RefConv file resumes training and a fused file is the deployable model.
+
+Metadata keys (every value a string; the structured ones are JSON):
+
+    format           "reparam-zoo"
+    format_version   "1"
+    reparam_version  the package version that wrote the file
+    torch_version    the torch version that wrote the file
+    stage            "plain" | "refconv" | "fused"
+    architecture     {"name", "source": "timm" | "zoo", "kwargs": {..., "num_classes", "in_chans"}}
+    refconv          {"map_k", "init", "train_scope", "converted": [layer names]}   (RefConv layers present)
+    fuse             {"folded", "fused": [[conv, norm]], "reparameterized", "left_alone": [[norm, why]],
+                      "verified", "max_abs_error", "max_rel_error", "rtol", "atol", "input_shapes"}
+                                                                                   (fused structure present)
+    extra            the caller's `extra_metadata` (JSON object), when given
+
+A model without a rebuildable architecture (a custom module, or one unpickled from `torch.save(model)`)
+can only be written as a whole-module pickle, and only when the caller says so (`trust_pickle=True`).
+"""
+from __future__ import annotations
+
+import difflib
+import glob
+import json
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import check_compatible, load_checkpoint, read_state_dict, _is_safetensors, _one_line
+from .deploy import FuseReport, apply_fuse_structure
+from .errors import CheckpointError, EquivalenceError, ReparamError
+from .surgery import convert, refconv_layers
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "STAGES", "ARCH_ATTR", "EXPORT_FORMATS", "EXPORT_SUFFIXES",
+    "ArchitectureError", "ModelFileInfo", "ResolvedModel", "ExportResult",
+    "create_model", "set_num_classes", "architecture_of", "is_architecture",
+    "model_stage", "model_metadata", "parse_metadata", "read_info",
+    "save", "load", "load_model", "resolve_model", "export",
+    "check_output_path", "check_finite", "atomic_write",
+]
+
+FORMAT = "reparam-zoo"
+FORMAT_VERSION = 1
+STAGES = ("plain", "refconv", "fused")
+# The architecture tag lives on the module as a plain dict attribute: deepcopy (convert/fold/fuse
+# all copy) carries it along, and it pickles with the module.
+ARCH_ATTR = "reparam_arch"
+
+PathLike = Union[str, os.PathLike]
+
+
+class ArchitectureError(ReparamError):
+    """An architecture name that timm does not know, or a model that cannot be rebuilt from its name."""
+
+
+# -- architectures --------------------------------------------------------------------------------------
+
+def is_architecture(name: str) -> bool:
+    """Whether `name` is a timm or zoo model name (optionally with a pretrained tag, `resnet18.a1_in1k`)."""
+    import timm
+
+    return isinstance(name, str) and bool(name) and timm.is_model(name)
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint: Optional[Union[PathLike, Dict[str, torch.Tensor]]] = None,
+    num_classes: Optional[int] = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a timm or zoo model tagged with its architecture, so that `save` can describe it.
+
+    `checkpoint` (a path or state_dict) is loaded strictly through `load_checkpoint`; `num_classes` sets the
+    head size of the built model (a checkpoint whose head has another size is an error).
+    """
+    import timm
+
+    if not is_architecture(name):
+        raise ArchitectureError(_unknown_architecture_message(name))
+    if pretrained and checkpoint is not None:
+        raise ArchitectureError("pass either pretrained weights or a checkpoint, not both")
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ArchitectureError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        kwargs["num_classes"] = num_classes
+    _check_json("constructor arguments", kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise ArchitectureError(f"cannot build {name}: {_one_line(e)}") from None
+    except Exception as e:
+        if not pretrained:
+            raise
+        # Anything from the hub client (offline, no such file, no weights for this tag) lands here.
+        raise CheckpointError(
+            f"could not get pretrained weights for {name} ({_one_line(e)}); on a machine without internet "
+            "pass the weights file with --checkpoint / checkpoint="
+        ) from None
+    arch_kwargs = dict(kwargs)
+    arch_kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
+    arch_kwargs.setdefault("in_chans", 3)  # timm's convention for every model
+    setattr(model, ARCH_ATTR, {"name": name, "source": _source_of(name), "kwargs": arch_kwargs})
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, strict=True)
+    return model
+
+
+def architecture_of(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The architecture tag `create_model` put on `model` (None for models it did not build)."""
+    arch = getattr(_unwrap(model), ARCH_ATTR, None)
+    return arch if isinstance(arch, dict) else None
+
+
+def set_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the classifier for `num_classes` classes (timm's `reset_classifier`) and keep the
+    architecture tag in step, so the saved file rebuilds the new head."""
+    model = _unwrap(model)
+    if not hasattr(model, "reset_classifier"):
+        raise ArchitectureError(f"{type(model).__name__} has no reset_classifier(); cannot change its head")
+    model.reset_classifier(num_classes)
+    arch = architecture_of(model)
+    if arch is not None:
+        setattr(model, ARCH_ATTR, {**arch, "kwargs": {**arch["kwargs"], "num_classes": num_classes}})
+    return model
+
+
+def _source_of(name: str) -> str:
+    import timm
+
+    module = getattr(timm.models.model_entrypoint(name.split(".")[0]), "__module__", "") or ""
+    return "zoo" if module.startswith(__package__ + ".") else "timm"
+
+
+def _unknown_architecture_message(name: str) -> str:
+    import timm
+
+    close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.75)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown architecture '{name}' (not a timm or reparam-zoo model name, nor an existing file){hint}"
+
+
+def _build_architecture(arch: Dict[str, Any], source: str) -> nn.Module:
+    name, kwargs = arch.get("name"), arch.get("kwargs") or {}
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(f"{source}: malformed architecture metadata {arch!r}")
+    if not is_architecture(name):
+        where = "timm" if arch.get("source") == "timm" else "reparam-zoo"
+        raise ArchitectureError(
+            f"{source}: architecture '{name}' is not registered here (a {where} model; import the module "
+            "that registers it, or update timm)"
+        )
+    return create_model(name, **kwargs)
+
+
+# -- stages and metadata --------------------------------------------------------------------------------
+
+def model_stage(model: nn.Module) -> str:
+    """`refconv` while RefConv layers are in the model, `fused` after `fuse`, `plain` otherwise."""
+    model = _unwrap(model)
+    if refconv_layers(model):
+        return "refconv"
+    if isinstance(getattr(model, "fuse_report", None), FuseReport):
+        return "fused"
+    return "plain"
+
+
+def model_metadata(model: nn.Module, *, extra_metadata: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """The safetensors metadata `save` writes for `model` (see the module docstring)."""
+    from . import __version__
+
+    model = _unwrap(model)
+    arch = architecture_of(model)
+    if arch is None:
+        raise ReparamError(_no_architecture_message(model))
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "reparam_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "stage": model_stage(model),
+        "architecture": _dumps(arch),
+    }
+    report = getattr(model, "fuse_report", None)
+    if isinstance(report, FuseReport):
+        meta["fuse"] = _dumps(_fuse_to_json(report))
+    layers = refconv_layers(model)
+    if layers:
+        summary = getattr(model, "refconv_summary", None)
+        if summary is None:
+            raise ReparamError(
+                "model has RefConv layers but no refconv_summary; build it with reparam_zoo.convert so that "
+                "its settings can be saved"
+            )
+        names = [n for n, _ in layers]
+        if sorted(names) != sorted(summary.converted_names):
+            raise ReparamError(
+                "the model's RefConv layers differ from its refconv_summary (changed after convert?); "
+                "cannot describe it"
+            )
+        meta["refconv"] = _dumps({
+            "map_k": summary.map_k, "init": summary.init, "train_scope": summary.train_scope,
+            "converted": summary.converted_names,
+        })
+    if extra_metadata is not None:
+        if not isinstance(extra_metadata, dict):
+            raise ReparamError("extra_metadata must be a dict")
+        _check_json("extra_metadata", extra_metadata)
+        meta["extra"] = _dumps(extra_metadata)
+    return meta
+
+
+@dataclass
+class ModelFileInfo:
+    """The parsed metadata of a reparam model file."""
+
+    stage: str
+    architecture: Dict[str, Any]
+    format_version: int
+    reparam_version: str
+    torch_version: str = ""
+    refconv: Optional[Dict[str, Any]] = None
+    fuse: Optional[FuseReport] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.architecture.get("kwargs", {}).get("num_classes")
+
+    def describe(self) -> str:
+        arch = self.architecture
+        text = f"{arch['name']} ({arch.get('source', 'timm')}), stage {self.stage}"
+        if self.refconv:
+            text += (f", {len(self.refconv['converted'])} RefConv layers (map_k={self.refconv['map_k']}, "
+                     f"train_scope={self.refconv['train_scope']})")
+        if self.fuse is not None and self.stage == "fused":
+            text += f", {len(self.fuse.fused)} fused conv+norm pairs"
+        return text
+
+
+def parse_metadata(meta: Dict[str, str], source: str = "<metadata>") -> Optional[ModelFileInfo]:
+    """The `ModelFileInfo` in safetensors metadata, or None when it is not a reparam file."""
+    if meta.get("format") != FORMAT:
+        return None
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise CheckpointError(f"{source}: malformed reparam metadata (format_version)") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: written in reparam file format {version}, this reparam-zoo reads up to {FORMAT_VERSION}; "
+            "upgrade reparam-zoo"
+        )
+    stage = meta.get("stage")
+    if stage not in STAGES:
+        raise CheckpointError(f"{source}: malformed reparam metadata (stage {stage!r})")
+    arch = _loads(meta, "architecture", source)
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise CheckpointError(f"{source}: malformed reparam metadata (architecture)")
+    refconv = _loads(meta, "refconv", source) if "refconv" in meta else None
+    if refconv is not None and not (
+        isinstance(refconv, dict) and {"map_k", "init", "train_scope", "converted"} <= set(refconv)
+    ):
+        raise CheckpointError(f"{source}: malformed reparam metadata (refconv)")
+    if (stage == "refconv") != (refconv is not None):
+        raise CheckpointError(f"{source}: malformed reparam metadata (stage {stage} vs refconv settings)")
+    fuse = _fuse_from_json(_loads(meta, "fuse", source), source) if "fuse" in meta else None
+    if stage == "fused" and fuse is None:
+        raise CheckpointError(f"{source}: malformed reparam metadata (fused stage without fuse structure)")
+    extra = _loads(meta, "extra", source) if "extra" in meta else {}
+    return ModelFileInfo(
+        stage=stage, architecture=arch, format_version=version, reparam_version=meta.get("reparam_version", ""),
+        torch_version=meta.get("torch_version", ""), refconv=refconv, fuse=fuse,
+        extra=extra if isinstance(extra, dict) else {},
+    )
+
+
+def _fuse_to_json(report: FuseReport) -> Dict[str, Any]:
+    return {
+        "folded": list(report.folded),
+        "fused": [list(p) for p in report.fused],
+        "reparameterized": list(report.reparameterized),
+        "left_alone": [list(p) for p in report.left_alone],
+        "verified": bool(report.verified),
+        "max_abs_error": report.max_abs_error,
+        "max_rel_error": report.max_rel_error,
+        "rtol": report.rtol,
+        "atol": report.atol,
+        "input_shapes": [list(s) for s in report.input_shapes],
+    }
+
+
+def _fuse_from_json(data: Any, source: str) -> FuseReport:
+    try:
+        return FuseReport(
+            folded=[str(n) for n in data.get("folded", [])],
+            fused=[(str(c), str(b)) for c, b in data.get("fused", [])],
+            reparameterized=[str(n) for n in data.get("reparameterized", [])],
+            left_alone=[(str(n), str(why)) for n, why in data.get("left_alone", [])],
+            verified=bool(data.get("verified", False)),
+            max_abs_error=data.get("max_abs_error"),
+            max_rel_error=data.get("max_rel_error"),
+            rtol=float(data.get("rtol", 1e-4)),
+            atol=float(data.get("atol", 1e-5)),
+            input_shapes=[list(s) for s in data.get("input_shapes", [])],
+        )
+    except (AttributeError, TypeError, ValueError):
+        raise CheckpointError(f"{source}: malformed reparam metadata (fuse)") from None
+
+
+# -- saving -----------------------------------------------------------------------------------------------
+
+def save(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    extra_metadata: Optional[Dict[str, Any]] = None,
+    trust_pickle: bool = False,
+) -> str:
+    """Write `model` to `path` atomically as a self-describing safetensors file; returns the path.
+
+    Refuses non-finite weights, and checks before writing that the metadata rebuilds a module tree the
+    tensors load into strictly. A model without a rebuildable architecture is pickled whole
+    (`torch.save(model)`) only with `trust_pickle=True`.
+    """
+    path = os.fspath(path)
+    model = _unwrap(model)
+    check_output_path(path)
+    state = model.state_dict()
+    check_finite(state)
+    if architecture_of(model) is None:
+        if not trust_pickle:
+            raise ReparamError(_no_architecture_message(model))
+        if path.endswith(".safetensors"):
+            raise ReparamError(
+                f"{path}: a model without a rebuildable architecture cannot be a safetensors file; "
+                "it is pickled whole, use a .pt path"
+            )
+        if extra_metadata is not None:
+            raise ReparamError("extra_metadata needs a safetensors model file (a rebuildable architecture)")
+        _atomic_write(path, lambda tmp: torch.save(model, tmp))
+        return path
+
+    meta = model_metadata(model, extra_metadata=extra_metadata)
+    _check_rebuilds(parse_metadata(meta), state)
+    tensors = _storable(state)
+    from safetensors.torch import save_file
+
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def check_output_path(path: PathLike) -> None:
+    """A clear error, before any work, when `path` cannot be written as a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ReparamError(f"{path}: is a directory, expected an output file path")
+    if not os.path.isdir(folder):
+        raise ReparamError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ReparamError(f"{path}: output folder {folder} is not writable")
+
+
+def check_finite(state: Dict[str, torch.Tensor], action: str = "save them") -> None:
+    """Refuse NaN/Inf weights: a file holding them would silently poison whatever loads it."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ReparamError(f"non-finite (NaN/Inf) weights in {', '.join(bad[:3])}{more}; refusing to {action}")
+
+
+def _storable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """CPU, contiguous tensors with no storage shared between entries (safetensors refuses aliases, e.g. tied
+    weights); an alias is stored as its own copy and loads back into both places."""
+    out, seen = {}, set()
+    for key, t in state.items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        ptr = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else None
+        if ptr is not None and ptr in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        if ptr is not None:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder and rename it over `path` only when complete."""
+    folder = os.path.dirname(os.path.abspath(path))
+    # the temporary name keeps the extension: some writers (torch.export) check it
+    suffix = ".tmp" + os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _file_mode(path: str) -> int:
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
+    """Public form of the atomic write used by `save` (for the CLI's export formats)."""
+    path = os.fspath(path)
+    check_output_path(path)
+    _atomic_write(path, write)
+    return path
+
+
+def _check_rebuilds(info: ModelFileInfo, state: Dict[str, torch.Tensor]) -> None:
+    """Rebuild the described structure on the meta device (no memory, no compute) and make sure the
+    tensors would load into it strictly: a file that cannot be loaded is never written."""
+    try:
+        with torch.device("meta"):
+            skeleton = _build_structure(info, source="model")
+    except ReparamError as e:
+        raise ReparamError(f"cannot save: the model cannot be rebuilt from its description ({e})") from None
+    try:
+        check_compatible(skeleton, state, source="the model", strict=True)
+    except CheckpointError as e:
+        raise ReparamError(
+            f"cannot save: {e} (the model's structure no longer matches its architecture tag; change heads "
+            "with reparam_zoo.modelfile.set_num_classes and stages with convert/fuse)"
+        ) from None
+
+
+def _no_architecture_message(model: nn.Module) -> str:
+    return (
+        f"{type(model).__name__} has no rebuildable architecture (it was not built by name with "
+        "reparam_zoo.create_model or loaded from a reparam file), so it cannot be saved as a safetensors "
+        "model file; pickling the whole module needs trust_pickle=True / --trust-pickle"
+    )
+
+
+# -- deployment formats -------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("safetensors", "torchscript", "onnx", "pt2")
+EXPORT_SUFFIXES = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx", "pt2": ".pt2"}
+
+
+@dataclass
+class ExportResult:
+    """What `export` wrote, and how closely the written artifact reproduces the model (None: not checked)."""
+
+    path: str
+    format: str
+    max_abs_error: Optional[float] = None
+    max_rel_error: Optional[float] = None
+
+
+def export(
+    model: nn.Module,
+    path: PathLike,
+    fmt: str = "safetensors",
+    *,
+    example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    trust_pickle: bool = False,
+    extra_metadata: Optional[Dict[str, Any]] = None,
+) -> ExportResult:
+    """Write `model` as a reparam model file (`safetensors`, see `save`) or a deployment artifact
+    (`torchscript` via torch.jit.trace, `onnx` via torch.onnx.export, `pt2` via torch.export.save).
+
+    An artifact is written to a temporary file, loaded back and run against `model` on random inputs shaped
+    like `example_inputs` (batch 1 and 2) before it is renamed to `path`; a mismatch raises EquivalenceError
+    and leaves nothing behind.
+    """
+    from .deploy import verify_equivalence
+
+    if fmt not in EXPORT_FORMATS:
+        raise ReparamError(f"unknown format '{fmt}', expected one of {', '.join(EXPORT_FORMATS)}")
+    path = os.fspath(path)
+    model = _unwrap(model)
+    if fmt == "safetensors":
+        written = "safetensors" if architecture_of(model) is not None else "pickle"
+        return ExportResult(save(model, path, extra_metadata=extra_metadata, trust_pickle=trust_pickle), written)
+    if example_inputs is None:
+        raise ReparamError(f"{fmt} export traces the model: it needs example inputs (--input-size)")
+    inputs = tuple(example_inputs)
+    check_output_path(path)
+    check_finite(model.state_dict())
+    model.eval()
+    result = ExportResult(path, fmt)
+
+    def write_and_check(tmp: str) -> None:
+        runner = _EXPORTERS[fmt](model, tmp, inputs)
+        try:
+            result.max_abs_error, result.max_rel_error, _ = verify_equivalence(
+                model, _Artifact(runner), inputs, rtol=rtol, atol=atol)
+        except EquivalenceError as e:
+            raise EquivalenceError(f"the exported {fmt} file does not reproduce the model: {e}",
+                                   max_abs_error=e.max_abs_error, max_rel_error=e.max_rel_error) from None
+
+    _atomic_write(path, write_and_check)
+    return result
+
+
+class _Artifact(nn.Module):
+    """A loaded artifact as a leaf module, so the verifier can run it like the model it came from."""
+
+    def __init__(self, runner: Callable):
+        super().__init__()
+        object.__setattr__(self, "runner", runner)
+
+    def forward(self, *inputs):
+        return self.runner(*inputs)
+
+
+def _export_torchscript(model: nn.Module, tmp: str, inputs) -> Callable:
+    # Tracer warnings (data-dependent control flow) are what the output check after saving is for.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, inputs, check_trace=False)
+    torch.jit.save(traced, tmp)
+    return torch.jit.load(tmp, map_location="cpu")
+
+
+def _export_pt2(model: nn.Module, tmp: str, inputs) -> Callable:
+    # exported at batch 2 with the batch dimension dynamic (an example of batch 1 would pin it to 1)
+    batch2 = tuple(torch.cat([t, t]) for t in inputs)
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+    try:
+        program = torch.export.export(model, batch2, dynamic_shapes=dynamic)
+    except Exception as e:
+        raise ReparamError(f"torch.export cannot capture {type(model).__name__}: {_one_line(e)}") from None
+    torch.export.save(program, tmp)
+    return torch.export.load(tmp).module()
+
+
+def _export_onnx(model: nn.Module, tmp: str, inputs) -> Callable:
+    try:
+        import onnx  # noqa: F401  (checking the written file needs it)
+    except ImportError:
+        raise ReparamError("ONNX export needs the 'onnx' package (pip install onnx, or the 'dev' extra)") from None
+    names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=names, output_names=["output"],
+                              dynamic_axes={n: {0: "batch"} for n in names + ["output"]})
+    except ImportError as e:
+        raise ReparamError(f"ONNX export is not available here ({_one_line(e)})") from None
+    except Exception as e:
+        raise ReparamError(f"ONNX export of {type(model).__name__} failed: {_one_line(e)}") from None
+    return _onnx_runner(tmp, names)
+
+
+def _onnx_runner(path: str, names: List[str]) -> Callable:
+    """onnxruntime when installed, else onnx's own reference evaluator (slow, but always there)."""
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        session = ReferenceEvaluator(path)
+
+    def run(*inputs):
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        return tuple(torch.from_numpy(o) for o in session.run(None, feed))
+
+    return run
+
+
+_EXPORTERS = {"torchscript": _export_torchscript, "pt2": _export_pt2, "onnx": _export_onnx}
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+def read_info(path: PathLike) -> Optional[ModelFileInfo]:
+    """The metadata of a reparam safetensors file without reading its tensors (None: not a reparam file)."""
+    path = os.fspath(path)
+    _check_readable(path)
+    if not _is_safetensors(path):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    return parse_metadata(meta, source=path)
+
+
+def load(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild a model saved by `save`, at the stage it was saved (never unpickling a safetensors file).
+
+    A RefConv file comes back converted with the saved settings and training scope (`refconv_summary`), a
+    fused file with the fused structure (`fuse_report`). A whole pickled module is loaded only with
+    `trust_pickle=True` (unpickling runs code from the file).
+    """
+    path = os.fspath(path)
+    _check_readable(path)
+    if not _is_safetensors(path):
+        if trust_pickle:
+            return _unpickled_module(path)
+        read_state_dict(path)  # raises for pickled objects without unpickling them
+        raise CheckpointError(_bare_state_dict_message(path))
+    tensors, meta = read_state_dict(path)
+    info = parse_metadata(meta, source=path)
+    if info is None:
+        raise CheckpointError(_no_metadata_message(path))
+    return _restore(info, tensors, source=path)
+
+
+def _restore(info: ModelFileInfo, tensors: Dict[str, torch.Tensor], source: str) -> nn.Module:
+    model = _build_structure(info, source=source)
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) == 1 and dtypes != {torch.float32}:
+        model.to(dtypes.pop())  # a half-precision file stays half precision
+    check_compatible(model, tensors, source=source, strict=True)
+    model.load_state_dict(tensors, strict=True)
+    model.reparam_extra = dict(info.extra)
+    if info.stage == "fused":
+        model.eval()
+    return model
+
+
+def _build_structure(info: ModelFileInfo, source: str) -> nn.Module:
+    """The architecture, then the fuse structure and/or RefConv conversion the file describes."""
+    model = _build_architecture(info.architecture, source)
+    if info.fuse is not None:
+        apply_fuse_structure(model, info.fuse)
+        model.train()  # the fused model is put in eval mode by the caller; a converted one trains on
+    if info.refconv is not None:
+        r = info.refconv
+        names = [str(n) for n in r["converted"]]
+        try:
+            convert(model, map_k=int(r["map_k"]), init=str(r["init"]), train_scope=str(r["train_scope"]),
+                    include=[glob.escape(n) for n in names], inplace=True)
+        except ReparamError as e:
+            raise CheckpointError(f"{source}: cannot re-apply the saved RefConv conversion ({e})") from None
+        if sorted(model.refconv_summary.converted_names) != sorted(names):
+            raise CheckpointError(f"{source}: the saved RefConv layers do not match the architecture")
+    return model
+
+
+def _no_metadata_message(path: str) -> str:
+    return (f"{path}: a safetensors file without reparam metadata, which does not say its architecture; "
+            "name it with --arch NAME / arch=")
+
+
+def _bare_state_dict_message(path: str) -> str:
+    return f"{path}: a bare state_dict checkpoint, which does not say its architecture; name it with --arch NAME / arch="
+
+
+def _unpickled_module(path: str) -> nn.Module:
+    """The nn.Module in a trusted pickle: the file itself, or a training checkpoint's `model`/`module`/... entry."""
+    obj = _unpickle(path)
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("model", "module", "model_ema", "ema"):
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key]
+        if any(isinstance(v, (torch.Tensor, dict)) for v in obj.values()):
+            raise CheckpointError(_bare_state_dict_message(path))
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, neither a model nor a state_dict")
+
+
+def _unpickle(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated file ({_one_line(e)})") from None
+    except (AttributeError, ModuleNotFoundError, ImportError) as e:
+        raise CheckpointError(f"{path}: the pickled model needs code that is not importable here ({_one_line(e)})") from None
+
+
+def _check_readable(path: str) -> None:
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected a model file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: file is empty")
+
+
+# -- what a MODEL argument is -------------------------------------------------------------------------------
+
+@dataclass
+class ResolvedModel:
+    """A model from a MODEL argument and how it was obtained (for printing)."""
+
+    model: nn.Module
+    kind: str  # "architecture" | "reparam-file" | "checkpoint" | "pickle"
+    description: str
+    path: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+    info: Optional[ModelFileInfo] = None
+
+
+def load_model(
+    spec: PathLike,
+    *,
+    arch: Optional[str] = None,
+    checkpoint: Optional[PathLike] = None,
+    num_classes: Optional[int] = None,
+    pretrained: bool = False,
+    trust_pickle: bool = False,
+) -> nn.Module:
+    """A model from what a command-line MODEL argument can be:
+
+    1. a timm or zoo architecture name (`resnet18`, `revcol_tiny`), with `checkpoint` weights or `pretrained`;
+    2. a reparam `.safetensors` file (`load`); a safetensors file without reparam metadata needs `arch`;
+    3. a state_dict checkpoint (`.pth`/`.pt`, official RevCol/ReXNet layouts) with `arch`, read without pickle;
+    4. a whole pickled `nn.Module`, only with `trust_pickle=True`.
+    """
+    return resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes, pretrained=pretrained,
+                         trust_pickle=trust_pickle).model
+
+
+def resolve_model(
+    spec: PathLike,
+    *,
+    arch: Optional[str] = None,
+    checkpoint: Optional[PathLike] = None,
+    num_classes: Optional[int] = None,
+    pretrained: bool = False,
+    trust_pickle: bool = False,
+) -> ResolvedModel:
+    """`load_model`, also saying what the argument turned out to be."""
+    spec = os.fspath(spec)
+    if arch is not None and not is_architecture(arch):
+        raise ArchitectureError(_unknown_architecture_message(arch))
+    if os.path.exists(spec):
+        if checkpoint is not None:
+            raise ReparamError(f"{spec} is already a weights file; --checkpoint / checkpoint= goes with an architecture name")
+        if pretrained:
+            raise ReparamError(f"{spec} is a file; pretrained weights go with an architecture name")
+        return _resolve_file(spec, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    if is_architecture(spec):
+        if arch is not None and arch != spec:
+            raise ArchitectureError(f"MODEL is the architecture {spec}, but --arch says {arch}")
+        if checkpoint is not None:
+            _check_readable(os.fspath(checkpoint))
+        model = create_model(spec, pretrained=pretrained, num_classes=num_classes)
+        notes: List[str] = []
+        if checkpoint is not None:
+            notes = load_checkpoint(model, checkpoint, strict=True).notes
+        how = f"weights from {os.fspath(checkpoint)}" if checkpoint is not None else (
+            "pretrained weights" if pretrained else "random init")
+        return ResolvedModel(model, "architecture", f"{spec} ({_source_of(spec)}, {how})",
+                             path=None if checkpoint is None else os.fspath(checkpoint), notes=notes)
+    if _looks_like_path(spec):
+        raise CheckpointError(f"{spec}: no such file")
+    raise ArchitectureError(_unknown_architecture_message(spec))
+
+
+def _resolve_file(path: str, *, arch: Optional[str], num_classes: Optional[int], trust_pickle: bool) -> ResolvedModel:
+    _check_readable(path)
+    if _is_safetensors(path):
+        info = read_info(path)
+        if info is not None:
+            if arch is not None and arch != info.architecture["name"]:
+                raise ArchitectureError(f"{path} holds a {info.architecture['name']} model, but --arch says {arch}")
+            if num_classes is not None and num_classes != info.num_classes:
+                raise ReparamError(
+                    f"{path} has a {info.num_classes}-class head; --num-classes {num_classes} does not fit it"
+                )
+            return ResolvedModel(load(path), "reparam-file", f"{path}: {info.describe()}", path=path, info=info)
+    if arch is not None:
+        model = create_model(arch, num_classes=num_classes)
+        report = load_checkpoint(model, path, strict=True)
+        return ResolvedModel(model, "checkpoint", f"{path}: {arch} weights ({report.num_tensors} tensors)",
+                             path=path, notes=report.notes)
+    if trust_pickle and not _is_safetensors(path):
+        if num_classes is not None:
+            raise ReparamError(f"{path}: a whole pickled model's head is what it is; --num-classes cannot change it")
+        model = _unpickled_module(path)
+        return ResolvedModel(model, "pickle", f"{path}: pickled {type(model).__name__} (trusted)", path=path)
+    if _is_safetensors(path):
+        raise CheckpointError(_no_metadata_message(path))
+    read_state_dict(path)  # refuses pickled objects without unpickling them
+    raise CheckpointError(_bare_state_dict_message(path))
+
+
+def _looks_like_path(spec: str) -> bool:
+    suffixes = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pt2", ".tar")
+    return os.sep in spec or (os.altsep or os.sep) in spec or spec.lower().endswith(suffixes)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / torch.compile wrappers, whose state_dict keys are the model's."""
+    for _ in range(3):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, allow_nan=False)
+
+
+def _loads(meta: Dict[str, str], key: str, source: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{source}: malformed reparam metadata ({key})") from None
+
+
+def _check_json(what: str, value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ReparamError(f"{what} must be JSON-serializable to be saved in a model file ({_one_line(e)})") from None

@@ -1,0 +1,656 @@
+"""Parameter and MAC reports for any stage of a model: plain, RefConv (training), fused (deployed).
+
+Units. **params** are counted elements of parameters; buffers (BatchNorm running statistics, ...)
+are counted separately. **MACs** are multiply-accumulates for one input image (batch 1): fvcore's
+"flop", where one fused multiply-add counts 1 (fvcore also counts the BatchNorm, LayerNorm, pooling and
+upsampling work it knows, e.g. 2 per element for an eval BatchNorm). `conv_linear_macs` is the conv and
+matmul part alone, the number papers quote (ReXNet, RevCol); it is cross-checked against
+`torch.utils.flop_counter` (which counts 2 per MAC and only conv/matmul), and a disagreement beyond 2%
+(usually work fvcore cannot see, such as attention kernels) is flagged in the report. Ops fvcore does
+not count are listed once in the report (`unsupported_ops`) instead of logged.
+
+Training vs inference. A report has two columns:
+
+* **training**: the model as it trains. For a RefConv model the frozen base kernels are buffers in
+  PyTorch's sense, but they are the model's weights, so they count as (frozen) params here:
+  `params = trainable_params + frozen_params` = every parameter plus every base kernel, and
+  `base_kernel_params` says how many of the frozen ones are base kernels. `buffers` excludes the base
+  kernels. `transform_macs` is the cost of evaluating the refocusing transforms once per training
+  step (independent of the batch size); `macs` is the forward cost per image.
+* **inference**: what deploys. RefConv model: the model after `reparam_zoo.fold` (same structure and
+  cost as the original model); fused model (it has a `fuse_report`): the model itself, BatchNorm gone;
+  plain model: the model itself.
+
+So for a RefConv model `training.params - inference.params` is exactly the transforms' size.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import ReparamError
+from .layers.refconv import RefConvNd
+from .surgery import refconv_layers
+
+__all__ = [
+    "report", "compare", "layer_params", "Report", "Comparison", "LayerParams", "MacsCheck", "ModuleRow",
+    "STAGES", "FORMATS", "MACS_TOLERANCE", "UNIT",
+]
+
+STAGES = ("plain", "refconv", "fused")
+FORMATS = ("table", "markdown", "json", "csv")
+MACS_TOLERANCE = 0.02
+UNIT = "MACs (multiply-accumulates per image, batch 1): one fused multiply-add = 1, as fvcore's 'flop'"
+
+# fvcore's names (after its own simplification) for the conv/matmul work torch's flop_counter also sees
+_FVCORE_MATMUL_OPS = ("conv", "linear", "addmm", "bmm", "matmul", "mm", "einsum")
+
+
+@dataclass
+class MacsCheck:
+    """fvcore's conv/linear MACs against `torch.utils.flop_counter`'s FLOPs / 2."""
+
+    fvcore_macs: int
+    flop_counter_macs: int
+    rel_diff: float
+    tolerance: float = MACS_TOLERANCE
+    fvcore_by_op: Dict[str, int] = field(default_factory=dict)
+    flop_counter_by_op: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def agrees(self) -> bool:
+        return self.rel_diff <= self.tolerance
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["agrees"] = self.agrees
+        return out
+
+    def describe(self) -> str:
+        verdict = f"within {self.tolerance:.0%}" if self.agrees else f"DISAGREE beyond {self.tolerance:.0%}"
+        line = (f"MACs check: fvcore conv/linear {self.fvcore_macs:,} vs torch flop_counter "
+                f"{self.flop_counter_macs:,} ({self.rel_diff:.2%}, {verdict})")
+        if not self.agrees:
+            by_op = ", ".join(f"{op} {n:,}" for op, n in self.flop_counter_by_op.items())
+            line += f"; flop_counter MACs by op: {by_op}"
+        return line
+
+
+@dataclass
+class ModuleRow:
+    """One module of the per-module table (its whole subtree counted)."""
+
+    name: str
+    type: str
+    training_params: int
+    trainable_params: int
+    frozen_params: int
+    buffers: int
+    transform_macs: int
+    inference_params: int
+    macs: int
+
+
+class LayerParams(NamedTuple):
+    """Parameters one layer holds itself in training (incl. its base kernel) and after folding."""
+
+    name: str
+    training: int
+    inference: int
+
+
+_TRAINING_KEYS = ("params", "trainable_params", "frozen_params", "buffers", "transform_macs",
+                  "base_kernel_params", "macs")
+_INFERENCE_KEYS = ("params", "macs", "conv_linear_macs", "buffers")
+
+
+@dataclass
+class Report:
+    """Counts of one model at one input size; render with `render(fmt)` or `str()`."""
+
+    model: str
+    stage: str
+    input_size: Tuple[int, ...]
+    training: Dict[str, int]
+    inference: Dict[str, int]
+    macs_check: MacsCheck
+    unsupported_ops: Dict[str, int] = field(default_factory=dict)
+    modules: List[ModuleRow] = field(default_factory=list)
+    depth: int = 1
+    refconv_layers: int = 0
+    unit: str = UNIT
+
+    @property
+    def flags(self) -> List[str]:
+        """Problems a reader must see (printed in every format)."""
+        return [] if self.macs_check.agrees else [self.macs_check.describe()]
+
+    # -- data ---------------------------------------------------------------------------------------
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "stage": self.stage,
+            "input_size": list(self.input_size),
+            "unit": self.unit,
+            "inference": {k: int(self.inference[k]) for k in _INFERENCE_KEYS},
+            "training": {k: int(self.training[k]) for k in _TRAINING_KEYS},
+            "refconv_layers": self.refconv_layers,
+            "macs_check": self.macs_check.as_dict(),
+            "unsupported_ops": dict(self.unsupported_ops),
+            "depth": self.depth,
+            "modules": [asdict(r) for r in self.modules],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        try:
+            check = dict(data["macs_check"])
+            check.pop("agrees", None)
+            return cls(
+                model=data["model"], stage=data["stage"], input_size=tuple(data["input_size"]),
+                training=dict(data["training"]), inference=dict(data["inference"]),
+                macs_check=MacsCheck(**check), unsupported_ops=dict(data.get("unsupported_ops", {})),
+                modules=[ModuleRow(**r) for r in data.get("modules", [])], depth=data.get("depth", 1),
+                refconv_layers=data.get("refconv_layers", 0), unit=data.get("unit", UNIT),
+            )
+        except (KeyError, TypeError) as e:
+            raise ReparamError(f"not a reparam-zoo report: {type(e).__name__} {e}") from None
+
+    # -- renderers ----------------------------------------------------------------------------------
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent)
+
+    def _summary_rows(self) -> List[Tuple[str, object, object]]:
+        t, i = self.training, self.inference
+        return [
+            ("params", t["params"], i["params"]),
+            ("trainable params", t["trainable_params"], None),
+            ("frozen params", t["frozen_params"], None),
+            ("  of which base kernels", t["base_kernel_params"], None),
+            ("buffers", t["buffers"], i["buffers"]),
+            ("MACs / image", t["macs"], i["macs"]),
+            ("  of which conv/linear", i["conv_linear_macs"], i["conv_linear_macs"]),
+            ("transform MACs / step", t["transform_macs"], 0),
+        ]
+
+    def _title(self) -> str:
+        size = "x".join(str(s) for s in self.input_size)
+        stage = f"{self.stage}, {self.refconv_layers} RefConv layers" if self.stage == "refconv" else self.stage
+        return (f"{self.model} ({stage}) at 1x{size}: {_si(self.inference['params'])} params, "
+                f"{_si(self.inference['macs'])} MACs deployed")
+
+    def _notes(self) -> List[str]:
+        notes = [f"unit: {self.unit}"]
+        if self.macs_check.agrees:
+            notes.append(self.macs_check.describe())
+        if self.unsupported_ops:
+            notes.append(f"not counted by fvcore: {_format_counts(self.unsupported_ops)}")
+        return [f"WARNING: {f}" for f in self.flags] + notes
+
+    def _module_rows(self) -> List[List[object]]:
+        return [[_indent(r.name), r.type, r.training_params, r.trainable_params, r.inference_params, r.macs,
+                 r.transform_macs] for r in self.modules]
+
+    _MODULE_HEADERS = ["module", "type", "training params", "trainable", "inference params", "MACs",
+                       "transform MACs"]
+
+    def to_table(self) -> str:
+        lines = [self._title(), ""]
+        lines += _aligned(["", "training", "inference"], [[m, _num(a), _num(b)] for m, a, b in self._summary_rows()])
+        lines.append("")
+        lines += self._notes()
+        if self.modules:
+            lines += ["", f"per module (depth {self.depth}):"]
+            lines += _aligned(self._MODULE_HEADERS, [[_num(v) for v in row] for row in self._module_rows()], left=2)
+        return "\n".join(lines)
+
+    __str__ = to_table
+
+    def to_markdown(self) -> str:
+        lines = [f"**{self._title()}**", ""]
+        lines += _markdown_table(["", "training", "inference"],
+                                 [[m.strip(), _num(a), _num(b)] for m, a, b in self._summary_rows()], numeric_from=1)
+        lines.append("")
+        lines += [f"- {n}" for n in self._notes()]
+        if self.modules:
+            lines += ["", f"Per module (depth {self.depth}):", ""]
+            rows = [[f"`{r.name}`", r.type, _num(r.training_params), _num(r.trainable_params),
+                     _num(r.inference_params), _num(r.macs), _num(r.transform_macs)] for r in self.modules]
+            lines += _markdown_table(self._MODULE_HEADERS, rows, numeric_from=2)
+        return "\n".join(lines)
+
+    _CSV_FIELDS = ["module", "type", "training_params", "trainable_params", "frozen_params", "training_buffers",
+                   "transform_macs", "inference_params", "inference_buffers", "macs"]
+
+    def to_csv(self) -> str:
+        """One row per module; the first row, module `(model)`, holds the totals. Exact integers."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self._CSV_FIELDS)
+        t, i = self.training, self.inference
+        writer.writerow(["(model)", self.model, t["params"], t["trainable_params"], t["frozen_params"],
+                         t["buffers"], t["transform_macs"], i["params"], i["buffers"], i["macs"]])
+        for r in self.modules:
+            writer.writerow([r.name, r.type, r.training_params, r.trainable_params, r.frozen_params, r.buffers,
+                             r.transform_macs, r.inference_params, "", r.macs])
+        return out.getvalue()
+
+    def render(self, fmt: str = "table") -> str:
+        return _render(self, fmt)
+
+
+@dataclass
+class Comparison:
+    """Two reports side by side: B - A and B / A for every count."""
+
+    reports: Tuple[Report, Report]
+    names: Tuple[str, str] = ("A", "B")
+
+    _METRICS = (
+        ("training params", "training", "params"),
+        ("trainable params", "training", "trainable_params"),
+        ("frozen params", "training", "frozen_params"),
+        ("training buffers", "training", "buffers"),
+        ("transform MACs / step", "training", "transform_macs"),
+        ("inference params", "inference", "params"),
+        ("inference buffers", "inference", "buffers"),
+        ("MACs / image", "inference", "macs"),
+    )
+
+    def rows(self) -> List[dict]:
+        out = []
+        for label, column, key in self._METRICS:
+            a, b = (getattr(r, column)[key] for r in self.reports)
+            out.append({"metric": label, "a": a, "b": b, "delta": b - a, "ratio": (b / a) if a else None})
+        return out
+
+    @property
+    def flags(self) -> List[str]:
+        return [f"{n}: {f}" for n, r in zip(self.names, self.reports) for f in r.flags]
+
+    def as_dict(self) -> dict:
+        return {"names": list(self.names), "models": [r.as_dict() for r in self.reports], "rows": self.rows()}
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent)
+
+    def _headers(self) -> List[str]:
+        a, b = self.names
+        return ["", a, b, f"{b} - {a}", f"{b} / {a}"]
+
+    def _table_rows(self) -> List[List[str]]:
+        rows = [["model", *(r.model for r in self.reports), "", ""],
+                ["stage", *(r.stage for r in self.reports), "", ""],
+                ["input", *("x".join(map(str, r.input_size)) for r in self.reports), "", ""]]
+        for row in self.rows():
+            rows.append([row["metric"], _num(row["a"]), _num(row["b"]), _signed(row["delta"]), _ratio(row["ratio"])])
+        return rows
+
+    def _notes(self) -> List[str]:
+        notes = [f"WARNING: {f}" for f in self.flags] + [f"unit: {UNIT}"]
+        for name, r in zip(self.names, self.reports):
+            if r.unsupported_ops:
+                notes.append(f"{name}: not counted by fvcore: {_format_counts(r.unsupported_ops)}")
+        return notes
+
+    def to_table(self) -> str:
+        return "\n".join(_aligned(self._headers(), self._table_rows()) + [""] + self._notes())
+
+    __str__ = to_table
+
+    def to_markdown(self) -> str:
+        lines = _markdown_table(self._headers(), self._table_rows(), numeric_from=1)
+        return "\n".join(lines + [""] + [f"- {n}" for n in self._notes()])
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        a, b = self.names
+        writer.writerow(["metric", a, b, "delta", "ratio"])
+        for row in self.rows():
+            ratio = "" if row["ratio"] is None else f"{row['ratio']:.6g}"
+            writer.writerow([row["metric"], row["a"], row["b"], row["delta"], ratio])
+        return out.getvalue()
+
+    def render(self, fmt: str = "table") -> str:
+        return _render(self, fmt)
+
+
+# -- the public functions ---------------------------------------------------------------------------
+def report(
+    model: nn.Module,
+    input_size: Optional[Sequence[int]] = (3, 224, 224),
+    *,
+    depth: int = 1,
+    stage: Optional[str] = None,
+    name: Optional[str] = None,
+) -> Report:
+    """Params (total/trainable/frozen, buffers apart) and MACs of `model` for training and for inference.
+
+    `input_size` is one sample's shape without the batch dimension (None: the timm `pretrained_cfg`
+    input size). `depth` limits the per-module table (0: none, 1: top-level children, ...). `stage`
+    overrides the detected stage: "refconv" (has RefConv layers), "fused" (has a `fuse_report`) or
+    "plain". The model is left as it was (train/eval mode, requires_grad, BatchNorm statistics).
+    """
+    input_size = _check_input_size(model, input_size)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise ReparamError(f"depth must be a non-negative integer, got {depth!r}")
+    stage = _check_stage(model, stage)
+    name = name or model_name(model)
+    refconvs = [m for _, m in refconv_layers(model)]
+
+    deployed = _folded_view(model) if refconvs else model
+    macs_by_module, unsupported, check = _count_macs(deployed, input_size, name)
+
+    base_ids = {id(m.weight_base) for m in refconvs}
+    params = _unique(model.parameters())
+    base_kernels = sum(m.weight_base.numel() for m in refconvs)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params) + base_kernels
+    training = {
+        "params": total,
+        "trainable_params": trainable,
+        "frozen_params": total - trainable,
+        "buffers": sum(b.numel() for b in _unique(model.buffers()) if id(b) not in base_ids),
+        "transform_macs": sum(m.transform_macs() for m in refconvs),
+        "base_kernel_params": base_kernels,
+        "macs": macs_by_module.get("", 0),
+    }
+    inference = {
+        "params": sum(p.numel() for p in _unique(deployed.parameters())),
+        "macs": macs_by_module.get("", 0),
+        "conv_linear_macs": check.fvcore_macs,
+        "buffers": sum(b.numel() for b in _unique(deployed.buffers())),
+    }
+    modules = _module_rows(model, deployed, macs_by_module, depth) if depth else []
+    return Report(
+        model=name, stage=stage, input_size=input_size, training=training, inference=inference,
+        macs_check=check, unsupported_ops=unsupported, modules=modules, depth=depth,
+        refconv_layers=len(refconvs),
+    )
+
+
+def compare(
+    a: Union[nn.Module, Report],
+    b: Union[nn.Module, Report],
+    input_size: Optional[Sequence[int]] = (3, 224, 224),
+    *,
+    names: Sequence[str] = ("A", "B"),
+) -> Comparison:
+    """Side-by-side report of two models (or two existing reports), with B - A and B / A."""
+    names = tuple(names)
+    if len(names) != 2 or not all(isinstance(n, str) and n for n in names):
+        raise ReparamError(f"names must be two non-empty strings, got {names!r}")
+    reports = tuple(x if isinstance(x, Report) else report(x, input_size, depth=0) for x in (a, b))
+    return Comparison(reports=reports, names=names)
+
+
+def layer_params(model: nn.Module) -> List[LayerParams]:
+    """(module name, training params, inference params) of every module that holds weights itself.
+
+    Training counts the module's own parameters plus its base kernel (RefConv); inference is what the
+    module holds after `fold` (base kernel + bias for a RefConv; unchanged otherwise). For plotting the
+    per-layer growth during refocus training (a depthwise 3x3 layer: C*9 -> C*9 + C^2*9).
+    """
+    rows = []
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if isinstance(module, RefConvNd):
+            base = module.weight_base.numel()
+            bias = 0 if module.bias is None else module.bias.numel()
+            rows.append(LayerParams(name, own + base, base + bias))
+        elif own:
+            rows.append(LayerParams(name, own, own))
+    return rows
+
+
+def model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+# -- counting ---------------------------------------------------------------------------------------
+def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
+    """fvcore MACs by module, fvcore's unsupported ops, and the flop_counter cross-check, in eval mode
+    without gradients (so that counting changes no BatchNorm statistics)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    FlopCountAnalysis = _fvcore_analysis()
+    device, dtype = _device_dtype(model)
+    if device.type == "meta":
+        raise ReparamError(
+            f"{name} is on the meta device: MACs need real tensors (build it on cpu; params alone can be "
+            "counted on meta with layer_params or sum(p.numel()))"
+        )
+    x = torch.randn((1,) + tuple(input_size), device=device, dtype=dtype,
+                    generator=torch.Generator(device=device).manual_seed(0))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            analysis = (FlopCountAnalysis(model, x).unsupported_ops_warnings(False)
+                        .uncalled_modules_warnings(False).tracer_warnings("none"))
+            by_module = dict(analysis.by_module())
+            by_op = analysis.by_operator()
+            unsupported = dict(sorted(analysis.unsupported_ops().items()))
+            with FlopCounterMode(display=False) as counter:
+                model(x)
+    except Exception as e:  # the user's model failed to run: one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
+                           f"{type(e).__name__}: {first}") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+    fvcore_ops = {op: int(n) for op, n in by_op.items() if op in _FVCORE_MATMUL_OPS}
+    torch_ops = {str(op): int(n) // 2 for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    fv, tc = sum(fvcore_ops.values()), int(counter.get_total_flops()) // 2
+    rel = abs(fv - tc) / max(fv, tc) if max(fv, tc) else 0.0
+    check = MacsCheck(fvcore_macs=fv, flop_counter_macs=tc, rel_diff=rel, fvcore_by_op=fvcore_ops,
+                      flop_counter_by_op=torch_ops)
+    return {k: int(v) for k, v in by_module.items()}, {k: int(v) for k, v in unsupported.items()}, check
+
+
+def _fvcore_analysis():
+    # fvcore.nn's __init__ scripts its focal losses with the deprecated torch.jit.script: a warning
+    # about code we never call, so silence it instead of passing it on to the user.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+    return FlopCountAnalysis
+
+
+def _folded_view(model: nn.Module) -> nn.Module:
+    """The structure `fold(model)` deploys, without copying the model's tensors or computing a kernel.
+
+    A copy of the module tree whose parameters and buffers alias the original's, with each RefConv
+    replaced by the plain conv `to_conv()` would build (same class, attributes and shapes) holding the
+    base kernel: counting needs shapes only, and refocusing every kernel in float64 costs seconds.
+    """
+    memo = {}
+    for module in model.modules():
+        if isinstance(module, RefConvNd):
+            memo[id(module)] = _conv_like_folded(module)
+        for p in module._parameters.values():
+            if p is not None:
+                memo.setdefault(id(p), p)
+        for value in list(module._buffers.values()) + list(vars(module).values()):
+            for t in _tensors_in(value):
+                memo.setdefault(id(t), t)
+    view = copy.deepcopy(model, memo)
+    view.__dict__.pop("refconv_summary", None)
+    return view
+
+
+def _conv_like_folded(layer: RefConvNd) -> nn.Module:
+    # `_template` is the original conv with weightless (meta) tensors, the same template `to_conv` copies
+    conv = copy.deepcopy(layer._template)
+    conv.weight = nn.Parameter(layer.weight_base, requires_grad=False)
+    if layer.bias is not None:
+        conv.bias = layer.bias
+    return conv
+
+
+def _tensors_in(value) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, torch.Tensor):
+                yield v
+
+
+def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], depth: int) -> List[ModuleRow]:
+    refconvs = refconv_layers(model)
+    base_ids = {id(m.weight_base) for _, m in refconvs}
+    params = _by_module(model.named_parameters(), depth)
+    trainable = _by_module(((n, p) for n, p in model.named_parameters() if p.requires_grad), depth)
+    bases = _by_module(((_join(n, "weight_base"), m.weight_base) for n, m in refconvs), depth)
+    buffers = _by_module(((n, b) for n, b in model.named_buffers() if id(b) not in base_ids), depth)
+    transform = _by_module(((_join(n, "transform_weight"), m.transform_macs()) for n, m in refconvs), depth)
+    deployed_params = params if deployed is model else _by_module(deployed.named_parameters(), depth)
+    rows = []
+    for name, module in model.named_modules():
+        if not name or name.count(".") >= depth:
+            continue
+        total = params.get(name, 0) + bases.get(name, 0)
+        row = ModuleRow(
+            name=name, type=type(module).__name__, training_params=total, trainable_params=trainable.get(name, 0),
+            frozen_params=total - trainable.get(name, 0), buffers=buffers.get(name, 0),
+            transform_macs=transform.get(name, 0), inference_params=deployed_params.get(name, 0),
+            macs=macs.get(name, 0),
+        )
+        if row.training_params or row.buffers or row.macs or row.inference_params:
+            rows.append(row)
+    return rows
+
+
+def _by_module(named: Iterable[Tuple[str, object]], depth: int) -> Dict[str, int]:
+    """Sum tensor sizes (or plain ints) into every ancestor module up to `depth` levels down."""
+    out: Dict[str, int] = {}
+    for qualified, value in named:
+        n = value if isinstance(value, int) else value.numel()
+        parts = qualified.split(".")[:-1]
+        for k in range(min(len(parts), depth) + 1):
+            key = ".".join(parts[:k])
+            out[key] = out.get(key, 0) + n
+    return out
+
+
+def _join(module: str, tensor: str) -> str:
+    return f"{module}.{tensor}" if module else tensor
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _check_input_size(model: nn.Module, input_size) -> Tuple[int, ...]:
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        input_size = cfg.get("input_size")
+        if not input_size:
+            raise ReparamError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
+                               "pass input_size, e.g. (3, 224, 224)")
+    try:
+        size = tuple(input_size)
+    except TypeError:
+        size = ()
+    if not size or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ReparamError(f"input_size must be positive integers without the batch, e.g. (3, 224, 224); "
+                           f"got {input_size!r}")
+    return size
+
+
+def _check_stage(model: nn.Module, stage: Optional[str]) -> str:
+    has_refconv = any(isinstance(m, RefConvNd) for m in model.modules())
+    if stage is None:
+        if has_refconv:
+            return "refconv"
+        return "fused" if getattr(model, "fuse_report", None) is not None else "plain"
+    if stage not in STAGES:
+        raise ReparamError(f"unknown stage '{stage}', expected one of {', '.join(STAGES)}")
+    if (stage == "refconv") != has_refconv:
+        has = "has RefConv layers" if has_refconv else "has no RefConv layers"
+        raise ReparamError(f"stage '{stage}' does not fit the model: it {has}")
+    return stage
+
+
+# -- rendering --------------------------------------------------------------------------------------
+def _render(obj, fmt: str) -> str:
+    renderers = {"table": obj.to_table, "markdown": obj.to_markdown, "json": obj.to_json, "csv": obj.to_csv}
+    if fmt not in renderers:
+        raise ReparamError(f"unknown format '{fmt}', expected one of {', '.join(FORMATS)}")
+    return renderers[fmt]()
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _signed(value: int) -> str:
+    return f"{value:+,}" if value else "0"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}x"
+
+
+def _si(n: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def _indent(name: str) -> str:
+    return "  " * name.count(".") + name
+
+
+def _format_counts(counts: Dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v:,}" for k, v in counts.items())
+
+
+def _aligned(headers: List[str], rows: List[List[str]], left: int = 1) -> List[str]:
+    """Columns padded to their widest cell: the first `left` columns left-aligned, the numbers right-aligned."""
+    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+
+
+def _markdown_table(headers: List[str], rows: List[List[str]], numeric_from: int) -> List[str]:
+    def esc(c):
+        return str(c).replace("|", "\\|")
+
+    align = ["---" if i < numeric_from else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return lines

@@ -1,0 +1,1076 @@
+"""Refocus training: train only what the RefConv training scope allows, on one process or many, resumably.
+
+    train(model_or_spec, data_dir, output_dir=..., epochs=..., ...)   a fresh run (converts the model first
+                                                                      when it has no RefConv layers yet)
+    resume(output_dir)                                                continues an interrupted run exactly
+
+Runs under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) as DistributedDataParallel, gloo on
+CPU and nccl on GPU; only rank 0 writes files. Also runnable as `python -m reparam_zoo.train` (the same
+options as `reparam train`).
+
+Exact resumption rests on three things: the data order and every sample's augmentation are functions of
+`(seed, epoch, index)` (see `reparam_zoo.data`), dropout/drop-path randomness is re-seeded from
+`(seed, epoch, step, rank)` before every step, and the LR schedule is a function of the step count. The
+checkpoint then only needs the weights, the optimizer state, the position and the metrics so far.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from .checkpoint import check_compatible, read_state_dict
+from .data import (DataSplits, EpochSampler, IGNORE_TARGET, ShardSampler, build_datasets, check_data_dir,
+                   make_loader)
+from .deploy import fold, fuse as fuse_model
+from .errors import CheckpointError, ReparamError
+from .surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
+
+__all__ = ["train", "resume", "TrainConfig", "TrainResult", "TrainError", "OPTIMIZERS"]
+
+OPTIMIZERS = {"sgd": "momentum", "adamw": "adamw"}  # our name -> timm's (timm's "sgd" is Nesterov)
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.pt"
+LAST_FILE = "last.safetensors"
+BEST_FILE = "best.safetensors"
+DEPLOY_FILE = "deploy.safetensors"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"
+LOG_FILE = "train.log"
+# Settings that may change when a run is resumed: they do not change what is computed (workers, fuse), or
+# the change is the point (more epochs).
+RESUMABLE_OVERRIDES = ("epochs", "workers", "fuse")
+STATE_VERSION = 1
+
+
+class TrainError(ReparamError):
+    """Training cannot start or go on (bad settings, head/data mismatch, output folder in use, ...)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a run computes; saved as OUTDIR/config.json and reused by `resume`."""
+
+    model: str  # the MODEL argument, or "<in-memory ClassName>"
+    data_dir: str
+    epochs: int = 10
+    batch_size: int = 64  # per process
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    warmup_epochs: int = 1
+    input_size: Optional[int] = None
+    num_classes: Optional[int] = None
+    train_scope: str = "transforms"
+    map_k: int = 3
+    amp: bool = False
+    channels_last: bool = False
+    workers: int = 2
+    seed: int = 0
+    fuse: bool = False
+    arch: Optional[str] = None
+    checkpoint: Optional[str] = None
+    pretrained: bool = False
+    trust_pickle: bool = False
+    world_size: int = 1
+
+    def check(self) -> None:
+        def positive_int(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TrainError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+        for name in ("epochs", "batch_size", "map_k"):
+            positive_int(name)
+        if self.input_size is not None:
+            positive_int("input_size")
+        if self.num_classes is not None:
+            positive_int("num_classes")
+        if not (isinstance(self.workers, int) and self.workers >= 0):
+            raise TrainError(f"workers must be >= 0, got {self.workers!r}")
+        if not (isinstance(self.warmup_epochs, int) and 0 <= self.warmup_epochs < self.epochs):
+            raise TrainError(f"warmup-epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise TrainError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum <= 1):
+            raise TrainError(f"momentum must be in [0, 1], got {self.momentum!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise TrainError(f"weight-decay must be >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainError(f"unknown optimizer '{self.optimizer}', expected one of {', '.join(OPTIMIZERS)}")
+        if self.train_scope not in TRAIN_SCOPES:
+            raise TrainError(f"unknown train-scope '{self.train_scope}', expected one of {', '.join(TRAIN_SCOPES)}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `history` has one row per epoch (epoch 0: the model before training)."""
+
+    output_dir: str
+    history: List[Dict[str, Any]]
+    best: Dict[str, Any]
+    sanity: Dict[str, Any]
+    files: Dict[str, str]
+    classes: List[str]
+    model: Optional[nn.Module] = field(default=None, repr=False)  # the trained RefConv model (rank 0)
+    interrupted: bool = False
+    unreadable_images: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> Dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+# -- public entry points ------------------------------------------------------------------------------------
+
+def train(
+    model: Union[nn.Module, str, os.PathLike],
+    data_dir: Union[str, os.PathLike],
+    *,
+    output_dir: Optional[Union[str, os.PathLike]] = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 0.01,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 4e-5,
+    warmup_epochs: int = 1,
+    input_size: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    train_scope: str = "transforms",
+    map_k: int = 3,
+    amp: bool = False,
+    channels_last: bool = False,
+    workers: int = 2,
+    seed: int = 0,
+    fuse: bool = False,
+    arch: Optional[str] = None,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    pretrained: bool = False,
+    trust_pickle: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    verbose: bool = True,
+) -> TrainResult:
+    """Refocus-train `model` on the image folders `data_dir/train/<class>/*`, `data_dir/val/<class>/*`.
+
+    `model` is an `nn.Module` (never modified; a copy trains) or anything `reparam convert` accepts (a timm or
+    zoo name, a reparam file, a state_dict checkpoint with `arch`, a pickle with `trust_pickle`). A model
+    without RefConv layers is converted first (`map_k`, zero init); `train_scope` says what trains. A head
+    of the wrong size is replaced only when `num_classes` says so (the new head then trains too).
+
+    Defaults follow the RefConv recipe: SGD with momentum 0.9, weight decay 4e-5, linear warmup then cosine
+    decay per step. `batch_size` is per process. Writes into `output_dir` (new or empty; default
+    `runs/<model>-<time>`): config.json, train.log, metrics.jsonl, metrics.png, last/best.safetensors,
+    train_state.pt, and with `fuse` the verified deploy model. Ctrl-C / SIGTERM stops after the current step
+    with a checkpoint; `resume(output_dir)` continues it.
+    """
+    spec = model if isinstance(model, nn.Module) else _absolute_if_file(model)
+    config = TrainConfig(
+        model=f"<in-memory {type(spec).__name__}>" if isinstance(spec, nn.Module) else spec,
+        data_dir=os.path.abspath(data_dir), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs, input_size=input_size,
+        num_classes=num_classes, train_scope=train_scope, map_k=map_k, amp=amp, channels_last=channels_last,
+        workers=workers, seed=seed, fuse=fuse, arch=arch,
+        checkpoint=None if checkpoint is None else _absolute_if_file(checkpoint), pretrained=pretrained,
+        trust_pickle=trust_pickle,
+    )
+    return _Run(config, output_dir, model=spec if isinstance(spec, nn.Module) else None, resuming=False,
+                device=device, verbose=verbose).run()
+
+
+def resume(
+    output_dir: Union[str, os.PathLike],
+    *,
+    model: Optional[nn.Module] = None,
+    epochs: Optional[int] = None,
+    workers: Optional[int] = None,
+    fuse: Optional[bool] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    verbose: bool = True,
+) -> TrainResult:
+    """Continue the run in `output_dir` from its last checkpoint, with its saved settings.
+
+    On CPU with the same number of processes the result is bit-identical to an uninterrupted run. `epochs`
+    extends (or shortens) the run; `model` is needed when the run trained an in-memory model whose
+    architecture cannot be rebuilt from its file (pass the same model as to `train`).
+    """
+    output_dir = os.fspath(output_dir)
+    config = read_config(output_dir)
+    for name, value in (("epochs", epochs), ("workers", workers), ("fuse", fuse)):
+        if value is not None:
+            setattr(config, name, value)
+    return _Run(config, output_dir, model=model, resuming=True, device=device, verbose=verbose).run()
+
+
+def read_config(output_dir: str) -> TrainConfig:
+    """The settings of the run in `output_dir`."""
+    path = os.path.join(output_dir, CONFIG_FILE)
+    if not os.path.isdir(output_dir):
+        raise TrainError(f"{output_dir}: no such run folder")
+    if not os.path.exists(os.path.join(output_dir, STATE_FILE)) or not os.path.exists(path):
+        raise TrainError(f"{output_dir}: no checkpoint to resume from ({STATE_FILE} / {CONFIG_FILE} missing)")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        known = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in raw.items() if k in known})
+    except (OSError, ValueError, TypeError) as e:
+        raise TrainError(f"{path}: unreadable run settings ({_one_line(e)})") from None
+
+
+# -- processes ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Processes:
+    """This process's place in a (possibly single-process) run, and the collectives the loop needs."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, device: Optional[Union[str, torch.device]]) -> "_Processes":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+        if world_size <= 1:
+            return cls(device=device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank, device=device,
+                   owns_group=owns)
+
+    def sum(self, values: Sequence[float]) -> List[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def max(self, values: Sequence[float]) -> List[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def union(self, items: Sequence[str]) -> List[str]:
+        if not self.distributed:
+            return sorted(set(items))
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, list(items))
+        return sorted({i for part in gathered for i in part})
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 only and share its result or its ReparamError with every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except ReparamError as e:
+                error = e
+        if self.distributed:
+            box = [result, None if error is None else str(error)]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+            if box[1] is not None and error is None:
+                raise TrainError(box[1])
+        if error is not None:
+            raise error
+        return result
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -- stopping on signals --------------------------------------------------------------------------------------
+
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (with a checkpoint); a second signal acts as
+    usual (KeyboardInterrupt / termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers only live there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        self._restore()
+
+    def _restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+
+class _Log:
+    """Log lines to the console (rank 0, verbose) and OUTDIR/train.log (rank 0)."""
+
+    def __init__(self, procs: _Processes, verbose: bool):
+        self.procs, self.verbose, self.path = procs, verbose, None
+        self.pending: List[str] = []
+
+    def open(self, path: str) -> None:
+        self.path = path
+        for line in self.pending:
+            self._write(line)
+        self.pending = []
+
+    def __call__(self, message: str) -> None:
+        if not self.procs.is_main:
+            return
+        if self.verbose:
+            tqdm.write(message)
+        if self.path is None:
+            self.pending.append(message)
+        else:
+            self._write(message)
+
+    def _write(self, message: str) -> None:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a") as f:
+            f.write(f"{stamp} {message}\n")
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, output_dir, *, model: Optional[nn.Module], resuming: bool,
+                 device, verbose: bool):
+        self.config = config
+        self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        self.given_model = model
+        self.resuming = resuming
+        self.device_arg = device
+        self.verbose = verbose
+        self.notes: List[str] = []
+        # progress, all of it saved in the checkpoint
+        self.epoch = 0  # the epoch in progress (0-based); == epochs when done
+        self.step = 0  # batches of `epoch` already trained
+        self.global_step = 0
+        self.partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch in progress
+        self.history: List[Dict[str, Any]] = []
+        self.best: Dict[str, Any] = {}
+        self.sanity: Dict[str, Any] = {}
+        self.unreadable: List[str] = []
+        self.trainable: List[str] = []
+        self.base_name, self.exact_expected = "input model", True  # what the sanity check compares with
+        self.classes: List[str] = []
+
+    # -- setup -----------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.procs = _Processes.from_env(self.device_arg)
+        self.log = _Log(self.procs, self.verbose)
+        try:
+            with _StopRequest() as self.stop:
+                return self._run()
+        finally:
+            self.procs.close()
+
+    def _run(self) -> TrainResult:
+        config = self.config
+        config.check()
+        check_data_dir(config.data_dir)  # before loading what may be a large model
+        if not self.resuming:
+            config.world_size = self.procs.world_size
+        # checked first, created only once the model and the data have passed their checks: a run that cannot
+        # start leaves no folder behind that would block the corrected command
+        self.output_dir = self.procs.on_main(self._check_output_dir)
+        state = self._read_state() if self.resuming else None
+        if state is not None and config.world_size != self.procs.world_size:
+            self.log(f"warning: resuming on {self.procs.world_size} processes, the run used {config.world_size}: "
+                     "data order differs, so the result is not bit-identical to an uninterrupted run")
+
+        torch.manual_seed(config.seed)  # random inits (a new head) are part of the run
+        random.seed(config.seed)
+        base, model = self._build_model(state)
+        self.model = model.to(self.procs.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._build_loaders()
+        self._build_optimizer()
+        self.procs.on_main(self._create_output_dir)
+        if self.procs.is_main:
+            self.log.open(os.path.join(self.output_dir, LOG_FILE))
+        if state is not None:
+            self._restore(state)
+        self.train_model = self.model
+        if self.procs.distributed:
+            # Buffers are not broadcast on every forward (the frozen base kernels are buffers, as large as the
+            # model); BatchNorm statistics are averaged over the ranks at the end of every epoch instead.
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.procs.device.index] if self.procs.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        self._describe_start()
+        if state is None:
+            self._sanity_check(base)
+        del base
+        self.model.train()
+
+        interrupted = self._train_epochs()
+        self.model.eval()
+        files = self.procs.on_main(lambda: self._finish(interrupted))
+        self.procs.barrier()
+        return TrainResult(
+            output_dir=self.output_dir, history=self.history, best=self.best, sanity=self.sanity, files=files,
+            classes=self.classes, model=self.model if self.procs.is_main else None, interrupted=interrupted,
+            unreadable_images=self.unreadable, notes=self.notes,
+        )
+
+    def _check_output_dir(self) -> str:
+        out = self.output_dir
+        if self.resuming:
+            return out
+        if out is None:
+            name = os.path.splitext(os.path.basename(self.config.model.strip("<>").split()[-1]))[0] or "model"
+            out = os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise TrainError(f"{out}: is a file, expected an output folder")
+        if os.path.isdir(out) and os.listdir(out):
+            names = sorted(os.listdir(out))
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise TrainError(
+                f"{out}: output folder is not empty ({shown}); choose a new one, or continue the run in it with "
+                "--resume / reparam_zoo.train.resume()"
+            )
+        return out
+
+    def _create_output_dir(self) -> None:
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"{self.output_dir}: cannot create output folder ({_one_line(e)})") from None
+        # on resume too: the overrides (epochs, ...) are part of the run from now on
+        _write_json(os.path.join(self.output_dir, CONFIG_FILE), asdict(self.config))
+
+    def _build_model(self, state) -> Tuple[Optional[nn.Module], nn.Module]:
+        """(what the sanity check compares with: the input model, or its folded form when it came converted,
+        None when resuming; the model that trains).
+
+        Also builds the data sets: their transforms follow the input model's preprocessing config.
+        """
+        config = self.config
+        last = os.path.join(self.output_dir, LAST_FILE)
+        if state is not None and self.given_model is None:
+            model = self._load_last_model(last)
+            self._build_data(model)
+            self._set_trainable(model, state["trainable"])
+            return None, model
+        base = self._load_input_model()
+        self._build_data(base)
+        head = self._fit_head(base)
+        if refconv_layers(base):
+            model = base
+            apply_train_scope(model, config.train_scope)
+            summary = getattr(model, "refconv_summary", None)
+            if summary is not None:
+                summary.train_scope = config.train_scope
+            self.log(f"model is already converted ({len(refconv_layers(model))} RefConv layers); "
+                     f"training scope {config.train_scope}")
+            # its plain form is what it has to agree with: exactly while the transforms are still zero
+            self.exact_expected = all(not bool(m.transform_weight.any()) for _, m in refconv_layers(model))
+            base = fold(model)
+            self.base_name = "folded model"
+        else:
+            model = convert(base, map_k=config.map_k, train_scope=config.train_scope)
+            self.log(f"converted with default settings (map_k={config.map_k}, zero init): "
+                     + str(model.refconv_summary).splitlines()[0].removeprefix("RefConv: "))
+        for name, p in model.named_parameters():
+            if name in head:
+                p.requires_grad_(True)
+        if state is not None:
+            self._set_trainable(model, state["trainable"])
+            self._load_weights(model, last, state)
+            return None, model
+        return base, model
+
+    def _load_input_model(self) -> nn.Module:
+        config = self.config
+        if self.given_model is not None:
+            self.log(f"model: {config.model}")
+            return copy.deepcopy(self.given_model)  # the caller's model is never modified
+        if config.model.startswith("<in-memory"):
+            raise TrainError(f"this run trained an in-memory model ({config.model}); pass it again to resume()")
+        from .modelfile import resolve_model
+
+        resolved = resolve_model(config.model, arch=config.arch, checkpoint=config.checkpoint,
+                                 pretrained=config.pretrained, trust_pickle=config.trust_pickle)
+        self.log(f"model: {resolved.description}")
+        for note in resolved.notes:
+            self.log(f"  - {note}")
+        return resolved.model
+
+    def _fit_head(self, model: nn.Module) -> set:
+        """Check the head against the data's classes; replace it when `num_classes` says so.
+
+        Returns the names of the new head's parameters (they train too), empty when the head is kept.
+        """
+        classes = len(self.classes)
+        outputs = _num_outputs(model, self.input_size)
+        wanted = self.config.num_classes
+        if wanted is None:
+            if outputs != classes:
+                raise TrainError(
+                    f"the model has {outputs} outputs but {self.config.data_dir} has {classes} classes; "
+                    f"pass --num-classes {classes} / num_classes={classes} to replace the head"
+                )
+            return set()
+        if wanted != classes:
+            raise TrainError(f"num-classes is {wanted} but {self.config.data_dir} has {classes} classes")
+        if wanted == outputs:
+            return set()
+        from .modelfile import set_num_classes
+
+        set_num_classes(model, wanted)
+        head = model.get_classifier()
+        ids = {id(p) for p in head.parameters()}
+        count = sum(p.numel() for p in head.parameters())
+        self.notes.append(f"head replaced: {outputs} -> {wanted} classes; the new head ({count:,} params) trains too")
+        self.log(self.notes[-1])
+        return {n for n, p in model.named_parameters() if id(p) in ids}
+
+    @staticmethod
+    def _set_trainable(model: nn.Module, names: Sequence[str]) -> None:
+        names = set(names)
+        unknown = names - {n for n, _ in model.named_parameters()}
+        if unknown:
+            raise TrainError(f"the checkpoint trains parameters the model does not have ({sorted(unknown)[0]}, ...)")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in names)
+
+    def _load_last_model(self, path: str) -> nn.Module:
+        from .modelfile import load, read_info
+
+        if read_info(path) is None:
+            raise TrainError(
+                f"{path} does not describe its architecture (the run trained an in-memory model); "
+                "pass the same model to resume(model=...)"
+            )
+        model = load(path)
+        self.log(f"model: {path}")
+        return model
+
+    def _load_weights(self, model: nn.Module, path: str, state: Dict[str, Any]) -> None:
+        tensors, meta = read_state_dict(path)
+        tag = _train_tag(meta)
+        if tag is None or tag.get("global_step") != state["global_step"]:
+            raise TrainError(
+                f"{path} and {STATE_FILE} are from different steps (the run was killed while checkpointing?); "
+                "cannot resume exactly"
+            )
+        check_compatible(model, tensors, source=path, strict=True)
+        model.load_state_dict(tensors, strict=True)
+
+    def _build_data(self, model: nn.Module) -> None:
+        self.data: DataSplits = build_datasets(self.config.data_dir, model, self.config.input_size)
+        self.classes = self.data.classes
+        self.input_size = tuple(self.data.data_config["input_size"])
+
+    def _build_loaders(self) -> None:
+        config, procs = self.config, self.procs
+        self.train_sampler = EpochSampler(self.data.train, num_replicas=procs.world_size, rank=procs.rank,
+                                          seed=config.seed)
+        self.steps_per_epoch = len(self.train_sampler) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise TrainError(
+                f"{config.data_dir}/train has {len(self.data.train)} images, fewer than one batch of "
+                f"{config.batch_size} per process; lower --batch-size"
+            )
+        pin = procs.device.type == "cuda"
+        self.train_loader = make_loader(self.data.train, self.train_sampler, batch_size=config.batch_size,
+                                        workers=config.workers, drop_last=True, pin_memory=pin)
+        val_sampler = ShardSampler(self.data.val, num_replicas=procs.world_size, rank=procs.rank)
+        self.val_loader = make_loader(self.data.val, val_sampler, batch_size=config.batch_size,
+                                      workers=config.workers, drop_last=False, pin_memory=pin)
+
+    def _build_optimizer(self) -> None:
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+
+        config = self.config
+        self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        # timm's factory: only parameters that require grad, no weight decay on biases and norms
+        self.optimizer = create_optimizer_v2(self.model, opt=OPTIMIZERS[config.optimizer], lr=config.lr,
+                                             weight_decay=config.weight_decay, momentum=config.momentum)
+        warmup = config.warmup_epochs * self.steps_per_epoch
+        total = config.epochs * self.steps_per_epoch
+        # Stepped per update: the LR is a function of the update count alone (timm schedulers are stateless),
+        # so resuming only needs that count.
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=total - warmup, warmup_t=warmup, warmup_prefix=True,
+            warmup_lr_init=config.lr / max(1, warmup), lr_min=0.0, t_in_epochs=False,
+        )
+        cuda_half = config.amp and self.procs.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda_half)
+        self.amp_dtype = torch.float16 if cuda_half else torch.bfloat16
+
+    def _autocast(self):
+        return torch.autocast(self.procs.device.type, dtype=self.amp_dtype, enabled=self.config.amp)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _read_state(self) -> Dict[str, Any]:
+        path = os.path.join(self.output_dir, STATE_FILE)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise CheckpointError(f"{path}: unreadable training state ({_one_line(e)})") from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{path}: not a training state of this reparam-zoo version")
+        done = state["epoch"] >= self.config.epochs and state["step"] == 0
+        if done:
+            raise TrainError(
+                f"{self.output_dir}: the run already finished its {state['epoch']} epochs; pass a larger --epochs "
+                "to train on"
+            )
+        if state["epoch"] >= self.config.epochs:
+            raise TrainError(f"{self.output_dir}: was stopped in epoch {state['epoch'] + 1}; --epochs "
+                             f"{self.config.epochs} would end before it")
+        return state
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        if state["classes"] != self.classes:
+            raise TrainError(f"{self.config.data_dir}: classes differ from the ones the run started with")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.partial = list(state["partial"])
+        self.history = json.loads(state["history"])
+        self.best = json.loads(state["best"])
+        self.sanity = json.loads(state["sanity"])
+        self.unreadable = list(state["unreadable"])
+        self.scheduler.step_update(self.global_step)
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_as_random_state(state["python_rng"]))
+        where = f"epoch {self.epoch + 1}" + (f", step {self.step}" if self.step else "")
+        self.log(f"resuming {self.output_dir} at {where} (global step {self.global_step})")
+
+    def _save_checkpoint(self) -> None:
+        """last.safetensors, then train_state.pt (the commit point: both carry the global step)."""
+        if not self.procs.is_main:
+            return
+        tag = {"epoch": self.epoch, "step": self.step, "global_step": self.global_step}
+        self._save_model(self.model, os.path.join(self.output_dir, LAST_FILE), {"train": tag})
+        state = {
+            "version": STATE_VERSION, **tag, "partial": list(self.partial),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "history": json.dumps(self.history), "best": json.dumps(self.best), "sanity": json.dumps(self.sanity),
+            "unreadable": list(self.unreadable), "trainable": list(self.trainable), "classes": list(self.classes),
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        }
+        from .modelfile import atomic_write
+
+        atomic_write(os.path.join(self.output_dir, STATE_FILE), lambda tmp: torch.save(state, tmp))
+
+    def _save_model(self, model: nn.Module, path: str, extra: Dict[str, Any]) -> None:
+        """A reparam model file when the architecture is known, else a bare safetensors state_dict."""
+        from .modelfile import architecture_of, atomic_write, check_finite, save
+
+        if architecture_of(model) is not None:
+            save(model, path, extra_metadata=extra)
+            return
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        check_finite(state)
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"extra": json.dumps(extra)}))
+        if not getattr(self, "_bare_noted", False):
+            self._bare_noted = True
+            self.notes.append(f"{type(model).__name__} has no rebuildable architecture: model files are bare "
+                              "state_dicts (load them with reparam_zoo.load_checkpoint)")
+            self.log(f"note: {self.notes[-1]}")
+
+    # -- training --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate(self, models: Sequence[nn.Module]) -> Tuple[List[Dict[str, float]], float, float]:
+        """Validation loss/accuracy of each model over the whole val split (all ranks), the largest logit
+        difference between the first two and the largest logit magnitude of the first."""
+        sums = [[0.0, 0.0, 0.0] for _ in models]
+        max_diff = scale = 0.0
+        unreadable = []
+        was_training = [m.training for m in models]
+        for m in models:
+            m.eval()
+        criterion = nn.CrossEntropyLoss(reduction="sum", ignore_index=IGNORE_TARGET)
+        for images, targets, bad in self.val_loader:
+            unreadable += bad
+            images, targets = self._to_device(images, targets)
+            valid = targets != IGNORE_TARGET
+            outputs = []
+            for m, s in zip(models, sums):
+                with self._autocast():
+                    out = m(images)
+                out = out.float()
+                outputs.append(out)
+                s[0] += criterion(out, targets).item()
+                s[1] += (out.argmax(1)[valid] == targets[valid]).sum().item()
+                s[2] += valid.sum().item()
+            scale = max(scale, outputs[0].abs().max().item())
+            if len(outputs) > 1:
+                max_diff = max(max_diff, (outputs[0] - outputs[1]).abs().max().item())
+        for m, mode in zip(models, was_training):
+            m.train(mode)
+        totals = self.procs.sum([v for s in sums for v in s])
+        max_diff, scale = self.procs.max([max_diff, scale])
+        self._note_unreadable(self.data.val, unreadable)
+        metrics = []
+        for i in range(len(models)):
+            loss, correct, count = totals[3 * i: 3 * i + 3]
+            metrics.append({"val_loss": loss / max(count, 1), "val_acc": correct / max(count, 1),
+                            "val_images": int(count)})
+        return metrics, max_diff, scale
+
+    def _sanity_check(self, base: nn.Module) -> None:
+        """Validate once before training: the converted model must score what its plain form scores, exactly
+        for a zero-init conversion (`fold` computes kernels in float64, so trained transforms agree closely)."""
+        base.to(self.procs.device)
+        if self.config.channels_last:
+            base.to(memory_format=torch.channels_last)
+        (before, after), diff, scale = self._evaluate([base, self.model])
+        base.cpu()
+        if self.exact_expected:
+            equal = before == after and diff == 0.0
+        else:
+            equal = before["val_acc"] == after["val_acc"] and diff <= 1e-4 * max(1.0, scale)
+        self.sanity = {"checked": True, "equal": equal, "exact": self.exact_expected, "compared_with": self.base_name,
+                       "max_abs_logit_diff": diff, "input": before, "converted": after}
+        line = (f"sanity: {self.base_name} val loss {before['val_loss']:.6f} acc {100 * before['val_acc']:.2f}% | "
+                f"converted val loss {after['val_loss']:.6f} acc {100 * after['val_acc']:.2f}% | "
+                f"max |logit diff| {diff:.3g}")
+        if equal:
+            self.log(line + (" -> identical" if self.exact_expected else " -> consistent"))
+        else:
+            self.log("!" * 100)
+            self.log(f"WARNING: the converted model does not score what the {self.base_name} scores:")
+            self.log(line)
+            self.log("WARNING: the conversion is not an exact re-parameterization here; check the init and the model")
+            self.log("!" * 100)
+            self.notes.append(f"sanity check failed: the converted model differs from the {self.base_name}")
+        metrics = after
+        self.history = [{"epoch": 0, **metrics}]
+        self.best = {"epoch": 0, **metrics}
+        self.procs.on_main(lambda: self._save_model(self.model, os.path.join(self.output_dir, BEST_FILE),
+                                                    {"train": {"epoch": 0, **metrics}}))
+        self.procs.on_main(self._write_metrics)
+
+    def _describe_start(self) -> None:
+        config = self.config
+        counts: Dict[str, int] = {}
+        transforms = {id(m.transform_weight) for _, m in refconv_layers(self.model)}
+        for p in self.model.parameters():
+            if p.requires_grad:
+                key = "transforms" if id(p) in transforms else "other"
+                counts[key] = counts.get(key, 0) + p.numel()
+        total = sum(p.numel() for p in self.model.parameters())
+        self.log(
+            f"training {config.train_scope}: {counts.get('transforms', 0):,} transform params"
+            + (f" + {counts['other']:,} other" if counts.get("other") else "")
+            + f" of {total:,} params | {len(self.data.train)} train / {len(self.data.val)} val images, "
+            f"{len(self.classes)} classes, input {self.input_size[1]}x{self.input_size[2]}"
+        )
+        self.log(
+            f"{config.epochs} epochs x {self.steps_per_epoch} steps, batch {config.batch_size} x "
+            f"{self.procs.world_size} process(es) on {self.procs.device}, {config.optimizer} lr {config.lr} "
+            f"wd {config.weight_decay}, warmup {config.warmup_epochs} epoch(s) then cosine"
+            + (", amp" if config.amp else "") + (", channels_last" if config.channels_last else "")
+        )
+
+    def _to_device(self, images, targets):
+        images = images.to(self.procs.device, non_blocking=True)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets.to(self.procs.device, non_blocking=True)
+
+    def _train_epochs(self) -> bool:
+        """Train until the last epoch or a stop signal; returns whether it was interrupted."""
+        config = self.config
+        criterion = nn.CrossEntropyLoss()
+        while self.epoch < config.epochs:
+            self.train_sampler.set_epoch(self.epoch, skip=self.step * config.batch_size)
+            self.model.train()
+            show = self.verbose and self.procs.is_main
+            # disable=None: no bar when the output is not a terminal (logs, CI); the epoch lines remain
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step, disable=None if show else True, leave=False,
+                       desc=f"epoch {self.epoch + 1}/{config.epochs}", dynamic_ncols=True)
+            start, images_seen = time.perf_counter(), 0
+            unreadable: List[int] = []
+            for images, targets, bad in self.train_loader:
+                unreadable += bad
+                images, targets = self._to_device(images, targets)
+                # dropout / drop-path draw from the global generator: seed it per step for exact resumption
+                torch.manual_seed(_step_seed(config.seed, self.epoch, self.step, self.procs.rank))
+                with self._autocast():
+                    outputs = self.train_model(images)
+                    loss = criterion(outputs.float(), targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.step += 1
+                self.global_step += 1
+                self.scheduler.step_update(self.global_step)
+
+                loss_value = loss.item()
+                n = targets.numel()
+                self.partial[0] += loss_value * n
+                self.partial[1] += (outputs.argmax(1) == targets).sum().item()
+                self.partial[2] += n
+                images_seen += n
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.partial[0] / self.partial[2]:.4f}",
+                                acc=f"{100 * self.partial[1] / self.partial[2]:.1f}%",
+                                img_s=f"{images_seen / max(time.perf_counter() - start, 1e-9):.0f}")
+                stop, nonfinite = self.procs.max([float(self.stop.requested), float(not math.isfinite(loss_value))])
+                if nonfinite:
+                    bar.close()
+                    raise TrainError(f"the loss became {loss_value} at epoch {self.epoch + 1}, step {self.step}; "
+                                     "lower --lr (the last good checkpoint is kept)")
+                if stop and self.step < self.steps_per_epoch:
+                    bar.close()
+                    self._note_unreadable(self.data.train, unreadable)
+                    self._save_checkpoint()
+                    self.log(f"interrupted at epoch {self.epoch + 1}, step {self.step}: checkpoint saved; "
+                             f"continue with: reparam train --resume {self.output_dir}")
+                    return True
+            bar.close()
+            elapsed = time.perf_counter() - start
+            self._end_epoch(elapsed, images_seen, unreadable)
+            # all ranks must agree, or one would wait forever in the next epoch's collectives
+            if self.procs.max([float(self.stop.requested)])[0] and self.epoch < config.epochs:
+                self.log(f"interrupted after epoch {self.epoch}: checkpoint saved; "
+                         f"continue with: reparam train --resume {self.output_dir}")
+                return True
+        return False
+
+    def _end_epoch(self, elapsed: float, images_seen: int, unreadable: List[int]) -> None:
+        if self.procs.distributed:
+            from timm.utils import distribute_bn
+
+            distribute_bn(self.model, self.procs.world_size, reduce=True)
+        loss_sum, correct, count = self.procs.sum(self.partial)
+        rate = self.procs.sum([images_seen / max(elapsed, 1e-9)])[0]
+        self._note_unreadable(self.data.train, unreadable)
+        (val,), _, _ = self._evaluate([self.model])
+        row = {
+            "epoch": self.epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
+            "train_images": int(count), **val, "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": rate, "epoch_time_s": elapsed, "unreadable_images": len(self.unreadable),
+        }
+        self.history.append(row)
+        self.log(
+            f"epoch {row['epoch']}/{self.config.epochs}: train loss {row['train_loss']:.4f} acc "
+            f"{100 * row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}% | "
+            f"lr {row['lr']:.3g} | {rate:.0f} img/s"
+        )
+        self.epoch += 1
+        self.step = 0
+        self.partial = [0.0, 0.0, 0.0]
+        improved = (val["val_acc"], -val["val_loss"]) > (self.best["val_acc"], -self.best["val_loss"])
+        if improved:
+            self.best = {"epoch": row["epoch"], **val}
+            self.procs.on_main(lambda: self._save_model(self.model, os.path.join(self.output_dir, BEST_FILE),
+                                                        {"train": {"epoch": row["epoch"], **val}}))
+        self.procs.on_main(self._save_checkpoint)
+        self.procs.on_main(self._write_metrics)
+
+    def _note_unreadable(self, dataset, indices: List[int]) -> None:
+        names = [os.path.join(os.path.basename(dataset.reader.root), dataset.filename(i)) for i in set(indices)]
+        new = sorted(set(self.procs.union(names)) - set(self.unreadable))
+        if new:
+            self.unreadable = sorted(set(self.unreadable) | set(new))
+            shown = ", ".join(new[:3]) + (", ..." if len(new) > 3 else "")
+            self.log(f"warning: skipped {len(new)} unreadable image(s) ({shown}); {len(self.unreadable)} so far")
+
+    # -- outputs ------------------------------------------------------------------------------------------------
+    def _write_metrics(self) -> None:
+        from .modelfile import atomic_write
+
+        text = "".join(json.dumps(row) + "\n" for row in self.history)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        atomic_write(os.path.join(self.output_dir, METRICS_FILE), write)
+
+    def _finish(self, interrupted: bool) -> Dict[str, str]:
+        """The plot and (with `fuse`) the deploy model, on rank 0; returns the files of the run."""
+        self._plot()
+        if self.config.fuse and not interrupted:
+            self._write_deploy_model()
+        files = {}
+        for key, name in (("config", CONFIG_FILE), ("log", LOG_FILE), ("metrics", METRICS_FILE), ("plot", PLOT_FILE),
+                          ("last", LAST_FILE), ("best", BEST_FILE), ("state", STATE_FILE), ("deploy", DEPLOY_FILE)):
+            path = os.path.join(self.output_dir, name)
+            if os.path.exists(path):
+                files[key] = path
+        if not interrupted:
+            self.log(f"done: best val acc {100 * self.best['val_acc']:.2f}% at epoch {self.best['epoch']}; "
+                     f"outputs in {self.output_dir}")
+        return files
+
+    def _plot(self) -> None:
+        try:
+            # the Figure API, not pyplot: no global backend or figure state changes under a notebook's feet
+            from matplotlib.figure import Figure
+        except ImportError:
+            self.log("note: matplotlib is not installed (pip install 'reparam-zoo[plot]'); no metrics.png")
+            return
+        rows = [r for r in self.history if "train_loss" in r]
+        epochs_val = [r["epoch"] for r in self.history]
+        fig = Figure(figsize=(10, 4))
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        ax_loss.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], "o-", label="train")
+        ax_loss.plot(epochs_val, [r["val_loss"] for r in self.history], "s-", label="val")
+        ax_acc.plot([r["epoch"] for r in rows], [100 * r["train_acc"] for r in rows], "o-", label="train")
+        ax_acc.plot(epochs_val, [100 * r["val_acc"] for r in self.history], "s-", label="val")
+        for ax, what in ((ax_loss, "cross-entropy loss"), (ax_acc, "top-1 accuracy (%)")):
+            ax.set_xlabel("epoch (0 = before training)")
+            ax.set_ylabel(what)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"refocus training: {self.config.model}")
+        fig.tight_layout()
+        from .modelfile import atomic_write
+
+        atomic_write(os.path.join(self.output_dir, PLOT_FILE), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+    def _write_deploy_model(self) -> None:
+        """Fuse the best model into the deploy structure, verified against it, as deploy.safetensors."""
+        best = copy.deepcopy(self.model).cpu().float().eval()
+        tensors, _ = read_state_dict(os.path.join(self.output_dir, BEST_FILE))
+        best.load_state_dict(tensors, strict=True)
+        example = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0))
+        deployed = fuse_model(best, example_inputs=example)
+        report = deployed.fuse_report
+        self._save_model(deployed, os.path.join(self.output_dir, DEPLOY_FILE),
+                         {"train": {"epoch": self.best["epoch"], "val_acc": self.best["val_acc"]}})
+        self.log(f"deploy model (best, epoch {self.best['epoch']}): {len(report.folded)} RefConvs folded, "
+                 f"{len(report.fused)} conv+BN fused, verified (max abs error {report.max_abs_error:.2g}) -> "
+                 f"{DEPLOY_FILE}")
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+
+def _num_outputs(model: nn.Module, input_size: Tuple[int, ...]) -> int:
+    """How many classes `model` predicts."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for attr in ("out_features", "out_channels"):
+        if isinstance(getattr(head, attr, None), int):
+            return getattr(head, attr)
+    # no timm interface: ask the model itself
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *input_size))
+    except Exception as e:
+        raise TrainError(f"{type(model).__name__} fails on a {'x'.join(map(str, input_size))} input "
+                         f"({_one_line(e)}); check --input-size") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise TrainError(f"{type(model).__name__} does not output (batch, classes) logits; cannot train it")
+    return out.shape[1]
+
+
+def _absolute_if_file(path) -> str:
+    """Paths are saved absolute, so that a run resumes from any working directory."""
+    path = os.fspath(path)
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
+def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    return ((((seed * 1_000_003) + epoch) * 1_000_033 + step) * 1_009 + rank) % (2 ** 63)
+
+
+def _train_tag(meta: Dict[str, str]) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(meta["extra"])["train"]
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _as_random_state(value):
+    """random.setstate wants the nested tuples back (torch.load returns what torch.save got, but be strict)."""
+    version, internal, gauss = value
+    return int(version), tuple(int(v) for v in internal), gauss
+
+
+def _write_json(path: str, value: Any) -> None:
+    from .modelfile import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+    from reparam_zoo.cli.train import main
+
+    main()

@@ -1,0 +1,413 @@
+"""The `reparam` command line end to end: happy paths on resnet18 and tiny models, and every kind of bad
+input through click's CliRunner (plus a few through the installed console script, in parallel)."""
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import reparam_zoo
+from reparam_zoo import convert, fuse
+from reparam_zoo import modelfile as mf
+from reparam_zoo.cli.main import main
+from reparam_zoo.layers.refconv import RefConvNd
+
+from test_modelfile import TinyRepNet, randomize_bn, randomize_transforms, tiny  # also registers tiny_reptest
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def invoke(*args, **kwargs):
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="reparam", **kwargs)
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+def snapshot(folder):
+    return {name: (os.stat(os.path.join(folder, name)).st_mtime_ns, open(os.path.join(folder, name), "rb").read())
+            for name in sorted(os.listdir(folder))}
+
+
+def fails(folder, code, pattern, *args):
+    """The command fails with one line on stderr matching `pattern`, and the folder is left as it was."""
+    before = snapshot(folder)
+    result = invoke(*args)
+    assert result.exit_code == code, (args, result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    assert len([line for line in lines if line.startswith("error: ")]) == 1
+    assert all(line.startswith(("error: ", "model: ", "  - ")) for line in lines), result.stderr
+    assert re.search(pattern, lines[-1]), (pattern, lines[-1])
+    assert "Traceback" not in result.stderr + result.stdout
+    assert snapshot(folder) == before, "an output file was created or changed"
+    return result
+
+
+def outputs(model, x=X):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs for the bad-input cases; `out.safetensors` is an existing output that must survive errors."""
+    d = tmp_path_factory.mktemp("inputs")
+    model = tiny()
+    torch.save(model.state_dict(), d / "tiny.pth")
+    mf.save(model, d / "tiny.safetensors")
+    save_file(model.state_dict(), str(d / "bare.safetensors"))
+    torch.save(randomize_bn(TinyRepNet()), d / "whole.pt")  # built without create_model: no architecture tag
+    torch.save(mf.create_model("resnet18", num_classes=10).state_dict(), d / "resnet18.pth")
+    nan = model.state_dict()
+    nan["dw.weight"] = nan["dw.weight"].clone()
+    nan["dw.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(nan, d / "nan.pth")
+    (d / "empty.pth").write_bytes(b"")
+    (d / "garbage.pth").write_bytes(b"not a checkpoint at all" * 8)
+    (d / "trunc.safetensors").write_bytes((d / "tiny.safetensors").read_bytes()[:2000])
+    refconv = randomize_transforms(convert(model))
+    mf.save(refconv, d / "tiny.refconv.safetensors")
+    (d / "out.safetensors").write_bytes(b"previous output")
+    return d
+
+
+# -- happy paths -------------------------------------------------------------------------------------------
+
+def test_version_and_help_on_every_command():
+    assert ok("--version").stdout.strip() == f"reparam {reparam_zoo.__version__}"
+    for command in (["--help"], ["convert", "--help"], ["fuse", "--help"], ["report", "--help"],
+                    ["compare", "--help"], ["zoo", "--help"], ["zoo", "list", "--help"], ["zoo", "report", "--help"]):
+        result = ok(*command)
+        assert result.stdout.startswith("Usage: "), command
+
+
+def test_resnet18_convert_fuse_report_compare(tmp_path):
+    torch.manual_seed(0)
+    original = randomize_bn(mf.create_model("resnet18", num_classes=10))
+    torch.save(original.state_dict(), tmp_path / "r18.pth")
+    refconv_path, fused_path = tmp_path / "r18.refconv.safetensors", tmp_path / "r18.fused.safetensors"
+
+    result = ok("convert", "resnet18", "--checkpoint", tmp_path / "r18.pth", "--num-classes", 10, "--refconv",
+                "--include", "layer1.*", "--input-size", "3,32,32", "-o", refconv_path)
+    assert "RefConv: 4 layers converted (map_k=3, init=zero, train_scope=transforms)" in result.stdout
+    assert "+ layer1.0.conv1: RefConv2d 64->64 3x3 g=1, 36,864 transform params" in result.stdout
+    assert "not included: 16" in result.stdout
+    assert re.search(r"transform MACs / step\s+1,327,104\s+0", result.stdout)  # 4 * 64*64*9 * 9
+    assert f"wrote {refconv_path}" in result.stdout
+    refconv = mf.load(refconv_path)
+    torch.testing.assert_close(outputs(refconv), outputs(original), rtol=0, atol=0)  # zero init: same model
+    assert {n for n, p in refconv.named_parameters() if p.requires_grad} == {
+        f"layer1.{b}.conv{c}.transform_weight" for b in (0, 1) for c in (1, 2)}
+
+    randomize_transforms(refconv)  # stands for refocus training
+    mf.save(refconv, refconv_path)
+    result = ok("fuse", refconv_path, "--input-size", "3,32,32")
+    assert "folded 4 RefConv layers, fused 20 conv+norm pairs" in result.stdout
+    assert re.search(r"verified on inputs \[\[1, 3, 32, 32\], \[2, 3, 32, 32\]\]: max abs error", result.stdout)
+    assert f"wrote {fused_path} [safetensors]" in result.stdout  # default name: .refconv dropped
+    fused = mf.load(fused_path)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(outputs(fused), outputs(refconv), rtol=1e-4, atol=1e-5)
+
+    report = json.loads(ok("report", fused_path, "--input-size", "3,32,32", "--format", "json").stdout)
+    assert report["stage"] == "fused"
+    assert report["inference"]["params"] == sum(p.numel() for p in fused.parameters())
+
+    rows = {r["metric"]: r for r in csv.DictReader(io.StringIO(
+        ok("compare", refconv_path, fused_path, "--input-size", "3,32,32", "--format", "csv").stdout))}
+    transform_params = 4 * 64 * 64 * 9
+    assert int(rows["training params"]["r18.refconv"]) - int(rows["inference params"]["r18.refconv"]) == transform_params
+    assert int(rows["trainable params"]["r18.refconv"]) == transform_params
+    assert int(rows["transform MACs / step"]["r18.fused"]) == 0
+    assert int(rows["inference params"]["r18.fused"]) == sum(p.numel() for p in fused.parameters())
+
+
+def test_tiny_model_fused_to_every_format(tmp_path):
+    refconv = randomize_transforms(convert(tiny()))
+    mf.save(refconv, tmp_path / "t.refconv.safetensors")
+    fused = fuse(refconv.eval(), example_inputs=X[:1])
+    expected = outputs(fused)
+    for fmt, suffix in mf.EXPORT_SUFFIXES.items():
+        result = ok("fuse", tmp_path / "t.refconv.safetensors", "--format", fmt)  # input size from the timm cfg
+        path = tmp_path / f"t.fused{suffix}"
+        assert f"wrote {path} [{fmt}]" in result.stdout and "re-parameterized 1 blocks" in result.stdout
+        if fmt != "safetensors":
+            assert "reproduces the fused model: max abs error" in result.stdout
+        # each artifact loaded with its own tools, independently of the command's own check
+        if fmt == "safetensors":
+            got = outputs(mf.load(path))
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():  # torch.jit's own deprecation notice
+                warnings.simplefilter("ignore", FutureWarning)
+                got = outputs(torch.jit.load(str(path)))
+        elif fmt == "pt2":
+            got = torch.export.load(str(path)).module()(X)  # an exported program has no eval()
+        else:
+            from onnx.reference import ReferenceEvaluator
+
+            got = torch.from_numpy(ReferenceEvaluator(str(path)).run(None, {"input": X.numpy()})[0])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["t.refconv.safetensors"] + [f"t.fused{s}" for s in mf.EXPORT_SUFFIXES.values()])
+
+
+def test_no_verify_and_an_already_fused_model(files, tmp_path):
+    result = ok("fuse", files / "tiny.refconv.safetensors", "--no-verify", "-o", tmp_path / "nv.safetensors")
+    assert "NOT verified" in result.stdout
+    assert mf.read_info(tmp_path / "nv.safetensors").fuse.verified is False
+    result = ok("fuse", tmp_path / "nv.safetensors", "-o", tmp_path / "again.safetensors")
+    assert "already fused: writing it as it is" in result.stdout
+    again = mf.load(tmp_path / "again.safetensors")
+    assert again.fuse_report.reparameterized == ["rep"]
+    torch.testing.assert_close(outputs(again), outputs(mf.load(tmp_path / "nv.safetensors")), rtol=0, atol=0)
+
+
+def test_pickled_custom_model_round_trip_with_trust_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)))
+    torch.save(model, tmp_path / "custom.pt")
+    result = ok("convert", tmp_path / "custom.pt", "--refconv", "--trust-pickle", "--input-size", "3,16,16")
+    assert "RefConv: 2 layers converted" in result.stdout and f"wrote {tmp_path / 'custom.refconv.pt'}" in result.stdout
+    refconv = mf.load(tmp_path / "custom.refconv.pt", trust_pickle=True)
+    assert isinstance(refconv[0], RefConvNd) and refconv.refconv_summary.converted_names == ["0", "3"]
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(outputs(refconv, x), outputs(model, x), rtol=0, atol=0)
+
+    fails(tmp_path, 1, "cannot tell the input size of Sequential.*--input-size",
+          "fuse", tmp_path / "custom.refconv.pt", "--trust-pickle")
+    result = ok("fuse", tmp_path / "custom.refconv.pt", "--trust-pickle", "--input-size", "3,16,16")
+    assert f"wrote {tmp_path / 'custom.fused.pt'} [pickle]" in result.stdout
+    fused = mf.load(tmp_path / "custom.fused.pt", trust_pickle=True)
+    assert isinstance(fused[1], nn.Identity)
+    torch.testing.assert_close(outputs(fused, x), outputs(model, x), rtol=1e-4, atol=1e-5)
+    report = json.loads(ok("report", tmp_path / "custom.fused.pt", "--trust-pickle", "--input-size", "3,16,16",
+                           "--format", "json").stdout)
+    assert report["stage"] == "fused" and report["inference"]["params"] == sum(p.numel() for p in fused.parameters())
+
+
+def test_default_output_names_and_dry_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = ok("convert", "tiny_reptest", "--refconv", "--dry-run", "--exclude", "stem")
+    assert "RefConv: 2 layers converted" in result.stdout and "dry run: nothing written" in result.stdout
+    assert re.search(r"trainable params\s+1,152", result.stdout)  # 8*8*9 (dw) + 8*8*9 (rep.conv3)
+    assert os.listdir(tmp_path) == []
+    ok("convert", "tiny_reptest", "--refconv")
+    assert os.listdir(tmp_path) == ["tiny_reptest.refconv.safetensors"]
+    assert mf.read_info("tiny_reptest.refconv.safetensors").refconv["converted"] == ["stem", "dw", "rep.conv3"]
+
+
+def test_report_formats_and_depth(files):
+    path = files / "tiny.refconv.safetensors"
+    table = ok("report", path).stdout
+    assert "tiny.refconv (refconv, 3 RefConv layers) at 1x3x32x32" in table and "per module (depth 1):" in table
+    markdown = ok("report", path, "--format", "markdown", "--depth", "0").stdout
+    assert markdown.startswith("**tiny.refconv") and "per module" not in markdown.lower()
+    rows = list(csv.DictReader(io.StringIO(ok("report", path, "--format", "csv", "--depth", "2").stdout)))
+    assert rows[0]["module"] == "(model)" and "rep.conv3" in {r["module"] for r in rows}
+    data = json.loads(ok("report", path, "--format", "json").stdout)
+    # C_in * C_out * 9 per layer, depthwise or not: stem 3->8, dw 8->8, rep.conv3 8->8
+    assert data["training"]["trainable_params"] == 3 * 8 * 9 + 2 * 8 * 8 * 9
+
+
+def test_compare_names_and_architecture_arguments(files):
+    result = ok("compare", "tiny_reptest", files / "tiny.refconv.safetensors", "--names", "plain,refconv",
+                "--format", "json")
+    data = json.loads(result.stdout)
+    assert data["names"] == ["plain", "refconv"]
+    deltas = {r["metric"]: r["delta"] for r in data["rows"]}
+    assert deltas["trainable params"] == 3 * 8 * 9 + 2 * 8 * 8 * 9 - sum(p.numel() for p in tiny().parameters())
+
+
+def test_zoo_list_and_report():
+    rows = json.loads(ok("zoo", "list", "--format", "json").stdout)
+    assert [r["name"] for r in rows][:2] == ["rexnetv1_100", "rexnetv1_130"]
+    assert len(rows) == 11 and all(r["params_match"] for r in rows)
+    assert {r["name"]: r["params"] for r in rows}["revcol_tiny"] == 30_456_168
+    data = json.loads(ok("zoo", "report", "rexnetv1_100", "--input-size", "3,32,32", "--format", "json",
+                         "--depth", "0").stdout)
+    assert data["published"]["top1"] == "77.9" and data["inference"]["params"] == 4_796_873
+    assert data["input_size"] == [3, 32, 32]
+
+
+# -- bad input: one line, exit 1 (failure) or 2 (usage), nothing written ---------------------------------------
+
+def test_missing_empty_truncated_corrupt_files(files):
+    out = ("-o", files / "out.safetensors")
+    fails(files, 1, r"missing.safetensors: no such file", "convert", files / "missing.safetensors", "--refconv", *out)
+    fails(files, 1, r"empty.pth: file is empty", "convert", files / "empty.pth", "--arch", "tiny_reptest",
+          "--refconv", *out)
+    fails(files, 1, r"trunc.safetensors: not a readable safetensors file", "fuse", files / "trunc.safetensors", *out)
+    fails(files, 1, r"garbage.pth: corrupt or truncated checkpoint", "fuse", files / "garbage.pth",
+          "--arch", "tiny_reptest", *out)
+    fails(files, 1, r"empty.pth: file is empty", "convert", "tiny_reptest", "--checkpoint", files / "empty.pth",
+          "--refconv", *out)
+    fails(files, 1, r"missing.pth: no such file", "convert", "tiny_reptest", "--checkpoint",
+          files / "missing.pth", "--refconv", *out)
+
+
+def test_files_that_need_an_architecture_or_trust(files):
+    out = ("-o", files / "out.safetensors")
+    fails(files, 1, r"whole.pt: contains pickled Python objects.*refused \(pass --trust-pickle",
+          "convert", files / "whole.pt", "--refconv", *out)
+    fails(files, 1, r"pickled Python objects", "report", files / "whole.pt")
+    fails(files, 1, r"tiny.pth: a bare state_dict checkpoint.*--arch NAME", "convert", files / "tiny.pth",
+          "--refconv", *out)
+    fails(files, 1, r"bare.safetensors: a safetensors file without reparam metadata.*--arch NAME",
+          "fuse", files / "bare.safetensors", *out)
+
+
+def test_unknown_architecture_and_mismatched_checkpoints(files):
+    out = ("-o", files / "out.safetensors")
+    fails(files, 1, r"unknown architecture 'tiny_rep'.*did you mean tiny_reptest", "convert", "tiny_rep",
+          "--refconv", *out)
+    fails(files, 1, r"unknown architecture 'nope'", "convert", files / "tiny.pth", "--arch", "nope", "--refconv", *out)
+    fails(files, 1, r"resnet18.pth does not fit TinyRepNet: \d+ missing keys .*unexpected keys",
+          "convert", files / "resnet18.pth", "--arch", "tiny_reptest", "--refconv", *out)
+    fails(files, 1, r"tiny.pth does not fit ResNet", "convert", "resnet18", "--checkpoint", files / "tiny.pth",
+          "--refconv", *out)
+    fails(files, 1, r"shape mismatches \(head.weight \(10, 8\) vs model \(5, 8\)", "convert", "tiny_reptest",
+          "--checkpoint", files / "tiny.pth", "--num-classes", "5", "--refconv", *out)
+    fails(files, 1, r"10-class head; --num-classes 5 does not fit", "convert", files / "tiny.safetensors",
+          "--num-classes", "5", "--refconv", *out)
+
+
+def test_pretrained_weights_offline(files, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    fails(files, 1, r"could not get pretrained weights for resnet18 .*--checkpoint", "convert", "resnet18",
+          "--pretrained", "--refconv", "-o", files / "out.safetensors")
+
+
+def test_conversion_settings_that_select_nothing(files):
+    out = ("-o", files / "out.safetensors")
+    fails(files, 2, r"Invalid value for '--map-k': must be a positive odd integer.*got 4.*reparam convert --help",
+          "convert", "tiny_reptest", "--refconv", "--map-k", "4", *out)
+    fails(files, 2, r"--map-k.*got 0", "convert", "tiny_reptest", "--refconv", "--map-k", "0", *out)
+    fails(files, 1, r"no conv layer selected for RefConv conversion \(kernel 3x3 smaller than map_k=5: 3; 1x1: 1\)",
+          "convert", "tiny_reptest", "--refconv", "--map-k", "5", *out)
+    fails(files, 1, r"include pattern 'nothing\*' matches no conv layer", "convert", "tiny_reptest", "--refconv",
+          "--include", "nothing*", *out)
+    fails(files, 1, r"exclude pattern 'head' matches no conv layer", "convert", "tiny_reptest", "--refconv",
+          "--exclude", "head", *out)
+    fails(files, 1, r"no conv layer selected .*\(excluded: 4\)", "convert", "tiny_reptest", "--refconv",
+          "--exclude", "*", *out)
+    fails(files, 2, r"say which conversion: --refconv", "convert", "tiny_reptest", *out)
+    fails(files, 1, r"already converted", "convert", files / "tiny.refconv.safetensors", "--refconv", *out)
+
+
+def test_non_finite_weights(files):
+    out = ("-o", files / "out.safetensors")
+    fails(files, 1, r"non-finite \(NaN/Inf\) weights in dw.weight; refusing to convert",
+          "convert", files / "nan.pth", "--arch", "tiny_reptest", "--refconv", *out)
+    fails(files, 1, r"non-finite \(NaN/Inf\) weights in dw.weight; refusing to fuse",
+          "fuse", files / "nan.pth", "--arch", "tiny_reptest", *out)
+
+
+def test_bad_output_paths(files):
+    fails(files, 2, r"Invalid value for -o/--output: '.*tiny.safetensors' is an input of this command",
+          "fuse", files / "tiny.safetensors", "-o", files / "tiny.safetensors")
+    fails(files, 2, r"is an input of this command", "fuse", files / "tiny.safetensors",
+          "-o", files / "x" / ".." / "tiny.safetensors")
+    fails(files, 2, r"is an input of this command", "convert", "tiny_reptest", "--checkpoint", files / "tiny.pth",
+          "--refconv", "-o", files / "tiny.pth")
+    fails(files, 2, r"folder '.*missing' does not exist", "fuse", files / "tiny.safetensors",
+          "-o", files / "missing" / "f.safetensors")
+    fails(files, 2, r"is a directory", "fuse", files / "tiny.safetensors", "-o", files)
+    fails(files, 1, r"cannot be a safetensors file", "fuse", files / "whole.pt", "--trust-pickle",
+          "--input-size", "3,32,32", "-o", files / "new.safetensors")
+
+
+def test_malformed_option_values(files):
+    for size in ("3,a", "0", "3,,4", "-3,32,32", "x"):
+        fails(files, 2, r"Invalid value for '--input-size': expected positive integers C,H,W",
+              "fuse", files / "tiny.safetensors", "--input-size", size, "-o", files / "out.safetensors")
+    fails(files, 2, r"Invalid value for '--format'", "report", files / "tiny.safetensors", "--format", "xml")
+    fails(files, 2, r"two comma-separated names", "compare", "tiny_reptest", "tiny_reptest", "--names", "a")
+    fails(files, 2, r"'nope' is not a zoo variant", "zoo", "report", "nope")
+    fails(files, 2, r"No such command 'frobnicate'", "frobnicate")
+    fails(files, 2, r"Missing argument 'MODEL'", "fuse")
+
+
+def test_verification_failure_writes_nothing(files, monkeypatch):
+    def corrupted(self):
+        conv = original(self)
+        conv.weight.data.mul_(1.5)
+        return conv
+
+    original = RefConvNd.to_conv
+    monkeypatch.setattr(RefConvNd, "to_conv", corrupted)
+    fails(files, 1, r"verification failed: max abs error .* first diverging module: (stem|dw|rep.conv3)",
+          "fuse", files / "tiny.refconv.safetensors", "-o", files / "out.safetensors")
+
+
+def test_an_export_that_does_not_reproduce_the_model_is_not_kept(files, monkeypatch):
+    export_torchscript = mf._EXPORTERS["torchscript"]
+
+    def wrong(model, tmp, inputs):
+        runner = export_torchscript(model, tmp, inputs)
+        return lambda *x: runner(*x) + 1.0
+
+    monkeypatch.setitem(mf._EXPORTERS, "torchscript", wrong)
+    fails(files, 1, r"the exported torchscript file does not reproduce the model: verification failed",
+          "fuse", files / "tiny.safetensors", "--format", "torchscript", "-o", files / "out.torchscript.pt")
+
+
+def test_onnx_missing_gives_a_clear_error(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    fails(files, 1, r"ONNX export needs the 'onnx' package", "fuse", files / "tiny.safetensors",
+          "--format", "onnx", "-o", files / "t.onnx")
+
+
+def test_internal_errors_are_one_line_unless_debug(files, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("something\nunexpected")
+
+    monkeypatch.setattr(sys.modules["reparam_zoo.report"], "report", broken)
+    fails(files, 1, r"internal error: ValueError: something unexpected \(rerun with --debug or REPARAM_DEBUG=1",
+          "report", files / "tiny.safetensors")
+    result = invoke("--debug", "report", files / "tiny.safetensors")
+    assert isinstance(result.exception, ValueError)  # propagated: click's runner holds the traceback
+    result = invoke("report", files / "tiny.safetensors", env={"REPARAM_DEBUG": "1"})
+    assert isinstance(result.exception, ValueError)
+
+
+# -- the installed console script ------------------------------------------------------------------------------
+
+def test_console_script_end_to_end(files):
+    """A few cases through the real entry point, started together (each pays torch+timm's import)."""
+    script = os.path.join(os.path.dirname(sys.executable), "reparam")
+    env = {**os.environ, "REPARAM_DEBUG": "", "HF_HUB_OFFLINE": "1"}
+    cases = {
+        "pickle": ([script, "convert", str(files / "whole.pt"), "--refconv", "-o", str(files / "out.safetensors")], 1),
+        "map_k": ([script, "convert", "resnet18", "--refconv", "--map-k", "2"], 2),
+        "debug": ([script, "--debug", "report", str(files / "garbage.pth"), "--arch", "resnet18"], 1),
+    }
+    before = snapshot(files)
+    procs = {k: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                 cwd=files) for k, (cmd, _) in cases.items()}
+    results = {k: (p.wait(timeout=300), *p.communicate()) for k, p in procs.items()}
+    for key, (code, out, err) in results.items():
+        assert code == cases[key][1], (key, code, out, err)
+    for key in ("pickle", "map_k"):
+        err = results[key][2].strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert "pickled Python objects" in results["pickle"][2]
+    assert "--map-k" in results["map_k"][2]
+    assert "Traceback" in results["debug"][2] and "CheckpointError" in results["debug"][2]
+    assert snapshot(files) == before

@@ -1,0 +1,426 @@
+"""Refocus training: what trains and what stays frozen, the pre-training sanity check, exact resumption after
+a signal, 2-process DDP under torchrun, bad input, and the `reparam train` command."""
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+import reparam_zoo
+from reparam_zoo.checkpoint import read_state_dict
+from reparam_zoo.data import DataError
+from reparam_zoo.errors import ReparamError
+from reparam_zoo.surgery import refconv_layers
+from reparam_zoo.train import TrainError, resume, train
+
+CLASSES = ("red", "green", "blue")
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
+TRAIN_PER_CLASS, VAL_PER_CLASS = 16, 8
+FAST = dict(input_size=32, batch_size=8, workers=0, warmup_epochs=0, verbose=False)
+
+
+def make_dataset(root, classes=CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS, size=32):
+    """Stripes of a class colour (period depends on the class) over a noisy dark background."""
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for k, name in enumerate(classes):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                noise = (torch.rand(size, size, 3, generator=g) * 60).to(torch.uint8).numpy()
+                image = Image.fromarray(noise)
+                draw = ImageDraw.Draw(image)
+                period = 4 + 2 * k
+                offset = int(torch.randint(0, period, (1,), generator=g))
+                for x in range(offset - period, size, period):
+                    draw.rectangle([x, 0, x + period // 2 - 1, size], fill=COLOURS.get(name, (200, 200, 40)))
+                image.save(os.path.join(folder, f"{i:03d}.png"))
+    return str(root)
+
+
+class TinyNet(nn.Module):
+    """A dense 3x3 conv, a depthwise 3x3 conv (both become RefConvs), a 1x1 conv, dropout, a linear head."""
+
+    def __init__(self, num_classes=len(CLASSES)):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(16, num_classes)
+
+    def get_classifier(self):
+        return self.fc
+
+    def reset_classifier(self, num_classes):
+        self.fc = nn.Linear(self.fc.in_features, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.stem(x)))
+        x = F.relu(self.bn2(self.dw(x)))
+        x = F.relu(self.pw(x)).mean((2, 3))
+        return self.fc(self.drop(x))
+
+
+class SignalAt(TinyNet):
+    """Sends itself `signum` during its `at`-th training forward (a Ctrl-C in the middle of an epoch)."""
+
+    def __init__(self, at=None, signum=signal.SIGINT):
+        super().__init__()
+        self.at, self.signum, self.calls = at, signum, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                os.kill(os.getpid(), self.signum)
+        return super().forward(x)
+
+
+def tiny_net(seed=0, cls=TinyNet):
+    torch.manual_seed(seed)
+    return cls()
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tensors this small: with several threads on a shared, loaded machine the OpenMP hand-offs cost more
+    # than the work (a 32x32 conv takes 30 ms instead of 0.5 ms).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """One 3-epoch run of TinyNet in the default "transforms" scope."""
+    model = tiny_net()
+    before = snapshot(model)
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    result = train(model, data_dir, output_dir=out, epochs=3, lr=2.0, **FAST)
+    return model, before, result
+
+
+# -- what trains -------------------------------------------------------------------------------------------
+
+def test_transforms_scope_trains_only_transforms_and_bn_statistics_follow(trained):
+    model, before, result = trained
+    after = result.model.state_dict()
+    assert snapshot(model).keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items()), "the caller's model was modified"
+    assert sorted(n for n, _ in refconv_layers(result.model)) == ["dw", "stem"]
+    for conv in ("stem", "dw"):
+        assert torch.equal(after[f"{conv}.weight_base"], before[f"{conv}.weight"])
+        assert after[f"{conv}.transform_weight"].abs().max() > 0  # zero-initialised, so it moved
+    for frozen in ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias", "pw.weight", "pw.bias", "fc.weight", "fc.bias"):
+        assert torch.equal(after[frozen], before[frozen]), frozen
+    for stat in ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"):
+        assert not torch.equal(after[stat], before[stat]), f"{stat} did not follow the refocused kernels"
+    assert after["bn1.num_batches_tracked"] == 3 * (len(CLASSES) * TRAIN_PER_CLASS // 8)
+
+
+def test_loss_decreases_and_metrics_files_match_history(trained):
+    _, _, result = trained
+    history = result.history
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3]
+    assert history[-1]["val_loss"] < 0.9 * history[0]["val_loss"]
+    assert history[-1]["train_loss"] < history[1]["train_loss"]
+    for row in history[1:]:
+        assert row["train_images"] == len(CLASSES) * TRAIN_PER_CLASS
+        assert row["val_images"] == len(CLASSES) * VAL_PER_CLASS
+        assert 0.0 <= row["train_acc"] <= 1.0 and 0.0 <= row["val_acc"] <= 1.0
+    assert history[-1]["lr"] == pytest.approx(0.0)  # cosine to zero
+    with open(result.files["metrics"]) as f:
+        assert [json.loads(line) for line in f] == history
+    with open(result.files["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    best = max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert result.best["epoch"] == best["epoch"]
+    assert sorted(os.listdir(result.output_dir)) == sorted(
+        ["config.json", "train.log", "metrics.jsonl", "metrics.png", "best.safetensors", "last.safetensors",
+         "train_state.pt"])
+    tensors, _ = read_state_dict(result.files["last"])
+    assert all(torch.equal(tensors[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_sanity_check_matches_an_independent_evaluation_of_the_input_model(trained, data_dir):
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    model, _, result = trained
+    assert result.sanity["checked"] and result.sanity["equal"]
+    assert result.sanity["input"] == result.sanity["converted"]
+    transform = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, model=model))
+    val = ImageFolder(os.path.join(data_dir, "val"), transform=transform)
+    images = torch.stack([img for img, _ in val])
+    targets = torch.tensor([t for _, t in val])
+    with torch.no_grad():
+        logits = model.eval()(images)
+    assert result.history[0]["val_loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert result.history[0]["val_acc"] == (logits.argmax(1) == targets).sum().item() / len(targets)
+    with open(result.files["log"]) as f:
+        assert "-> identical" in f.read()
+
+
+def test_sanity_check_warns_loudly_when_conversion_is_not_exact(data_dir, tmp_path, monkeypatch):
+    train_module = importlib.import_module("reparam_zoo.train")  # the module (reparam_zoo.train is the function)
+
+    real_convert = train_module.convert
+    monkeypatch.setattr(train_module, "convert", lambda m, **kw: real_convert(m, init="xavier", **{
+        k: v for k, v in kw.items() if k != "init"}))
+    result = train(tiny_net(), data_dir, output_dir=str(tmp_path / "out"), epochs=1, lr=0.1, **FAST)
+    assert result.sanity["equal"] is False and result.sanity["max_abs_logit_diff"] > 0
+    with open(result.files["log"]) as f:
+        assert "WARNING: the converted model does not score what the input model scores" in f.read()
+
+
+def test_replaced_head_trains_with_the_transforms_and_is_reported(data_dir, tmp_path):
+    result = train(tiny_net(cls=lambda: TinyNet(num_classes=5)), data_dir, output_dir=str(tmp_path / "out"),
+                   epochs=1, lr=0.5, num_classes=3, **FAST)
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable == {"stem.transform_weight", "dw.transform_weight", "fc.weight", "fc.bias"}
+    assert result.model.fc.out_features == 3
+    assert any("head replaced: 5 -> 3 classes" in note for note in result.notes)
+
+
+def test_already_converted_model_is_checked_against_its_folded_form(data_dir, tmp_path):
+    converted = reparam_zoo.convert(tiny_net(), exclude=["dw"])
+    result = train(converted, data_dir, output_dir=str(tmp_path / "out"), epochs=1, lr=0.5, **FAST)
+    assert result.sanity["compared_with"] == "folded model"
+    assert result.sanity["exact"] and result.sanity["equal"] and result.sanity["max_abs_logit_diff"] == 0.0
+    assert [n for n, _ in refconv_layers(result.model)] == ["stem"]  # its own conversion is kept
+
+
+def test_amp_channels_last_adamw_and_norm_scope(data_dir, tmp_path):
+    model = tiny_net()
+    before = snapshot(model)
+    result = train(model, data_dir, output_dir=str(tmp_path / "out"), epochs=1, lr=1e-2, optimizer="adamw",
+                   train_scope="transforms+norm", amp=True, channels_last=True, **FAST)
+    after = result.model.state_dict()
+    assert all(row["train_loss"] > 0 for row in result.history[1:])
+    for changed in ("bn1.weight", "bn2.bias", "stem.transform_weight", "dw.transform_weight"):
+        assert not torch.equal(after[changed], before.get(changed, torch.zeros_like(after[changed]))), changed
+    for frozen in ("pw.weight", "fc.weight", "fc.bias"):
+        assert torch.equal(after[frozen], before[frozen]), frozen
+    assert torch.equal(after["stem.weight_base"], before["stem.weight"])
+
+
+# -- resumption ------------------------------------------------------------------------------------------------
+
+def test_interrupted_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(data_dir, tmp_path):
+    settings = dict(epochs=2, lr=0.5, **{**FAST, "warmup_epochs": 1})
+    straight = train(tiny_net(cls=SignalAt), data_dir, output_dir=str(tmp_path / "straight"), **settings)
+    assert not straight.interrupted
+
+    model = tiny_net(cls=SignalAt)
+    model.at = 6 + 3  # 6 steps per epoch: Ctrl-C during step 3 of epoch 2
+    stopped = train(model, data_dir, output_dir=str(tmp_path / "resumed"), **settings)
+    assert stopped.interrupted and [r["epoch"] for r in stopped.history] == [0, 1]
+    state = torch.load(stopped.files["state"], weights_only=True)
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 3, 9)
+
+    model.at = None
+    # two loader workers this time: augmentation is seeded per sample, so that must not matter
+    resumed = resume(stopped.output_dir, model=model, workers=2, verbose=False)
+    assert not resumed.interrupted
+    a, _ = read_state_dict(straight.files["last"])
+    b, _ = read_state_dict(resumed.files["last"])
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert not torch.equal(a["stem.transform_weight"], torch.zeros_like(a["stem.transform_weight"]))
+    timing = ("images_per_s", "epoch_time_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(resumed.history) == strip(straight.history)
+
+
+def test_sigterm_also_stops_with_a_checkpoint_and_handlers_are_restored(data_dir, tmp_path):
+    model = tiny_net(cls=SignalAt)
+    model.at, model.signum = 2, signal.SIGTERM
+    handler = signal.getsignal(signal.SIGTERM)
+    result = train(model, data_dir, output_dir=str(tmp_path / "out"), epochs=1, lr=0.1, **FAST)
+    assert result.interrupted and signal.getsignal(signal.SIGTERM) is handler
+    state = torch.load(result.files["state"], weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 2)
+    assert "deploy" not in result.files and [r["epoch"] for r in result.history] == [0]
+
+
+def test_resume_refuses_a_finished_run_and_a_folder_without_checkpoint(trained, tmp_path):
+    _, _, result = trained
+    with pytest.raises(TrainError, match="already finished its 3 epochs; pass a larger --epochs"):
+        resume(result.output_dir, model=TinyNet(), verbose=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainError, match="no checkpoint to resume from"):
+        resume(str(tmp_path / "empty"), verbose=False)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+def test_missing_and_empty_data_folders_are_clear_errors(tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(DataError, match="no such data folder") as error:
+        train(TinyNet(), str(tmp_path / "nope"), output_dir=out, **FAST)
+    assert isinstance(error.value, ReparamError)  # what the CLI turns into one line
+    (tmp_path / "d" / "train" / "red").mkdir(parents=True)
+    with pytest.raises(DataError, match="missing val folder"):
+        train(TinyNet(), str(tmp_path / "d"), output_dir=out, **FAST)
+    (tmp_path / "d" / "val" / "red").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"train: no images found"):
+        train(TinyNet(), str(tmp_path / "d"), output_dir=out, **FAST)
+
+
+def test_classes_differing_between_train_and_val(tmp_path):
+    root = make_dataset(tmp_path / "d", train_per_class=2, val_per_class=1)
+    os.rename(os.path.join(root, "val", "blue"), os.path.join(root, "val", "yellow"))
+    with pytest.raises(DataError, match=r"classes differ between train and val \(only in train: blue; only in val: yellow\)"):
+        train(TinyNet(), root, output_dir=str(tmp_path / "out"), **FAST)
+
+
+def test_head_mismatch_needs_num_classes(data_dir, tmp_path):
+    with pytest.raises(TrainError, match=r"model has 5 outputs but .* has 3 classes; pass --num-classes 3"):
+        train(TinyNet(num_classes=5), data_dir, output_dir=str(tmp_path / "out"), **FAST)
+    with pytest.raises(TrainError, match="num-classes is 4 but .* has 3 classes"):
+        train(TinyNet(), data_dir, output_dir=str(tmp_path / "out"), num_classes=4, **FAST)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 7))
+    with pytest.raises(TrainError, match=r"model has 7 outputs"):  # no timm interface: found by a forward pass
+        train(plain, data_dir, output_dir=str(tmp_path / "out"), **FAST)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_non_empty_output_folder_is_refused_and_left_alone(data_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last.safetensors").write_bytes(b"from an earlier run")
+    with pytest.raises(TrainError, match="output folder is not empty .* --resume"):
+        train(TinyNet(), data_dir, output_dir=str(out), **FAST)
+    assert os.listdir(out) == ["last.safetensors"]
+    assert (out / "last.safetensors").read_bytes() == b"from an earlier run"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(epochs=2, warmup_epochs=2), r"warmup-epochs must be in \[0, epochs=2\)"),
+    (dict(batch_size=100), "fewer than one batch of 100 per process; lower --batch-size"),
+    (dict(optimizer="lion"), "unknown optimizer 'lion', expected one of sgd, adamw"),
+    (dict(train_scope="everything"), "unknown train-scope 'everything'"),
+])
+def test_bad_settings(data_dir, tmp_path, settings, message):
+    with pytest.raises(TrainError, match=message):
+        train(TinyNet(), data_dir, output_dir=str(tmp_path / "out"), **{**FAST, **settings})
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    root = make_dataset(tmp_path / "d", train_per_class=8, val_per_class=4)
+    with open(os.path.join(root, "train", "red", "broken.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really")
+    with open(os.path.join(root, "val", "blue", "empty.jpg"), "wb"):
+        pass
+    result = train(tiny_net(), root, output_dir=str(tmp_path / "out"), epochs=1, lr=0.1, **FAST)
+    assert result.unreadable_images == [os.path.join("train", "red", "broken.png"),
+                                        os.path.join("val", "blue", "empty.jpg")]
+    assert result.history[-1]["unreadable_images"] == 2
+    assert result.history[-1]["val_images"] == 3 * 4  # the unreadable one does not count
+    assert result.history[-1]["train_images"] == (3 * 8 + 1) // 8 * 8  # full batches, broken one substituted
+
+
+# -- DDP ----------------------------------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_under_torchrun(data_dir, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "reparam_zoo.train", "test_resnet", "--data", data_dir, "--num-classes", "3",
+           "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0",
+           "--lr", "0.05", "-o", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == sorted(
+        ["config.json", "train.log", "metrics.jsonl", "metrics.png", "best.safetensors", "last.safetensors",
+         "train_state.pt"])
+    assert proc.stdout.count("sanity:") == 1  # rank 0 speaks, rank 1 does not
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["world_size"] == 2
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    per_step = 8 * 2
+    assert rows[1]["train_images"] == len(CLASSES) * TRAIN_PER_CLASS // per_step * per_step
+    assert rows[0]["val_images"] == rows[1]["val_images"] == len(CLASSES) * VAL_PER_CLASS  # each image once
+    assert all(0 <= r["val_acc"] <= 1 and r["val_loss"] > 0 for r in rows)
+    assert rows[1]["train_loss"] > 0 and rows[1]["lr"] == pytest.approx(0.0)
+    model = reparam_zoo.load(os.path.join(out, "last.safetensors"))
+    assert len(refconv_layers(model)) > 0 and model.num_classes == 3
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
+
+def test_cli_train_resume_extend_and_fuse(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    args = ["train", "test_resnet", "--data", data_dir, "--num-classes", "3", "--input-size", "32", "--epochs", "1",
+            "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0", "--lr", "0.05", "-o", out, "-q"]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert os.path.exists(os.path.join(out, "last.safetensors")) and not os.path.exists(os.path.join(out, "deploy.safetensors"))
+
+    again = runner.invoke(main, args)  # same OUTDIR without --resume: refused, in one line
+    assert again.exit_code == 1
+    assert again.output.strip().splitlines() == [again.output.strip()]
+    assert "output folder is not empty" in again.output
+
+    changed = runner.invoke(main, ["train", "--resume", out, "--lr", "0.5"])
+    assert changed.exit_code == 2 and "--lr 0.5 differs from the run's 0.05" in changed.output
+
+    extended = runner.invoke(main, ["train", "--resume", out, "--epochs", "2", "--fuse"])
+    assert extended.exit_code == 0, extended.output
+    assert "resuming" in extended.output and "wrote " + os.path.join(out, "deploy.safetensors") in extended.output
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2]
+
+    best = reparam_zoo.load(os.path.join(out, "best.safetensors")).eval()
+    deployed = reparam_zoo.load(os.path.join(out, "deploy.safetensors")).eval()
+    assert not refconv_layers(deployed) and not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), best(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from reparam_zoo.cli.main import main
+
+    result = CliRunner().invoke(main, ["train", "test_resnet", "--data", str(tmp_path / "missing"), "-o",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 1
+    missing = tmp_path / "missing"
+    assert result.output.strip() == (
+        f"error: {missing}: no such data folder (expected {missing}/train/<class>/* and {missing}/val/<class>/*)")
+    assert not os.path.exists(tmp_path / "out")
+    usage = CliRunner().invoke(main, ["train", "--data", str(tmp_path)])
+    assert usage.exit_code == 2 and "missing MODEL (or --resume OUTDIR)" in usage.output
