@@ -79,6 +79,12 @@ def median_ratio(times: Dict[str, Dict[str, List[float]]], numerator: str, denom
     return statistics.median(a / b for a, b in pairs)
 
 
+def min_ratio(times: Dict[str, Dict[str, List[float]]], numerator: str, denominator: str, kind: str = "cpu") -> float:
+    """Ratio of the fastest samples: contention on a shared machine only ever adds time, so the minimum is
+    the sample closest to the code's own cost."""
+    return min(times[numerator][kind]) / min(times[denominator][kind])
+
+
 def write_json(path: str, data: dict) -> None:
     """Write to a temporary file in the same folder, then rename: no half-written results."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -24,7 +24,7 @@ def main(debug):
     \b
     Typical flow:
       reparam convert resnet18 --checkpoint resnet18.pth --refconv -o r18.refconv.safetensors
-      (refocus-train r18.refconv.safetensors)
+      reparam train r18.refconv.safetensors --data DIR -o runs/r18 --fuse
       reparam fuse r18.refconv.safetensors -o r18.fused.safetensors
       reparam compare r18.refconv.safetensors r18.fused.safetensors
 

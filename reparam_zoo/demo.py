@@ -41,6 +41,7 @@ def run_demo(
     input_size: int = DEMO_INPUT_SIZE,
     pretrain_epochs: int = 6,
     refocus_epochs: int = 4,
+    images_per_class: int = 64,
     seed: int = 0,
     verbose: bool = True,
     echo: Callable[[str], None] = print,
@@ -59,7 +60,8 @@ def run_demo(
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ReparamError(f"{output_dir} exists and is not empty; pass another output folder")
     os.makedirs(output_dir, exist_ok=True)
-    data_dir = make_pattern_dataset(os.path.join(output_dir, "data"), seed=seed)
+    data_dir = make_pattern_dataset(os.path.join(output_dir, "data"), train_per_class=images_per_class,
+                                    val_per_class=max(2, images_per_class // 4), seed=seed)
     echo(f"[1/4] generated a {len(PATTERNS)}-class texture data set in {data_dir}")
 
     torch.manual_seed(seed)
@@ -74,7 +76,7 @@ def run_demo(
     echo("[3/4] RefConv: converting every spatial conv and training only the transforms")
     result = train(
         pretrained_path, data_dir, output_dir=os.path.join(output_dir, "refocus"), epochs=refocus_epochs,
-        batch_size=32, lr=5e-4, warmup_epochs=1, input_size=input_size, workers=0, seed=seed, fuse=True,
+        batch_size=32, lr=5e-4, warmup_epochs=min(1, refocus_epochs - 1), input_size=input_size, workers=0, seed=seed, fuse=True,
         verbose=verbose,
     )
     from .modelfile import load

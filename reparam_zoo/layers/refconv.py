@@ -190,12 +190,14 @@ class RefConvNd(nn.Module):
         return self._patch_cache[1]
 
     def _kernel(self) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and self.transform_weight.requires_grad
-        if needs_grad:
+        # Hot path of every forward: read the tensors from the registries directly, as nn.Module's
+        # attribute fallback (and ours on top of it) costs more than the cache check itself at batch 1.
+        transform, base = self._parameters["transform_weight"], self._buffers["weight_base"]
+        if torch.is_grad_enabled() and transform.requires_grad:
             self._kernel_cache = None
             return self.refocused_weight()
         # Without autograd the kernel only changes when the transform or the base does.
-        key = (_tensor_key(self.transform_weight), _tensor_key(self.weight_base))
+        key = (_tensor_key(transform), _tensor_key(base))
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             with torch.no_grad():
                 self._kernel_cache = (key, self.refocused_weight())
