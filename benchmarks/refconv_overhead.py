@@ -29,8 +29,9 @@ parameters plus buffers. `total` adds the four: the memory a training step needs
 allocator's transient workspace (not counted).
 
 Work (deterministic context for the timings): `step GMACs` are the conv and matmul multiply-accumulates of
-forward + backward as `torch.utils.flop_counter` counts them (its flops / 2; weight gradients only where
-they are needed; BatchNorm, elementwise ops and the optimizer are not counted).
+forward + backward as `torch.utils.flop_counter` counts them (its flops / 2, with its conv-backward
+formula corrected for grouped convs, see `_conv_backward_flop`; weight gradients only where they are
+needed; BatchNorm, elementwise ops and the optimizer are not counted).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils import flop_counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -158,7 +159,7 @@ class Trainer:
                 saved[storage.data_ptr()] = storage.nbytes()
             return t
 
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as counter:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = F.cross_entropy(self.model(self.x), self.labels)
             loss.backward()
@@ -173,6 +174,22 @@ class Trainer:
         memory = {k: v / _common.MIB for k, v in memory.items()}
         memory["total"] = sum(memory.values())
         return {"memory_mib": memory, "gmacs": counter.get_total_flops() / 2e9}
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape, **kwargs) -> int:
+    """torch.utils.flop_counter's formula with a grouped conv's weight gradient counted right: torch's
+    counts it as if the conv were dense (C_in*C_out instead of C_in*C_out/groups, e.g. 32x too much for a
+    32-channel depthwise conv). The weight gradient costs what the forward does."""
+    flops = 0
+    if output_mask[0]:
+        flops += flop_counter.conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        flops += flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
+_FLOP_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
 
 
 def profile_step(trainer: Trainer, rows: int = 12) -> str:

@@ -81,6 +81,12 @@ def files(tmp_path_factory):
     refconv = randomize_transforms(convert(model))
     mf.save(refconv, d / "tiny.refconv.safetensors")
     (d / "out.safetensors").write_bytes(b"previous output")
+    # for the console-script cases, which cannot see the test-only tiny_reptest architecture
+    r18 = mf.create_model("resnet18", num_classes=10)
+    r18_nan = r18.state_dict()
+    r18_nan["conv1.weight"] = r18_nan["conv1.weight"].clone().fill_(float("inf"))
+    torch.save(r18_nan, d / "r18_inf.pth")
+    mf.save(randomize_transforms(convert(randomize_bn(r18), include=["layer1.*"])), d / "r18.refconv.safetensors")
     return d
 
 
@@ -390,24 +396,51 @@ def test_internal_errors_are_one_line_unless_debug(files, monkeypatch):
 # -- the installed console script ------------------------------------------------------------------------------
 
 def test_console_script_end_to_end(files):
-    """A few cases through the real entry point, started together (each pays torch+timm's import)."""
+    """Every kind of bad input once more through the real entry point as a subprocess: one line on stderr,
+    the right exit status, no traceback, nothing written. Run a few at a time (each pays torch's import)."""
     script = os.path.join(os.path.dirname(sys.executable), "reparam")
     env = {**os.environ, "REPARAM_DEBUG": "", "HF_HUB_OFFLINE": "1"}
-    cases = {
-        "pickle": ([script, "convert", str(files / "whole.pt"), "--refconv", "-o", str(files / "out.safetensors")], 1),
-        "map_k": ([script, "convert", "resnet18", "--refconv", "--map-k", "2"], 2),
-        "debug": ([script, "--debug", "report", str(files / "garbage.pth"), "--arch", "resnet18"], 1),
+    out = ["-o", str(files / "out.safetensors")]
+    cases = {  # name: (arguments, exit status, pattern of the error line)
+        "missing": (["convert", str(files / "missing.safetensors"), "--refconv", *out], 1, "no such file"),
+        "empty": (["convert", "resnet18", "--checkpoint", str(files / "empty.pth"), "--refconv", *out], 1,
+                  "file is empty"),
+        "truncated": (["fuse", str(files / "trunc.safetensors"), *out], 1, "not a readable safetensors file"),
+        "corrupt": (["report", str(files / "garbage.pth"), "--arch", "resnet18"], 1, "corrupt or truncated"),
+        "pickle": (["convert", str(files / "whole.pt"), "--refconv", *out], 1, "pickled Python objects"),
+        "unknown_arch": (["convert", "resnet_eighteen", "--refconv", *out], 1, "unknown architecture"),
+        "other_arch": (["convert", "resnet18", "--checkpoint", str(files / "tiny.pth"), "--refconv", *out], 1,
+                       "does not fit ResNet"),
+        "map_k_even": (["convert", "resnet18", "--refconv", "--map-k", "2", *out], 2, "--map-k"),
+        "map_k_large": (["convert", "resnet18", "--refconv", "--map-k", "9", *out], 1, "smaller than map_k=9"),
+        "pattern": (["convert", "resnet18", "--refconv", "--include", "nothing*", *out], 1, "matches no conv"),
+        "inf": (["fuse", str(files / "r18_inf.pth"), "--arch", "resnet18", "--num-classes", "10", *out], 1,
+                "non-finite"),
+        "same_output": (["fuse", str(files / "tiny.safetensors"), "-o", str(files / "tiny.safetensors")], 2,
+                        "is an input of this command"),
+        "missing_folder": (["fuse", str(files / "tiny.safetensors"), "-o", str(files / "nope" / "f.safetensors")], 2,
+                           "does not exist"),
+        # exact equality cannot hold after conv+BN fusion: a real verification failure, no monkeypatching
+        "verification": (["fuse", str(files / "r18.refconv.safetensors"), "--input-size", "3,32,32", "--rtol", "0",
+                          "--atol", "0", *out], 1, "verification failed"),
+        "input_size": (["report", str(files / "tiny.safetensors"), "--input-size", "3,a"], 2, "--input-size"),
     }
     before = snapshot(files)
-    procs = {k: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                 cwd=files) for k, (cmd, _) in cases.items()}
-    results = {k: (p.wait(timeout=300), *p.communicate()) for k, p in procs.items()}
-    for key, (code, out, err) in results.items():
-        assert code == cases[key][1], (key, code, out, err)
-    for key in ("pickle", "map_k"):
-        err = results[key][2].strip()
-        assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    assert "pickled Python objects" in results["pickle"][2]
-    assert "--map-k" in results["map_k"][2]
-    assert "Traceback" in results["debug"][2] and "CheckpointError" in results["debug"][2]
+    results = {}
+    pending = list(cases.items())
+    while pending:
+        batch, pending = pending[:4], pending[4:]
+        procs = {k: subprocess.Popen([script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env, cwd=files) for k, (args, _, _) in batch}
+        results.update({k: (p.wait(timeout=300), *p.communicate()) for k, p in procs.items()})
+    for key, (code, stdout, stderr) in results.items():
+        args, expected_code, pattern = cases[key]
+        assert code == expected_code, (key, code, stdout, stderr)
+        error_lines = [line for line in stderr.strip().splitlines() if line.startswith("error: ")]
+        assert len(error_lines) == 1 and re.search(re.escape(pattern), error_lines[0]), (key, stderr)
+        assert "Traceback" not in stderr + stdout, (key, stderr)
     assert snapshot(files) == before
+
+    debug = subprocess.run([script, "--debug", "report", str(files / "garbage.pth"), "--arch", "resnet18"],
+                           capture_output=True, text=True, env=env, cwd=files, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
