@@ -65,12 +65,7 @@ class LoadReport:
 def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str, str]]:
     """Read tensors (and safetensors metadata) from a file without ever unpickling code."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, expected a weights file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: file is empty")
+    check_readable(path, "a weights file")
     if _is_safetensors(path):
         from safetensors import safe_open
 
@@ -97,6 +92,16 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(e)})") from None
     return unwrap_state_dict(obj, source=path), {}
+
+
+def check_readable(path: str, expected: str = "a file") -> None:
+    """Clear errors for the usual ways a path is not a usable file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected {expected}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: file is empty")
 
 
 def unwrap_state_dict(obj, source: str = "<object>") -> StateDict:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import check_compatible, load_checkpoint, read_state_dict, _is_safetensors, _one_line
+from .checkpoint import check_compatible, check_readable, load_checkpoint, read_state_dict, _is_safetensors, _one_line
 from .deploy import FuseReport, apply_fuse_structure
 from .errors import CheckpointError, EquivalenceError, ReparamError
 from .surgery import convert, refconv_layers
@@ -599,7 +599,7 @@ _EXPORTERS = {"torchscript": _export_torchscript, "pt2": _export_pt2, "onnx": _e
 def read_info(path: PathLike) -> Optional[ModelFileInfo]:
     """The metadata of a reparam safetensors file without reading its tensors (None: not a reparam file)."""
     path = os.fspath(path)
-    _check_readable(path)
+    check_readable(path, "a model file")
     if not _is_safetensors(path):
         return None
     from safetensors import safe_open
@@ -620,7 +620,7 @@ def load(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
     `trust_pickle=True` (unpickling runs code from the file).
     """
     path = os.fspath(path)
-    _check_readable(path)
+    check_readable(path, "a model file")
     if not _is_safetensors(path):
         if trust_pickle:
             return _unpickled_module(path)
@@ -697,15 +697,6 @@ def _unpickle(path: str) -> Any:
         raise CheckpointError(f"{path}: the pickled model needs code that is not importable here ({_one_line(e)})") from None
 
 
-def _check_readable(path: str) -> None:
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, expected a model file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: file is empty")
-
-
 # -- what a MODEL argument is -------------------------------------------------------------------------------
 
 @dataclass
@@ -763,7 +754,7 @@ def resolve_model(
         if arch is not None and arch != spec:
             raise ArchitectureError(f"MODEL is the architecture {spec}, but --arch says {arch}")
         if checkpoint is not None:
-            _check_readable(os.fspath(checkpoint))
+            check_readable(os.fspath(checkpoint), "a weights file")
         model = create_model(spec, pretrained=pretrained, num_classes=num_classes)
         notes: List[str] = []
         if checkpoint is not None:
@@ -778,7 +769,7 @@ def resolve_model(
 
 
 def _resolve_file(path: str, *, arch: Optional[str], num_classes: Optional[int], trust_pickle: bool) -> ResolvedModel:
-    _check_readable(path)
+    check_readable(path, "a model file")
     if _is_safetensors(path):
         info = read_info(path)
         if info is not None:
