@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -21,7 +22,7 @@ import reparam_zoo  # noqa: E402
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
 FIGURE_CELLS = ("figure-layer-params", "figure-revcol-memory", "figure-rexnet")
 MIB = 2 ** 20
-CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state().numel(): one snapshot per RevCol level and column
+CPU_RNG_STATE_BYTES = torch.get_rng_state().numel()  # the reversible RevCol keeps one per level and column
 # SPEC section 2, copied here independently of the notebook's table: params (M), GMACs at 224, top-1
 REXNET_PUBLISHED = {0.9: (4.09, 0.35, 77.2), 1.0: (4.80, 0.40, 77.9), 1.3: (7.56, 0.66, 79.5),
                     1.5: (9.73, 0.88, 80.3), 2.0: (16.37, 1.53, 81.6), 3.0: (34.71, 3.40, 82.8)}
