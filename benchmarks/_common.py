@@ -19,6 +19,8 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 README = os.path.join(BENCH_DIR, "README.md")
 MIB = 2 ** 20
+# {variant: {"wall": [seconds per sample], "cpu": [...], optional named parts: [...]}}
+Times = Dict[str, Dict[str, List[float]]]
 
 
 def machine_facts() -> dict:
@@ -42,8 +44,12 @@ def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
 
 
 def interleaved(
-    variants: Dict[str, Callable[[], None]], reps: int, warmup: int = 1, budget_s: float = 0.0, max_reps: int = 0,
-) -> Dict[str, Dict[str, List[float]]]:
+    variants: Dict[str, Callable[[], Optional[dict]]],
+    reps: int,
+    warmup: int = 1,
+    budget_s: float = 0.0,
+    max_reps: int = 0,
+) -> Times:
     """Run every variant `reps` times, rotating the order each round so that drifting load on a shared
     machine hits all variants alike; then keep adding rounds while `budget_s` (wall seconds, warm-up
     included) allows another one, up to `max_reps`. Returns {variant: {"wall": [...], "cpu": [...]}} in
@@ -53,7 +59,7 @@ def interleaved(
     for _ in range(warmup):
         for name in names:
             variants[name]()
-    times: Dict[str, Dict[str, List]] = {name: {"wall": [], "cpu": []} for name in names}
+    times: Times = {name: {"wall": [], "cpu": []} for name in names}
     rep = 0
     while True:
         elapsed = time.perf_counter() - started
@@ -72,14 +78,14 @@ def interleaved(
     return times
 
 
-def median_ratio(times: Dict[str, Dict[str, List[float]]], numerator: str, denominator: str, kind: str = "wall") -> float:
+def median_ratio(times: Times, numerator: str, denominator: str, kind: str = "wall") -> float:
     """Median over rounds of the per-round ratio: each round ran both variants back to back, so the
     ratio within a round is less exposed to slow drifts of the machine's load than a ratio of medians."""
     pairs = zip(times[numerator][kind], times[denominator][kind])
     return statistics.median(a / b for a, b in pairs)
 
 
-def min_ratio(times: Dict[str, Dict[str, List[float]]], numerator: str, denominator: str, kind: str = "cpu") -> float:
+def min_ratio(times: Times, numerator: str, denominator: str, kind: str = "cpu") -> float:
     """Ratio of the fastest samples: contention on a shared machine only ever adds time, so the minimum is
     the sample closest to the code's own cost."""
     return min(times[numerator][kind]) / min(times[denominator][kind])
@@ -114,7 +120,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 def facts_line(facts: dict) -> str:
     load = ", ".join(f"{x:.1f}" for x in facts["load_average_at_start"])
     return (
-        f"torch {facts['torch']}, {facts['threads']} threads, {facts['cpu_count']} CPUs ({facts['machine']}), "
+        f"torch {facts['torch']}, {facts['threads']} thread{'s' if facts['threads'] != 1 else ''}, "
+        f"{facts['cpu_count']} CPUs ({facts['machine']}), "
         f"load average at start {load}"
     )
 

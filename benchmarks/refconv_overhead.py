@@ -264,7 +264,9 @@ def measure_model(name: str, args, budget_s: float) -> dict:
         "refconv_vs_naive_wall": _common.median_ratio(times, "refconv", "naive"),
         "transform_fwd_bwd_cpu_ms": transforms["cpu_ms"],
         "transform_refconv_vs_naive_cpu_time": transforms["refconv_vs_naive"],
-        "transform_share_of_plain_step": {v: transforms["cpu_ms"][v] / 1e3 / step_cpu["plain"] for v in transforms["cpu_ms"]},
+        "transform_share_of_plain_step": {
+            v: ms / 1e3 / step_cpu["plain"] for v, ms in transforms["cpu_ms"].items()
+        },
         "memory_mib": {v: counted[v]["memory_mib"] for v in VARIANTS},
         "step_gmacs": {v: counted[v]["gmacs"] for v in VARIANTS},
         "times": times,
@@ -329,8 +331,9 @@ def readme_block(results: dict) -> str:
             memory_rows,
         ),
         "",
-        "Step GMACs: conv and matmul multiply-accumulates of forward + backward (`torch.utils.flop_counter` / 2; "
-        "weight gradients only where needed); `transform GMACs` is the transform's forward alone. `saved` = "
+        "Step GMACs: conv and matmul multiply-accumulates of forward + backward (`torch.utils.flop_counter` / 2, "
+        "its conv-backward formula corrected for grouped convs, whose weight gradient it counts as dense; weight "
+        "gradients only where needed); `transform GMACs` is the transform's forward alone. `saved` = "
         "tensors autograd keeps for backward (parameters and buffers excluded); `total` = saved + gradients + "
         "SGD momentum + parameters and buffers. `transform fwd+bwd` = computing all refocused kernels and "
         "back-propagating into the transforms, timed alone (median of "
@@ -393,7 +396,9 @@ def main(argv=None) -> dict:
             print(f"--- {name} {variant}\n{table}")
     models = results["models"]
     results["goals_met"] = {
-        "refconv_vs_plain": all(r["refconv_vs_plain_cpu_time"] <= GOALS["refconv_vs_plain_max"] for r in models.values()),
+        "refconv_vs_plain": all(
+            r["refconv_vs_plain_cpu_time"] <= GOALS["refconv_vs_plain_max"] for r in models.values()
+        ),
         "refconv_faster_than_naive": all(
             models[m]["refconv_vs_naive_cpu_time"] < 1.0 for m in DEPTHWISE_HEAVY if m in models
         ),

@@ -18,7 +18,8 @@ pretrained weights, each for `--epochs` epochs with the same schedule shape, dat
                 default conv init): refocusing without the pretrained prior.
 
 Reported: test accuracy (fixed stratified split, no model selection on the test set: the last epoch
-counts) mean and sample standard deviation over seeds, and the per-seed differences to `continue`. The
+counts) mean and sample standard deviation over seeds, the per-seed differences to `continue`, and the
+training-set accuracy (how much there was left to learn). The
 refocused models are also fused (`reparam_zoo.fuse`) and re-evaluated: the deployed model must score the
 same.
 """
@@ -132,10 +133,20 @@ def randomize_bases(model: nn.Module, seed: int) -> None:
             nn.init.kaiming_uniform_(layer.weight_base, a=5 ** 0.5, generator=generator)
 
 
+@torch.no_grad()
+def kernel_change(model: nn.Module) -> float:
+    """How far refocusing moved the kernels: mean over RefConv layers of ||W_t - W_b|| / ||W_b||."""
+    changes = [
+        ((layer.refocused_weight() - layer.weight_base).norm() / layer.weight_base.norm()).item()
+        for _, layer in refconv_layers(model)
+    ]
+    return statistics.mean(changes)
+
+
 def run_seed(seed: int, args, train_data, test_data) -> dict:
     torch.manual_seed(seed)
     pretrained = train(depthwise_net(args.width), train_data, args.pretrain_epochs, args.lr, seed)
-    result = {"pretrained": accuracy(pretrained, test_data)}
+    result = {"pretrained": accuracy(pretrained, test_data), "pretrained_train": accuracy(pretrained, train_data)}
     run_seed_ = 1000 + seed  # the continuation's data order and augmentation, the same for every method
     for method in METHODS:
         if method in ("refocus", "refocus_low_lr", "random_base"):
@@ -147,6 +158,9 @@ def run_seed(seed: int, args, train_data, test_data) -> dict:
         lr = LR_SCALE[method] * args.lr
         train(model, train_data, args.epochs, lr, run_seed_)
         result[method] = accuracy(model, test_data)
+        result[f"{method}_train"] = accuracy(model, train_data)
+        if method in ("refocus", "refocus_low_lr", "random_base"):
+            result[f"{method}_kernel_change"] = kernel_change(model)
         if method == "refocus":
             deployed = reparam_zoo.fuse(model, example_inputs=test_data[0][:2])
             result["refocus_deployed"] = accuracy(deployed, test_data)
@@ -162,7 +176,11 @@ def summarize(per_seed: list) -> dict:
     for key in keys:
         values = [r[key] for r in per_seed]
         summary[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        if f"{key}_train" in per_seed[0]:
+            summary[key]["train_mean"] = statistics.mean(r[f"{key}_train"] for r in per_seed)
     for method in METHODS:
+        if f"{method}_kernel_change" in per_seed[0]:
+            summary[method]["kernel_change_mean"] = statistics.mean(r[f"{method}_kernel_change"] for r in per_seed)
         diffs = [r[method] - r["continue"] for r in per_seed]
         summary[method]["minus_continue_mean"] = statistics.mean(diffs)
         summary[method]["minus_continue_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
@@ -173,14 +191,17 @@ def summarize(per_seed: list) -> dict:
 def readme_block(results: dict) -> str:
     s = results["summary"]
     rows = [["pretrained (start)", f"{100 * s['pretrained']['mean']:.2f} ± {100 * s['pretrained']['std']:.2f}", "", "",
-             " ".join(f"{100 * r['pretrained']:.1f}" for r in results["per_seed"])]]
+             " ".join(f"{100 * r['pretrained']:.1f}" for r in results["per_seed"]),
+             f"{100 * s['pretrained']['train_mean']:.2f}"]]
     for method in METHODS:
         m = s[method]
         rows.append([
             f"{method} (lr {results['lrs'][method]:g})", f"**{100 * m['mean']:.2f} ± {100 * m['std']:.2f}**",
             f"{100 * m['minus_pretrained_mean']:+.2f}",
+            "—" if method == "continue" else
             f"{100 * m['minus_continue_mean']:+.2f} ± {100 * m['minus_continue_std']:.2f}",
             " ".join(f"{100 * r[method]:.1f}" for r in results["per_seed"]),
+            f"{100 * m['train_mean']:.2f}",
         ])
     data = results["data"]
     return "\n".join([
@@ -195,8 +216,12 @@ def readme_block(results: dict) -> str:
         "mean ± sample std over seeds; the difference to `continue` is paired by seed.",
         "",
         _common.markdown_table(
-            ["method", "test acc %", "vs pretrained", "vs continue (paired)", "per seed"], rows
+            ["method", "test acc %", "vs pretrained", "vs continue (paired)", "per seed", "train acc % (mean)"], rows
         ),
+        "",
+        "Kernel change by refocusing, ||W_t - W_b|| / ||W_b|| averaged over the RefConv layers and seeds: "
+        + ", ".join(f"{m} {s[m]['kernel_change_mean']:.2f}" for m in METHODS if "kernel_change_mean" in s[m])
+        + ".",
         "",
         f"Deployed (fused) refocused models: {100 * s['refocus_deployed']['mean']:.2f} % mean test accuracy, largest "
         f"logit difference to the unfused model {results['max_deploy_logit_diff']:.1e}.",
