@@ -117,6 +117,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def goals_text(goals_met: Dict[str, bool]) -> str:
+    return "; ".join(f"{name.replace('_', ' ')}: {'yes' if met else 'NO'}" for name, met in goals_met.items())
+
+
 def facts_line(facts: dict) -> str:
     load = ", ".join(f"{x:.1f}" for x in facts["load_average_at_start"])
     return (

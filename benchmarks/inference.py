@@ -128,7 +128,7 @@ def readme_block(results: dict) -> str:
         f"(medians; a batch-1 sample is {results['inner']} forwards). Ratios of process CPU time: the median of "
         "per-round ratios (bold) and the ratio of the fastest samples; wall-time ratio in brackets. Goals: "
         f"RefConv/plain <= {GOALS['refconv_vs_plain_max']}, fused/plain < 1. Goals met (median CPU ratios): "
-        f"{results['goals_met']}.",
+        f"{_common.goals_text(results['goals_met'])}.",
         "",
         _common.markdown_table(header, rows),
     ])

@@ -316,7 +316,7 @@ def readme_block(results: dict) -> str:
         "time on this shared machine mostly measures the other jobs; wall-time ratio in square brackets, "
         "range of the per-round CPU ratios in round brackets). Goals: RefConv/plain <= 1.0 on every model, "
         f"RefConv faster than naive on {', '.join(DEPTHWISE_HEAVY)}. Goals met (step CPU time): "
-        f"{results['goals_met']}.",
+        f"{_common.goals_text(results['goals_met'])}.",
         "",
         _common.markdown_table(
             ["model", "rounds", "step CPU s plain / RefConv / naive", "of which optimizer",
