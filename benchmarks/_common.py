@@ -38,6 +38,27 @@ def machine_facts() -> dict:
     }
 
 
+def add_run_options(parser, result_name: str) -> None:
+    """The options every benchmark script has: threads, where the JSON goes, and whether the README changes."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (default 1: on a shared machine more threads measure the scheduler)")
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, result_name))
+    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+
+
+def parse_run_options(parser, argv, models_attr: str = "models"):
+    """Parse, set the thread count and refuse unknown timm model names with a usage error."""
+    import timm
+    import torch
+
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    unknown = [m for m in getattr(args, models_attr, []) if m not in timm.list_models()]
+    if unknown:
+        parser.error(f"unknown timm model(s): {', '.join(unknown)}")
+    return args
+
+
 def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
     args = list(sys.argv[1:] if argv is None else argv)
     return " ".join(["python", f"benchmarks/{script}"] + [shlex.quote(a) for a in args])

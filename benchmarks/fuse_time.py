@@ -122,15 +122,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads (default 1: on a shared machine more threads measure the scheduler)")
-    parser.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "fuse_time.json"))
-    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    unknown = [m for m in args.models if m not in timm.list_models()]
-    if unknown:
-        parser.error(f"unknown timm model(s): {', '.join(unknown)}")
+    _common.add_run_options(parser, "fuse_time.json")
+    args = _common.parse_run_options(parser, argv)
 
     results = {
         "command": _common.command_line("fuse_time.py", argv),

@@ -145,15 +145,8 @@ def main(argv=None) -> dict:
                         help="wall seconds for all timings together; rounds beyond --reps are added while a "
                              "(model, batch)'s share lasts")
     parser.add_argument("--inner", type=int, default=10, help="forwards per timed sample at batch 1")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads (default 1: on a shared machine more threads measure the scheduler)")
-    parser.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "inference.json"))
-    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    unknown = [m for m in args.models if m not in timm.list_models()]
-    if unknown:
-        parser.error(f"unknown timm model(s): {', '.join(unknown)}")
+    _common.add_run_options(parser, "inference.json")
+    args = _common.parse_run_options(parser, argv)
 
     results = {
         "command": _common.command_line("inference.py", argv),
