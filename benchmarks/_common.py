@@ -59,6 +59,15 @@ def parse_run_options(parser, argv, models_attr: str = "models"):
     return args
 
 
+def finish_run(results: dict, args, block_name: str, render_block, started: float) -> None:
+    """Close a run the same way in every script: end-of-run load and time, the JSON, the README block."""
+    results["environment"]["load_average_at_end"] = os.getloadavg()
+    results["elapsed_s"] = time.perf_counter() - started
+    write_json(args.out, results)
+    if not args.no_readme:
+        update_readme_block(block_name, render_block(results))
+
+
 def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
     args = list(sys.argv[1:] if argv is None else argv)
     return " ".join(["python", f"benchmarks/{script}"] + [shlex.quote(a) for a in args])

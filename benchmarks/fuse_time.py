@@ -142,11 +142,7 @@ def main(argv=None) -> dict:
             f"total {r['total_s']:.2f} s",
             flush=True,
         )
-    results["environment"]["load_average_at_end"] = os.getloadavg()
-    results["elapsed_s"] = time.perf_counter() - started
-    _common.write_json(args.out, results)
-    if not args.no_readme:
-        _common.update_readme_block("fuse_time", readme_block(results))
+    _common.finish_run(results, args, "fuse_time", readme_block, started)
     print(f"wrote {args.out} [{results['elapsed_s']:.0f} s]")
     return results
 

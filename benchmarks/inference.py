@@ -178,11 +178,7 @@ def main(argv=None) -> dict:
         "refconv_vs_plain": all(b["refconv_vs_plain_cpu_time"] <= GOALS["refconv_vs_plain_max"] for b in batches),
         "fused_vs_plain": all(b["fused_vs_plain_cpu_time"] < GOALS["fused_vs_plain_below"] for b in batches),
     }
-    results["environment"]["load_average_at_end"] = os.getloadavg()
-    results["elapsed_s"] = time.perf_counter() - started
-    _common.write_json(args.out, results)
-    if not args.no_readme:
-        _common.update_readme_block("inference", readme_block(results))
+    _common.finish_run(results, args, "inference", readme_block, started)
     print(f"goals met: {results['goals_met']}; wrote {args.out} [{results['elapsed_s']:.0f} s]")
     return results
 

@@ -396,11 +396,7 @@ def main(argv=None) -> dict:
             models[m]["refconv_vs_naive_cpu_time"] < 1.0 for m in DEPTHWISE_HEAVY if m in models
         ),
     }
-    results["environment"]["load_average_at_end"] = os.getloadavg()
-    results["elapsed_s"] = time.perf_counter() - started
-    _common.write_json(args.out, results)
-    if not args.no_readme:
-        _common.update_readme_block("refconv_overhead", readme_block(results))
+    _common.finish_run(results, args, "refconv_overhead", readme_block, started)
     print(f"goals met: {results['goals_met']}; wrote {args.out} [{results['elapsed_s']:.0f} s]")
     return results
 

@@ -273,11 +273,7 @@ def main(argv=None) -> dict:
         )
     results["summary"] = summarize(results["per_seed"])
     results["max_deploy_logit_diff"] = max(r["refocus_deployed_max_logit_diff"] for r in results["per_seed"])
-    results["environment"]["load_average_at_end"] = os.getloadavg()
-    results["elapsed_s"] = time.perf_counter() - started
-    _common.write_json(args.out, results)
-    if not args.no_readme:
-        _common.update_readme_block("refocus_ablation", readme_block(results))
+    _common.finish_run(results, args, "refocus_ablation", readme_block, started)
     for key, v in results["summary"].items():
         print(f"{key}: {100 * v['mean']:.2f} ± {100 * v['std']:.2f}")
     print(f"wrote {args.out} [{results['elapsed_s']:.0f} s]")
