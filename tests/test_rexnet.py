@@ -1,5 +1,6 @@
 """ReXNetV1 (issue #3): official key layout, published sizes, timm equivalence, loading, timm interface,
 graph capture, and RefConv surgery on it. Inputs are kept small (64x64) so the file runs in seconds."""
+import copy
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models import group_parameters
+from timm.models._features import FeatureGetterNet, FeatureListNet
 from torch.utils.flop_counter import FlopCounterMode
 
 from reparam_zoo.checkpoint import load_checkpoint
@@ -315,6 +317,58 @@ def test_features_only():
         outs = f(images(1))
     assert [o.shape[-1] for o in outs] == [SMALL // 4, SMALL // 16]
     assert [o.shape[1] for o in outs] == f.feature_info.channels()
+
+
+def test_forward_intermediates_equal_the_hooked_feature_maps(model):
+    x = images(2)
+    hooked = FeatureListNet(copy.deepcopy(model), out_indices=range(5), flatten_sequential=True).eval()
+    with torch.no_grad():
+        expected = hooked(x)
+        final, maps = model.forward_intermediates(x)
+        only = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        early_final, early = model.forward_intermediates(x, indices=2, stop_early=True)
+        full = model.forward_features(x)
+    assert len(maps) == 5
+    for got, want in zip(maps, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(final, full, rtol=0, atol=0)
+    assert [o.shape for o in only] == [expected[1].shape, expected[3].shape]
+    torch.testing.assert_close(only[1], expected[3], rtol=0, atol=0)
+    # indices=2 means the last two taps; stopping early ends at the last of them (the last block)
+    assert [o.shape[1] for o in early] == [128, 185]
+    assert early_final.shape[1] == 185
+    with pytest.raises(ValueError, match="NCHW only"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_getter_features_and_pruning_match_forward_intermediates(model):
+    x = images(1)
+    built = timm.create_model("rexnetv1_100", features_only=True, feature_cls="getter", out_indices=(0, 2))
+    assert built.feature_info.channels() == [16, 61]
+    getter = FeatureGetterNet(copy.deepcopy(model), out_indices=(0, 2))
+    pruned = copy.deepcopy(model)
+    assert pruned.prune_intermediate_layers(indices=[0, 2]) == [0, 2]
+    assert len(pruned.features) == 8 and isinstance(pruned.get_classifier(), nn.Identity)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        for got in (getter.eval()(x), pruned.forward_intermediates(x, indices=[0, 2], intermediates_only=True)):
+            assert len(got) == 2
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_forward_intermediates_with_gradient_checkpointing_match_plain_backprop():
+    torch.manual_seed(0)
+    plain = ReXNetV1(width_mult=0.5).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    x = images(2)
+    for m in (plain, checkpointed):
+        _, maps = m.forward_intermediates(x, indices=[1, 4])
+        sum(o.square().mean() for o in maps).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def test_feature_info_names_modules(model):

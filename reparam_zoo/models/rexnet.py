@@ -16,7 +16,7 @@ e.g. `timm.create_model('rexnetv1_100', width_mult=0.9)`.
 from __future__ import annotations
 
 from math import ceil
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.rexnet import RexNet  # only as the reference for timm's key order
 
 from ..checkpoint import register_checkpoint_adapter
@@ -257,6 +258,51 @@ class ReXNetV1(nn.Module):
         self.num_classes = num_classes
         stem_weight = self.features[0].weight
         self.output[1] = self._make_classifier(num_classes).to(device=stem_weight.device, dtype=stem_weight.dtype)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The maps at the `feature_info` taps (strides 2 to 32), timm's feature API. `norm` changes
+        nothing: there is no separate final norm, every tap is a block's (or the stem's) output."""
+        if output_fmt != "NCHW":
+            raise ValueError("ReXNetV1 features are NCHW only")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        tap_layers = {self._tap_layer(i): i for i in take_indices}
+        last_layer = self._tap_layer(max_index) if stop_early or intermediates_only else len(self.features) - 1
+        by_index = {}
+        for layer_idx, layer in enumerate(self.features[: last_layer + 1]):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+            if layer_idx in tap_layers:
+                by_index[tap_layers[layer_idx]] = x
+        intermediates = [by_index[i] for i in take_indices]
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """For feature extraction: drop the layers after the last requested tap (and the classifier)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.features = self.features[: self._tap_layer(max_index) + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+    def _tap_layer(self, feature_index: int) -> int:
+        return int(self.feature_info[feature_index]["module"].split(".")[1])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
