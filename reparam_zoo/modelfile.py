@@ -634,16 +634,33 @@ def load(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
 
 
 def _restore(info: ModelFileInfo, tensors: Dict[str, torch.Tensor], source: str) -> nn.Module:
-    model = _build_structure(info, source=source)
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) == 1 and dtypes != {torch.float32}:
-        model.to(dtypes.pop())  # a half-precision file stays half precision
+    # Built on the meta device, the module tree costs neither memory nor the architecture's weight init
+    # (minutes for the large RevCols); the file's tensors then become the parameters as they are.
+    with torch.device("meta"):
+        model = _build_structure(info, source=source)
     check_compatible(model, tensors, source=source, strict=True)
-    model.load_state_dict(tensors, strict=True)
+    if _assignable(model):
+        model.load_state_dict(tensors, strict=True, assign=True)
+    else:
+        model = _build_structure(info, source=source)
+        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(dtypes) == 1 and dtypes != {torch.float32}:
+            model.to(dtypes.pop())  # a half-precision file stays half precision
+        model.load_state_dict(tensors, strict=True)
     model.reparam_extra = dict(info.extra)
     if info.stage == "fused":
         model.eval()
     return model
+
+
+def _assignable(skeleton: nn.Module) -> bool:
+    """Whether loading a state_dict with `assign=True` gives the skeleton every tensor it needs: not when
+    a buffer is computed at init and not saved (non-persistent), nor when modules share a parameter
+    (assigning would untie it)."""
+    if any(m._non_persistent_buffers_set for m in skeleton.modules()):
+        return False
+    named = list(skeleton.named_parameters(remove_duplicate=False))
+    return len({id(p) for _, p in named}) == len(named)
 
 
 def _build_structure(info: ModelFileInfo, source: str) -> nn.Module:

@@ -270,6 +270,23 @@ def test_tied_weights_are_saved_and_stay_tied(tmp_path):
     torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
 
 
+def test_buffers_computed_at_init_are_rebuilt_on_load(tmp_path):
+    # Loading builds the module tree on the meta device and assigns the file's tensors; buffers that are
+    # computed at init and not saved (here relative-position indices) need a real build.
+    torch.manual_seed(0)
+    model = mf.create_model("test_vit_relpos").eval()
+    non_persistent = {n for m in model.modules() for n in m._non_persistent_buffers_set}
+    assert "relative_position_index" in non_persistent
+    loaded = mf.load(mf.save(model, tmp_path / "vit.safetensors")).eval()
+    tensors = list(loaded.named_parameters()) + list(loaded.named_buffers())
+    assert not any(t.is_meta for _, t in tensors)
+    for (name, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers()):
+        assert torch.equal(a, b), name
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_half_precision_stays_half_and_wrappers_are_unwrapped(tmp_path):
     model = tiny().half()
     loaded = mf.load(mf.save(nn.DataParallel(model), tmp_path / "half.safetensors"))
