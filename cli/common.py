@@ -15,6 +15,7 @@ from reparam_zoo.layers.refconv import INITS
 from reparam_zoo.modelfile import EXPORT_FORMATS
 from reparam_zoo.report import FORMATS as REPORT_FORMATS
 from reparam_zoo.surgery import TRAIN_SCOPES
+from reparam_zoo import torchvision_models
 
 __all__ = ["INITS", "TRAIN_SCOPES", "REPORT_FORMATS", "EXPORT_FORMATS", "DEBUG_ENV", "ReparamGroup"]
 
@@ -107,7 +108,8 @@ def model_options(f):
     """--arch, --checkpoint, --num-classes, --pretrained, --trust-pickle: how MODEL becomes a model."""
     options = [
         click.option("--arch", metavar="NAME",
-                     help="Architecture (timm or zoo name) of a MODEL checkpoint file that does not say its own."),
+                     help="Architecture (timm or zoo name, or torchvision:NAME) of a MODEL checkpoint file that does not "
+                          "say its own."),
         click.option("--checkpoint", metavar="PATH",
                      help="Weights for a MODEL given as an architecture name (safetensors or a state_dict file, "
                           "read without unpickling code; official RevCol/ReXNet layouts are adapted)."),
@@ -205,7 +207,7 @@ def default_output(spec: str, suffix: str, strip: Sequence[str] = ()) -> str:
         folder, name = os.path.split(spec)
         stem = os.path.splitext(name)[0]
     else:
-        folder, stem = "", spec
+        folder, stem = "", torchvision_models.split_name(spec) or spec
     for tail in strip:
         if stem.endswith(tail) and len(stem) > len(tail):
             stem = stem[: -len(tail)]

@@ -29,8 +29,9 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
                     exclude, train_scope, input_size, output, dry_run):
     """Convert MODEL for RefConv refocus training and write it as a model file.
 
-    MODEL is a timm or zoo architecture name (with --checkpoint or --pretrained weights), a reparam
-    .safetensors model file, a checkpoint file with --arch, or (with --trust-pickle) a pickled model.
+    MODEL is a timm, zoo or torchvision:NAME architecture name (with --checkpoint or --pretrained
+    weights), a reparam .safetensors model file, a checkpoint file with --arch, or (with --trust-pickle)
+    a pickled model.
     Prints the converted and skipped layers and the training-vs-inference params/MACs.
     """
     if not refconv:

@@ -186,7 +186,23 @@ def check_compatible(model: nn.Module, state_dict: StateDict, *, source: str, st
         problems.append(f"{len(mismatched)} shape mismatches ({_preview(mismatched)})")
     if problems:
         name = type(model).__name__
-        raise CheckpointError(f"{source} does not fit {name}: " + "; ".join(problems))
+        hint = _head_size_hint(own, state_dict) if len(problems) == 1 and mismatched else ""
+        raise CheckpointError(f"{source} does not fit {name}: " + "; ".join(problems) + hint)
+
+
+def _head_size_hint(own: StateDict, state_dict: StateDict) -> str:
+    """When every mismatch is the output size of one layer set (a classifier for another class count)."""
+    pairs = {
+        (state_dict[k].shape[0], own[k].shape[0])
+        for k in own
+        if k in state_dict and own[k].dim() >= 1 and own[k].shape != state_dict[k].shape
+        and own[k].shape[1:] == state_dict[k].shape[1:]
+    }
+    mismatches = sum(1 for k in own if k in state_dict and own[k].shape != state_dict[k].shape)
+    if len(pairs) != 1 or mismatches > 4:
+        return ""
+    n = pairs.pop()[0]
+    return f"; a {n}-class head? build the model with --num-classes {n} / num_classes={n}"
 
 
 def _is_safetensors(path: str) -> bool:

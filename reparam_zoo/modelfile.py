@@ -13,7 +13,7 @@ Metadata keys (every value a string; the structured ones are JSON):
     reparam_version  the package version that wrote the file
     torch_version    the torch version that wrote the file
     stage            "plain" | "refconv" | "fused"
-    architecture     {"name", "source": "timm" | "zoo", "kwargs": {..., "num_classes", "in_chans"}}
+    architecture     {"name", "source": "timm" | "zoo" | "torchvision", "kwargs": {..., "num_classes"}}
     refconv          {"map_k", "init", "train_scope", "converted": [layer names]}   (RefConv layers present)
     fuse             {"folded", "fused": [[conv, norm]], "reparameterized", "left_alone": [[norm, why]],
                       "verified", "max_abs_error", "max_rel_error", "rtol", "atol", "input_shapes"}
@@ -43,6 +43,7 @@ from .checkpoint import check_compatible, check_readable, load_checkpoint, read_
 from .deploy import FuseReport, apply_fuse_structure
 from .errors import CheckpointError, EquivalenceError, ReparamError
 from .surgery import convert, refconv_layers
+from . import torchvision_models
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STAGES", "ARCH_ATTR", "EXPORT_FORMATS", "EXPORT_SUFFIXES",
@@ -70,9 +71,13 @@ class ArchitectureError(ReparamError):
 # -- architectures --------------------------------------------------------------------------------------
 
 def is_architecture(name: str) -> bool:
-    """Whether `name` is a timm or zoo model name (optionally with a pretrained tag, `resnet18.a1_in1k`)."""
+    """Whether `name` is a timm or zoo model name (optionally with a pretrained tag, `resnet18.a1_in1k`) or
+    a torchvision classification model as `torchvision:<name>`."""
     import timm
 
+    tv_name = torchvision_models.split_name(name)
+    if tv_name is not None:
+        return torchvision_models.is_classifier(tv_name)
     return isinstance(name, str) and bool(name) and timm.is_model(name)
 
 
@@ -84,7 +89,8 @@ def create_model(
     num_classes: Optional[int] = None,
     **kwargs,
 ) -> nn.Module:
-    """Build a timm or zoo model tagged with its architecture, so that `save` can describe it.
+    """Build a timm, zoo or torchvision (`torchvision:<name>`) model tagged with its architecture, so that
+    `save` can describe it.
 
     `checkpoint` (a path or state_dict) is loaded strictly through `load_checkpoint`; `num_classes` sets the
     head size of the built model (a checkpoint whose head has another size is an error).
@@ -100,8 +106,12 @@ def create_model(
             raise ArchitectureError(f"num_classes must be a non-negative integer, got {num_classes!r}")
         kwargs["num_classes"] = num_classes
     _check_json("constructor arguments", kwargs)
+    tv_name = torchvision_models.split_name(name)
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if tv_name is not None:
+            model = torchvision_models.create(tv_name, pretrained=pretrained, **kwargs)
+        else:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise ArchitectureError(f"cannot build {name}: {_one_line(e)}") from None
     except Exception as e:
@@ -113,8 +123,11 @@ def create_model(
             "pass the weights file with --checkpoint / checkpoint="
         ) from None
     arch_kwargs = dict(kwargs)
-    arch_kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
-    arch_kwargs.setdefault("in_chans", 3)  # timm's convention for every model
+    if tv_name is not None:
+        arch_kwargs["num_classes"] = model.pretrained_cfg["num_classes"]
+    else:
+        arch_kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
+        arch_kwargs.setdefault("in_chans", 3)  # timm's convention for every model
     setattr(model, ARCH_ATTR, {"name": name, "source": _source_of(name), "kwargs": arch_kwargs})
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, strict=True)
@@ -128,13 +141,19 @@ def architecture_of(model: nn.Module) -> Optional[Dict[str, Any]]:
 
 
 def set_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
-    """Replace the classifier for `num_classes` classes (timm's `reset_classifier`) and keep the
-    architecture tag in step, so the saved file rebuilds the new head."""
+    """Replace the classifier for `num_classes` classes (timm's `reset_classifier`; torchvision models get
+    the head modules of the architecture built for that many classes) and keep the architecture tag in
+    step, so the saved file rebuilds the new head."""
     model = _unwrap(model)
-    if not hasattr(model, "reset_classifier"):
-        raise ArchitectureError(f"{type(model).__name__} has no reset_classifier(); cannot change its head")
-    model.reset_classifier(num_classes)
     arch = architecture_of(model)
+    if arch is not None and arch.get("source") == "torchvision":
+        fresh = torchvision_models.create(torchvision_models.split_name(arch["name"]),
+                                          **{**arch["kwargs"], "num_classes": num_classes})
+        torchvision_models.replace_heads(model, fresh)
+    elif hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+    else:
+        raise ArchitectureError(f"{type(model).__name__} has no reset_classifier(); cannot change its head")
     if arch is not None:
         setattr(model, ARCH_ATTR, {**arch, "kwargs": {**arch["kwargs"], "num_classes": num_classes}})
     return model
@@ -143,6 +162,8 @@ def set_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
 def _source_of(name: str) -> str:
     import timm
 
+    if torchvision_models.split_name(name) is not None:
+        return "torchvision"
     module = getattr(timm.models.model_entrypoint(name.split(".")[0]), "__module__", "") or ""
     return "zoo" if module.startswith(__package__ + ".") else "timm"
 
@@ -150,9 +171,15 @@ def _source_of(name: str) -> str:
 def _unknown_architecture_message(name: str) -> str:
     import timm
 
+    tv_name = torchvision_models.split_name(name)
+    if tv_name is not None:
+        close = torchvision_models.close_matches(tv_name)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"unknown architecture '{name}' (not a torchvision classification model){hint}"
     close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.75)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown architecture '{name}' (not a timm or reparam-zoo model name, nor an existing file){hint}"
+    return (f"unknown architecture '{name}' (not a timm, reparam-zoo or torchvision:NAME model name, nor an "
+            f"existing file){hint}")
 
 
 def _build_architecture(arch: Dict[str, Any], source: str) -> nn.Module:
@@ -160,11 +187,11 @@ def _build_architecture(arch: Dict[str, Any], source: str) -> nn.Module:
     if not isinstance(name, str) or not isinstance(kwargs, dict):
         raise CheckpointError(f"{source}: malformed architecture metadata {arch!r}")
     if not is_architecture(name):
-        where = "timm" if arch.get("source") == "timm" else "reparam-zoo"
-        raise ArchitectureError(
-            f"{source}: architecture '{name}' is not registered here (a {where} model; import the module "
-            "that registers it, or update timm)"
-        )
+        fix = {
+            "timm": "a timm model; update timm",
+            "torchvision": "a torchvision model; update torchvision",
+        }.get(arch.get("source"), "a reparam-zoo model; import the module that registers it, or update reparam-zoo")
+        raise ArchitectureError(f"{source}: architecture '{name}' is not available here ({fix})")
     return create_model(name, **kwargs)
 
 
@@ -739,7 +766,7 @@ def load_model(
 ) -> nn.Module:
     """A model from what a command-line MODEL argument can be:
 
-    1. a timm or zoo architecture name (`resnet18`, `revcol_tiny`), with `checkpoint` weights or `pretrained`;
+    1. a timm, zoo or torchvision architecture name (`resnet18`, `revcol_tiny`, `torchvision:resnet50`), with `checkpoint` weights or `pretrained`;
     2. a reparam `.safetensors` file (`load`); a safetensors file without reparam metadata needs `arch`;
     3. a state_dict checkpoint (`.pth`/`.pt`, official RevCol/ReXNet layouts) with `arch`, read without pickle;
     4. a whole pickled `nn.Module`, only with `trust_pickle=True`.

@@ -38,6 +38,7 @@ from .data import (DataSplits, EpochSampler, IGNORE_TARGET, ShardSampler, build_
 from .deploy import fold, fuse as fuse_model
 from .errors import CheckpointError, ReparamError
 from .surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
+from . import torchvision_models
 
 __all__ = ["train", "resume", "TrainConfig", "TrainResult", "TrainError", "OPTIMIZERS"]
 
@@ -477,7 +478,9 @@ class _Run:
         if self.resuming:
             return out
         if out is None:
-            name = os.path.splitext(os.path.basename(self.config.model.strip("<>").split()[-1]))[0] or "model"
+            spec = self.config.model.strip("<>").split()[-1]
+            spec = torchvision_models.split_name(spec) or spec
+            name = os.path.splitext(os.path.basename(spec))[0] or "model"
             out = os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         if os.path.exists(out) and not os.path.isdir(out):
             raise TrainError(f"{out}: is a file, expected an output folder")
@@ -576,13 +579,13 @@ class _Run:
             return set()
         from .modelfile import set_num_classes
 
+        before = {id(p) for p in model.parameters()}
         set_num_classes(model, wanted)
-        head = model.get_classifier()
-        ids = {id(p) for p in head.parameters()}
-        count = sum(p.numel() for p in head.parameters())
+        head = {n: p for n, p in model.named_parameters() if id(p) not in before}
+        count = sum(p.numel() for p in head.values())
         self.notes.append(f"head replaced: {outputs} -> {wanted} classes; the new head ({count:,} params) trains too")
         self.log(self.notes[-1])
-        return {n for n, p in model.named_parameters() if id(p) in ids}
+        return set(head)
 
     @staticmethod
     def _set_trainable(model: nn.Module, names: Sequence[str]) -> None:

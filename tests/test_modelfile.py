@@ -379,8 +379,11 @@ def test_newer_or_malformed_metadata_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"malformed reparam metadata \(stage"):
         mf.load(_rewrite_metadata(good, tmp_path / "stage.safetensors", stage="refconv"))
     unknown = json.dumps({"name": "no_such_net", "source": "zoo", "kwargs": {}})
-    with pytest.raises(mf.ArchitectureError, match="'no_such_net' is not registered here"):
+    with pytest.raises(mf.ArchitectureError, match=r"'no_such_net' is not available here \(a reparam-zoo model;"):
         mf.load(_rewrite_metadata(good, tmp_path / "arch.safetensors", architecture=unknown))
+    unknown = json.dumps({"name": "torchvision:resnet999", "source": "torchvision", "kwargs": {}})
+    with pytest.raises(mf.ArchitectureError, match="'torchvision:resnet999' is not available here .*update torchvision"):
+        mf.load(_rewrite_metadata(good, tmp_path / "tv.safetensors", architecture=unknown))
 
 
 def test_tensors_that_do_not_fit_the_metadata_are_refused(tmp_path):

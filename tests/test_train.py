@@ -204,6 +204,18 @@ def test_replaced_head_trains_with_the_transforms_and_is_reported(data_dir, tmp_
     assert any("head replaced: 5 -> 3 classes" in note for note in result.notes)
 
 
+def test_torchvision_model_gets_a_new_head_that_trains(data_dir, tmp_path):
+    torch.manual_seed(0)
+    model = reparam_zoo.create_model("torchvision:squeezenet1_1")  # no reset_classifier: a conv classifier
+    result = train(model, data_dir, output_dir=str(tmp_path / "out"), epochs=1, lr=0.05, num_classes=3, **FAST)
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    transforms = {f"{name}.transform_weight" for name, _ in refconv_layers(result.model)}
+    assert len(transforms) == 9 and trainable == transforms | {"classifier.1.weight", "classifier.1.bias"}
+    assert any("head replaced: 1000 -> 3 classes; the new head (1,539 params)" in n for n in result.notes)
+    reloaded = reparam_zoo.load(os.path.join(str(tmp_path / "out"), "last.safetensors"))
+    assert reloaded.classifier[1].out_channels == 3
+
+
 def test_already_converted_model_is_checked_against_its_folded_form(data_dir, tmp_path):
     converted = reparam_zoo.convert(tiny_net(), exclude=["dw"])
     result = train(converted, data_dir, output_dir=str(tmp_path / "out"), epochs=1, lr=0.5, **FAST)
