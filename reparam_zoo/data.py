@@ -68,7 +68,7 @@ class ImageFolderSplit(ImageDataset):
     def __init__(self, root: str, transform, *, substitute_unreadable: bool):
         try:
             super().__init__(root, transform=transform)
-        except RuntimeError as e:  # timm's reader: "Found 0 images in subfolders of ..."
+        except RuntimeError:  # timm's reader: "Found 0 images in subfolders of ..."
             raise DataError(f"{root}: no images found (expected {root}/<class>/<image files>)") from None
         self.substitute_unreadable = substitute_unreadable
         self._blank: Optional[torch.Tensor] = None

@@ -2,12 +2,11 @@
 whole job (convert -> refocus-train -> fuse -> report) runs offline in a couple of minutes."""
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn as nn

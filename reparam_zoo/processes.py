@@ -1,0 +1,135 @@
+"""The training run's processes (single or torchrun/DDP, with the few collectives the loop needs) and its
+graceful stop on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from .errors import ReparamError
+
+__all__ = ["Processes", "StopRequest"]
+
+
+@dataclass
+class Processes:
+    """This process's place in a (possibly single-process) run, and the collectives the loop needs."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, device: Optional[Union[str, torch.device]]) -> "Processes":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+        if world_size <= 1:
+            return cls(device=device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank, device=device,
+                   owns_group=owns)
+
+    def sum(self, values: Sequence[float]) -> List[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def max(self, values: Sequence[float]) -> List[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def union(self, items: Sequence[str]) -> List[str]:
+        if not self.distributed:
+            return sorted(set(items))
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, list(items))
+        return sorted({i for part in gathered for i in part})
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 only and share its result or its ReparamError with every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except ReparamError as e:
+                error = e
+        if self.distributed:
+            box = [result, None if error is None else str(error)]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+            if box[1] is not None and error is None:
+                raise ReparamError(box[1])
+        if error is not None:
+            raise error
+        return result
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (with a checkpoint); a second signal acts as
+    usual (KeyboardInterrupt / termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers only live there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        self._restore()
+
+    def _restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
