@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from .errors import ReparamError
 from .layers.refconv import RefConvNd
+from .memory import MEASURE_BATCH, _device_dtype, tensor_bytes, training_memory
 from .surgery import refconv_layers
 
 __all__ = [
@@ -49,6 +50,8 @@ STAGES = ("plain", "refconv", "fused")
 FORMATS = ("table", "markdown", "json", "csv")
 MACS_TOLERANCE = 0.02
 UNIT = "MACs (multiply-accumulates per image, batch 1): one fused multiply-add = 1, as fvcore's 'flop'"
+_MEMORY_NOTE = (f"memory: gradients of the trainable params; activations = what autograd keeps for the backward "
+                f"per image (measured at batch {MEASURE_BATCH} in training mode, weights excluded)")
 
 # fvcore's names (after its own simplification) for the conv/matmul work torch's flop_counter also sees
 _FVCORE_MATMUL_OPS = ("conv", "linear", "addmm", "bmm", "matmul", "mm", "einsum")
@@ -108,8 +111,8 @@ class LayerParams(NamedTuple):
 
 
 _TRAINING_KEYS = ("params", "trainable_params", "frozen_params", "buffers", "transform_macs",
-                  "base_kernel_params", "macs")
-_INFERENCE_KEYS = ("params", "macs", "conv_linear_macs", "buffers")
+                  "base_kernel_params", "macs", "weight_bytes", "gradient_bytes", "activation_bytes")
+_INFERENCE_KEYS = ("params", "macs", "conv_linear_macs", "buffers", "weight_bytes")
 
 
 @dataclass
@@ -127,6 +130,7 @@ class Report:
     depth: int = 1
     refconv_layers: int = 0
     unit: str = UNIT
+    memory_error: Optional[str] = None  # why the activations could not be measured
 
     @property
     def flags(self) -> List[str]:
@@ -140,8 +144,9 @@ class Report:
             "stage": self.stage,
             "input_size": list(self.input_size),
             "unit": self.unit,
-            "inference": {k: int(self.inference[k]) for k in _INFERENCE_KEYS},
-            "training": {k: int(self.training[k]) for k in _TRAINING_KEYS},
+            "inference": {k: _int_or_none(self.inference.get(k)) for k in _INFERENCE_KEYS},
+            "training": {k: _int_or_none(self.training.get(k)) for k in _TRAINING_KEYS},
+            "memory_error": self.memory_error,
             "refconv_layers": self.refconv_layers,
             "macs_check": self.macs_check.as_dict(),
             "unsupported_ops": dict(self.unsupported_ops),
@@ -160,6 +165,7 @@ class Report:
                 macs_check=MacsCheck(**check), unsupported_ops=dict(data.get("unsupported_ops", {})),
                 modules=[ModuleRow(**r) for r in data.get("modules", [])], depth=data.get("depth", 1),
                 refconv_layers=data.get("refconv_layers", 0), unit=data.get("unit", UNIT),
+                memory_error=data.get("memory_error"),
             )
         except (KeyError, TypeError) as e:
             raise ReparamError(f"not a reparam-zoo report: {type(e).__name__} {e}") from None
@@ -179,6 +185,9 @@ class Report:
             ("MACs / image", t["macs"], i["macs"]),
             ("  of which conv/linear", i["conv_linear_macs"], i["conv_linear_macs"]),
             ("transform MACs / step", t["transform_macs"], 0),
+            ("weights + buffers", _mib(t.get("weight_bytes")), _mib(i.get("weight_bytes"))),
+            ("gradients", _mib(t.get("gradient_bytes")), None),
+            ("activations / image", _mib(t.get("activation_bytes")), None),
         ]
 
     def _title(self) -> str:
@@ -188,7 +197,9 @@ class Report:
                 f"{_si(self.inference['macs'])} MACs deployed")
 
     def _notes(self) -> List[str]:
-        notes = [f"unit: {self.unit}"]
+        notes = [f"unit: {self.unit}", _MEMORY_NOTE]
+        if self.memory_error:
+            notes.append(f"activations not measured: the training-mode forward failed ({self.memory_error})")
         if self.macs_check.agrees:
             notes.append(self.macs_check.describe())
         if self.unsupported_ops:
@@ -263,12 +274,19 @@ class Comparison:
         ("inference params", "inference", "params"),
         ("inference buffers", "inference", "buffers"),
         ("MACs / image", "inference", "macs"),
+        ("training weights + buffers (bytes)", "training", "weight_bytes"),
+        ("gradients (bytes)", "training", "gradient_bytes"),
+        ("activations / image (bytes)", "training", "activation_bytes"),
+        ("inference weights + buffers (bytes)", "inference", "weight_bytes"),
     )
 
     def rows(self) -> List[dict]:
         out = []
         for label, column, key in self._METRICS:
-            a, b = (getattr(r, column)[key] for r in self.reports)
+            a, b = (getattr(r, column).get(key) for r in self.reports)
+            if a is None or b is None:
+                out.append({"metric": label, "a": a, "b": b, "delta": None, "ratio": None})
+                continue
             out.append({"metric": label, "a": a, "b": b, "delta": b - a, "ratio": (b / a) if a else None})
         return out
 
@@ -295,7 +313,7 @@ class Comparison:
         return rows
 
     def _notes(self) -> List[str]:
-        notes = [f"WARNING: {f}" for f in self.flags] + [f"unit: {UNIT}"]
+        notes = [f"WARNING: {f}" for f in self.flags] + [f"unit: {UNIT}", _MEMORY_NOTE]
         for name, r in zip(self.names, self.reports):
             if r.unsupported_ops:
                 notes.append(f"{name}: not counted by fvcore: {_format_counts(r.unsupported_ops)}")
@@ -317,7 +335,8 @@ class Comparison:
         writer.writerow(["metric", a, b, "delta", "ratio"])
         for row in self.rows():
             ratio = "" if row["ratio"] is None else f"{row['ratio']:.6g}"
-            writer.writerow([row["metric"], row["a"], row["b"], row["delta"], ratio])
+            writer.writerow([row["metric"], _blank_if_none(row["a"]), _blank_if_none(row["b"]),
+                             _blank_if_none(row["delta"]), ratio])
         return out.getvalue()
 
     def render(self, fmt: str = "table") -> str:
@@ -370,11 +389,15 @@ def report(
         "conv_linear_macs": check.fvcore_macs,
         "buffers": sum(b.numel() for b in _unique(deployed.buffers())),
     }
+    memory = training_memory(model, input_size)
+    training.update(weight_bytes=memory.weight_bytes, gradient_bytes=memory.gradient_bytes,
+                    activation_bytes=memory.activation_bytes)
+    inference["weight_bytes"] = tensor_bytes(list(deployed.parameters()) + list(deployed.buffers()))
     modules = _module_rows(model, deployed, macs_by_module, depth) if depth else []
     return Report(
         model=name, stage=stage, input_size=input_size, training=training, inference=inference,
         macs_check=check, unsupported_ops=unsupported, modules=modules, depth=depth,
-        refconv_layers=len(refconvs),
+        refconv_layers=len(refconvs), memory_error=memory.error,
     )
 
 
@@ -558,13 +581,6 @@ def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
-def _device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def _check_input_size(model: nn.Module, input_size) -> Tuple[int, ...]:
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
@@ -612,8 +628,22 @@ def _num(value) -> str:
     return str(value)
 
 
-def _signed(value: int) -> str:
+def _signed(value: Optional[int]) -> str:
+    if value is None:
+        return "-"
     return f"{value:+,}" if value else "0"
+
+
+def _mib(n: Optional[int]) -> Optional[str]:
+    return None if n is None else f"{n / 2 ** 20:,.1f} MiB"
+
+
+def _int_or_none(value) -> Optional[int]:
+    return None if value is None else int(value)
+
+
+def _blank_if_none(value) -> object:
+    return "" if value is None else value
 
 
 def _ratio(value: Optional[float]) -> str:
