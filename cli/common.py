@@ -143,15 +143,15 @@ def report_format_option():
 def _parse_input_size(ctx, param, value) -> Optional[Tuple[int, ...]]:
     if value is None:
         return None
-    text = value.replace("x", ",").replace(" ", "")
     try:
-        size = tuple(int(v) for v in text.split(","))
+        size = tuple(int(v) for v in value.replace(" ", "").split(","))
     except ValueError:
         size = ()
     if len(size) == 1:
         size = (3, size[0], size[0])
-    if not size or not all(s > 0 for s in size):
-        raise click.BadParameter(f"expected positive integers C,H,W (e.g. 3,224,224) or one size N; got '{value}'")
+    if len(size) != 3 or not all(s > 0 for s in size):
+        raise click.BadParameter(f"expected C,H,W as three positive integers (e.g. 3,224,224) or one size N for "
+                                 f"3,N,N; got '{value}'")
     return size
 
 
@@ -168,6 +168,8 @@ def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrain
     """The model a MODEL argument names, announced on stderr (stdout stays the command's output)."""
     from reparam_zoo.modelfile import resolve_model
 
+    if pretrained and checkpoint is not None:
+        raise click.UsageError("--pretrained and --checkpoint both give the weights; pass one of them")
     resolved = resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
                              pretrained=pretrained, trust_pickle=trust_pickle)
     if not quiet:
@@ -193,6 +195,35 @@ def check_output(path: str, inputs: Sequence[str], option: str = "-o/--output") 
             raise click.BadParameter(f"'{path}' is an input of this command; refusing to overwrite it",
                                      param_hint=option)
     return path
+
+
+_FORMAT_BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".torchscript.pt": "torchscript",
+                     ".torchscript": "torchscript", ".ts": "torchscript"}
+
+
+FORMAT_NAMES = {"safetensors": "a safetensors", "onnx": "an ONNX", "pt2": "a pt2 (torch.export)",
+                "torchscript": "a TorchScript"}
+
+
+def format_of_path(path: str) -> Optional[str]:
+    """The export format a file name implies (`m.onnx` -> onnx), or None for other names (`m.pt`)."""
+    lower = path.lower()
+    for suffix in sorted(_FORMAT_BY_SUFFIX, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return _FORMAT_BY_SUFFIX[suffix]
+    return None
+
+
+def check_model_file_name(path: str, has_architecture: bool, option: str = "-o/--output") -> None:
+    """A model file's name must say what it holds: .safetensors for a model with an architecture (a reparam
+    model file), .pt/.pth for one without (a whole-module pickle)."""
+    lower = path.lower()
+    if has_architecture and not lower.endswith(".safetensors"):
+        raise click.BadParameter(f"'{path}': the model is written as a safetensors model file; name it "
+                                 "<name>.safetensors", param_hint=option)
+    if not has_architecture and not lower.endswith((".pt", ".pth")):
+        raise click.BadParameter(f"'{path}': a model without a rebuildable architecture is written as a whole-module "
+                                 "pickle; name it <name>.pt", param_hint=option)
 
 
 def _same_file(a: str, b: str) -> bool:

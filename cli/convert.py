@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import click
 
-from .common import (INITS, TRAIN_SCOPES, check_map_k, check_output, default_output, echo_lines, input_paths,
-                     input_size_option, known_input_size, model_options, output_option, resolve, steps)
+from .common import (FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output, default_output, echo_lines,
+                     format_of_path, input_paths, input_size_option, known_input_size, model_options, output_option,
+                     resolve, steps)
 
 
 @click.command("convert")
@@ -44,6 +45,9 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
     if not dry_run:  # checked before any work, so that a bad path fails at once
         output = output or default_output(model, ".refconv.safetensors")
         check_output(output, input_paths(model, checkpoint))
+        if format_of_path(output) not in (None, "safetensors"):
+            raise click.BadParameter(f"'{output}' names {FORMAT_NAMES[format_of_path(output)]} file; convert writes "
+                                     "a model file (.safetensors)", param_hint="-o/--output")
     with steps("convert", 3 if dry_run else 4) as step:
         step("loading")
         resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
@@ -66,10 +70,12 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
             return
 
         step("writing")
-        if architecture_of(converted) is None and not explicit_output:
+        has_architecture = architecture_of(converted) is not None
+        if not has_architecture and not explicit_output:
             # a pickled model without an architecture tag can only be written back as a pickle
             output = default_output(model, ".refconv.pt")
             check_output(output, input_paths(model, checkpoint))
+        check_model_file_name(output, has_architecture)
         save(converted, output, trust_pickle=trust_pickle)
     click.echo(f"wrote {output}")
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import click
 
-from .common import (EXPORT_FORMATS, check_output, default_output, echo_lines, example_inputs, input_paths,
-                     input_size_option, model_options, output_option, resolve, steps)
+from click.core import ParameterSource
+
+from .common import (EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines, example_inputs,
+                     format_of_path, input_paths, input_size_option, model_options, output_option, resolve, steps)
 
 
 @click.command("fuse")
@@ -22,7 +24,8 @@ from .common import (EXPORT_FORMATS, check_output, default_output, echo_lines, e
               help="safetensors: a reparam model file (reloadable, self-describing); torchscript (jit.trace), "
                    "onnx, pt2 (torch.export): deployment artifacts, checked against the fused model before "
                    "they are kept.")
-def fuse_command(model, arch, checkpoint, num_classes, pretrained, trust_pickle, output, input_size, rtol, atol,
+@click.pass_context
+def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pickle, output, input_size, rtol, atol,
                  no_verify, fmt):
     """Fold RefConv layers, fuse conv+BatchNorm, verify the result, then write it.
 
@@ -35,6 +38,8 @@ def fuse_command(model, arch, checkpoint, num_classes, pretrained, trust_pickle,
     from reparam_zoo.modelfile import EXPORT_SUFFIXES, architecture_of, check_finite, export, model_stage
 
     explicit_output = output
+    if output is not None:
+        fmt = _format_for(output, fmt, explicit=ctx.get_parameter_source("fmt") is ParameterSource.COMMANDLINE)
     output = output or default_output(model, ".fused" + EXPORT_SUFFIXES[fmt], strip=(".refconv",))
     check_output(output, input_paths(model, checkpoint))
     with steps("fuse", 3) as step:
@@ -47,7 +52,7 @@ def fuse_command(model, arch, checkpoint, num_classes, pretrained, trust_pickle,
 
         step("fusing" if no_verify else "fusing and verifying")
         if model_stage(source) == "fused":
-            # fusing again would find nothing to do and forget the recorded structure: write it as it is
+            # nothing left to fuse, and checking the model against itself would mark an unverified file verified
             fused = source
             click.echo("already fused: writing it as it is")
         else:
@@ -55,13 +60,26 @@ def fuse_command(model, arch, checkpoint, num_classes, pretrained, trust_pickle,
         echo_lines(str(fused.fuse_report))
 
         step(f"writing {fmt}")
-        if fmt == "safetensors" and architecture_of(fused) is None and not explicit_output:
-            # a pickled model without an architecture tag can only be written back as a pickle
-            output = default_output(model, ".fused.pt", strip=(".refconv",))
-            check_output(output, input_paths(model, checkpoint))
+        if fmt == "safetensors":
+            has_architecture = architecture_of(fused) is not None
+            if not has_architecture and not explicit_output:
+                # a pickled model without an architecture tag can only be written back as a pickle
+                output = default_output(model, ".fused.pt", strip=(".refconv",))
+                check_output(output, input_paths(model, checkpoint))
+            check_model_file_name(output, has_architecture)
         result = export(fused, output, fmt, example_inputs=inputs, rtol=rtol, atol=atol, trust_pickle=trust_pickle)
     checked = ""
     if result.max_abs_error is not None:
         checked = (f" (the written file reproduces the fused model: max abs error {result.max_abs_error:.3g}, "
                    f"max rel error {result.max_rel_error:.3g})")
     click.echo(f"wrote {output} [{result.format}]{checked}")
+
+
+def _format_for(output: str, fmt: str, *, explicit: bool) -> str:
+    """The format to write: --format when given (it must not contradict the file name), else the one the
+    output's name implies (`-o m.onnx`), else the default."""
+    implied = format_of_path(output)
+    if explicit and implied is not None and implied != fmt:
+        raise click.BadParameter(f"'{output}' names {FORMAT_NAMES[implied]} file, but --format is {fmt}",
+                                 param_hint="-o/--output")
+    return fmt if explicit else (implied or fmt)

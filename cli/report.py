@@ -55,10 +55,21 @@ def compare_command(model_a, model_b, trust_pickle, input_size, fmt, names):
         labels = (_label(model_a), _label(model_b))
         if labels[0] == labels[1]:
             labels = ("A", "B")
-    a = resolve(model_a, trust_pickle=trust_pickle).model
-    b = resolve(model_b, trust_pickle=trust_pickle).model
+    a, b = (_resolve_compared(spec, trust_pickle) for spec in (model_a, model_b))
     size = input_size or known_input_size(a, None) or known_input_size(b, None) or _DEFAULT_SIZE
     echo_lines(compare(a, b, size, names=labels).render(fmt))
+
+
+def _resolve_compared(spec: str, trust_pickle: bool):
+    from reparam_zoo.modelfile import ArchitectureUnknownError
+
+    try:
+        return resolve(spec, trust_pickle=trust_pickle).model
+    except ArchitectureUnknownError:
+        raise ArchitectureUnknownError(
+            f"{spec}: a weights file that does not say its architecture, and compare takes no --arch; compare "
+            "the architecture name instead (the counts do not depend on the weights), or a reparam model file"
+        ) from None
 
 
 def _size(model, input_size):

@@ -9,6 +9,19 @@ from .common import TRAIN_SCOPES, check_map_k, input_size_option, output_option
 
 
 
+def _check_device(ctx, param, value):
+    if value is None:
+        return None
+    from reparam_zoo.errors import ReparamError
+    from reparam_zoo.processes import check_device
+
+    try:
+        check_device(value)
+    except ReparamError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @click.command("train")
 @click.argument("model", metavar="MODEL", required=False)
 @click.option("--data", "data_dir", type=click.Path(), metavar="DIR",
@@ -24,14 +37,17 @@ from .common import TRAIN_SCOPES, check_map_k, input_size_option, output_option
               help="SGD momentum.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=4e-5, show_default=True,
               help="On the transforms (and a new head); never on biases and norms.")
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Linear warmup, then cosine decay to 0 (stepped per update).")
+@click.option("--warmup-epochs", type=click.IntRange(min=0),
+              help="Epochs of linear warmup (fewer than --epochs), then cosine decay to 0, stepped per "
+                   "update.  [default: 1, or 0 with --epochs 1]")
 @input_size_option("Training crop size (default: the model's timm config).")
 @click.option("--num-classes", type=click.IntRange(min=1), metavar="N",
               help="Replace the classifier head for N classes (must equal the data's classes); the new head "
                    "trains too.")
-@click.option("--train-scope", type=click.Choice(TRAIN_SCOPES), default="transforms", show_default=True,
-              help="What trains: only the transforms, also norm layers, or everything but the base kernels.")
+@click.option("--train-scope", type=click.Choice(TRAIN_SCOPES),
+              help="What trains: only the transforms, also norm layers, or everything but the base kernels.  "
+                   "[default: an already converted MODEL's own scope (what `reparam convert --train-scope` "
+                   "saved), else transforms]")
 @click.option("--map-k", type=int, default=3, show_default=True, callback=check_map_k,
               help="Transform kernel size when MODEL still has to be converted.")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 with loss scaling on GPU).")
@@ -44,13 +60,15 @@ from .common import TRAIN_SCOPES, check_map_k, input_size_option, output_option
               help="Continue the run in OUTDIR from its last checkpoint with its saved settings (MODEL, --data "
                    "and the rest may be left out; --epochs, --workers, --fuse may change).")
 @click.option("--fuse", is_flag=True,
-              help="Also write the best model fused for deployment, verified: OUTDIR/deploy.safetensors.")
+              help="Also write the best model fused for deployment, verified: OUTDIR/deploy.safetensors "
+                   "(OUTDIR/deploy.pt for a pickled MODEL).")
 @click.option("--arch", metavar="NAME", help="Architecture of a MODEL checkpoint file that does not say its own.")
 @click.option("--checkpoint", metavar="PATH", help="Weights for a MODEL given as an architecture name.")
 @click.option("--pretrained", is_flag=True, help="Download the architecture's pretrained weights (needs internet).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow MODEL to be a whole pickled nn.Module (unpickling runs code: trusted files only).")
-@click.option("--device", metavar="DEV", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
+@click.option("--device", metavar="DEV", callback=_check_device,
+              help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines (OUTDIR/train.log has them).")
 def train_command(model, data_dir, output, resume, device, quiet, input_size, **settings):
     """Refocus-train MODEL on an image-folder data set: only the RefConv transforms learn.
@@ -59,7 +77,10 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     init: it starts exactly as MODEL). Validates once before training (the converted model must score what
     MODEL scores), then trains with SGD + warmup + cosine, validating every epoch. Writes to OUTDIR:
     config.json, train.log, metrics.jsonl, metrics.png, best.safetensors, last.safetensors,
-    train_state.pt (resume state) and, with --fuse, deploy.safetensors.
+    train_state.pt (resume state) and, with --fuse, deploy.safetensors. A MODEL without a rebuildable
+    architecture (a whole pickled module, with --trust-pickle) is written as pickles instead: best.pt,
+    last.pt and deploy.pt (read them with --trust-pickle, e.g. `reparam report OUTDIR/best.pt
+    --trust-pickle`).
 
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with --resume OUTDIR.
     Under torchrun (e.g. `torchrun --nproc_per_node 4 -m reparam_zoo.train MODEL --data DIR`) it trains with
@@ -96,6 +117,10 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
             raise click.UsageError("missing MODEL (or --resume OUTDIR)")
         if not data_dir:
             raise click.UsageError("missing --data DIR")
+        warmup, epochs = settings["warmup_epochs"], settings["epochs"]
+        if warmup is not None and warmup >= epochs:
+            raise click.BadParameter(f"must be less than --epochs ({epochs}), got {warmup}",
+                                     param_hint="--warmup-epochs")
         result = train(model, data_dir, output_dir=output, device=device, verbose=not quiet, **settings)
 
     if result.interrupted:

@@ -76,6 +76,12 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
         return tensors, metadata
+    artifact = deployment_artifact_kind(path)
+    if artifact is not None:
+        raise CheckpointError(
+            f"{path}: {artifact} deployment artifact, made for inference runtimes; reparam reads its own model "
+            "files (.safetensors, what reparam fuse writes by default) and state_dict checkpoints"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -92,6 +98,22 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(e)})") from None
     return unwrap_state_dict(obj, source=path), {}
+
+
+def deployment_artifact_kind(path: str) -> Optional[str]:
+    """"an ONNX" / "a TorchScript" / "a pt2 (torch.export)" when `path` is such an export, else None."""
+    if path.lower().endswith(".onnx"):
+        return "an ONNX"
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    # both are torch zip archives under one top folder: pt2 marks itself, TorchScript carries its code
+    if any(n.split("/", 1)[-1] == "archive_format" for n in names):
+        return "a pt2 (torch.export)"
+    if any(n.split("/", 1)[-1].startswith("code/") for n in names):
+        return "a TorchScript"
+    return None
 
 
 def check_readable(path: str, expected: str = "a file") -> None:

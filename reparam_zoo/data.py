@@ -162,6 +162,8 @@ def build_datasets(data_dir: str, model: torch.nn.Module, input_size: Optional[i
 
 
 def check_data_dir(data_dir: str) -> None:
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: is a file, expected a data folder ({data_dir}/train/<class>/* and {data_dir}/val/<class>/*)")
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such data folder (expected {data_dir}/train/<class>/* and {data_dir}/val/<class>/*)")
     missing = [s for s in SPLITS if not os.path.isdir(os.path.join(data_dir, s))]

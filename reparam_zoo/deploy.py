@@ -3,6 +3,7 @@ blocks, and verify that the result computes what the original computes."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -23,7 +24,14 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass
 class FuseReport:
-    """What `fuse` did, and the error it measured."""
+    """What `fuse` did, and the error it measured.
+
+    For a model that was already fused (and maybe converted to RefConv again since), the structural
+    lists describe the whole history, so that the fused structure can be rebuilt from the report alone:
+    `folded`, `fused` and `reparameterized` hold the earlier entries followed by the new ones,
+    `left_alone` the norms still unfused now; `verified`, the errors, tolerances and `input_shapes` are
+    those of the latest fuse.
+    """
 
     folded: List[str] = field(default_factory=list)
     fused: List[Tuple[str, str]] = field(default_factory=list)  # (conv, norm)
@@ -88,13 +96,19 @@ def fuse(
     inputs = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     reference = copy.deepcopy(original) if (inplace and verify) else original
     model = original if inplace else copy.deepcopy(original)
+    previous = getattr(original, "fuse_report", None)
+    previous = previous if isinstance(previous, FuseReport) else None
     report = FuseReport(rtol=rtol, atol=atol)
 
     report.folded = [n for n, m in model.named_modules() if isinstance(m, RefConvNd)]
     fold(model, inplace=True)
-    report.reparameterized = _reparameterize_blocks(model)
+    # blocks an earlier fuse re-parameterized are merged already: their methods must not run again
+    report.reparameterized = _reparameterize_blocks(
+        model, skip=set(previous.reparameterized) if previous is not None else None)
     fused, left_alone = fuse_conv_bn(model, inputs)
     report.fused, report.left_alone = fused, left_alone
+    if previous is not None:
+        report = _with_history(previous, report)
     model.eval()
 
     if verify:
@@ -105,6 +119,23 @@ def fuse(
     model.__dict__.pop("fuse_report", None)
     model.fuse_report = report
     return model
+
+
+def _with_history(previous: FuseReport, latest: FuseReport) -> FuseReport:
+    """The report of fusing an already fused model: the structure done before followed by what the
+    latest fuse added (each name once), the norms the latest fuse left alone (the earlier ones are still
+    there, so it found them again, unless it fused them now), and the latest fuse's verification."""
+
+    def history(earlier, new):
+        return list(dict.fromkeys([*earlier, *new]))
+
+    return dataclasses.replace(
+        latest,
+        folded=history(previous.folded, latest.folded),
+        fused=history([tuple(p) for p in previous.fused], latest.fused),
+        reparameterized=history(previous.reparameterized, latest.reparameterized),
+        left_alone=list(latest.left_alone),
+    )
 
 
 def default_example_inputs(model: nn.Module) -> Tuple[torch.Tensor, ...]:
@@ -319,9 +350,10 @@ def apply_fuse_structure(model: nn.Module, report: FuseReport) -> nn.Module:
     return model
 
 
-def _reparameterize_blocks(model: nn.Module, only: Optional[set] = None) -> List[str]:
+def _reparameterize_blocks(model: nn.Module, only: Optional[set] = None, skip: Optional[set] = None) -> List[str]:
     """Let Rep blocks (RepVGG, MobileOne, ...) merge their branches through their own methods,
-    the way timm's `reparameterize_model` does, remembering which ones did (`only`: just these names)."""
+    the way timm's `reparameterize_model` does, remembering which ones did (`only`: just these names;
+    `skip`: not these, e.g. the blocks an earlier fuse merged already)."""
     done: List[str] = []
 
     def walk(parent: nn.Module, prefix: str):
@@ -329,7 +361,7 @@ def _reparameterize_blocks(model: nn.Module, only: Optional[set] = None) -> List
             name = f"{prefix}{child_name}"
             if isinstance(child, nn.modules.conv._ConvNd):
                 continue
-            if only is not None and name not in only:
+            if (only is not None and name not in only) or (skip is not None and name in skip):
                 pass
             elif hasattr(child, "fuse") and callable(child.fuse):
                 setattr(parent, child_name, child.fuse())

@@ -17,7 +17,8 @@ Metadata keys (every value a string; the structured ones are JSON):
     refconv          {"map_k", "init", "train_scope", "converted": [layer names]}   (RefConv layers present)
     fuse             {"folded", "fused": [[conv, norm]], "reparameterized", "left_alone": [[norm, why]],
                       "verified", "max_abs_error", "max_rel_error", "rtol", "atol", "input_shapes"}
-                                                                                   (fused structure present)
+                                                                                   (fused structure present;
+                      a model fused again, e.g. fused -> RefConv -> fused, lists every earlier pair and block too)
     extra            the caller's `extra_metadata` (JSON object), when given
 
 A model without a rebuildable architecture (a custom module, or one unpickled from `torch.save(model)`)
@@ -39,7 +40,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import check_compatible, check_readable, load_checkpoint, read_state_dict, _is_safetensors, _one_line
+from .checkpoint import (check_compatible, check_readable, deployment_artifact_kind, load_checkpoint, read_state_dict,
+                         _is_safetensors, _one_line)
 from .deploy import FuseReport, apply_fuse_structure
 from .errors import CheckpointError, EquivalenceError, ReparamError
 from .surgery import convert, refconv_layers
@@ -48,7 +50,7 @@ from . import torchvision_models
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STAGES", "ARCH_ATTR", "EXPORT_FORMATS", "EXPORT_SUFFIXES",
     "ArchitectureError", "ModelFileInfo", "ResolvedModel", "ExportResult",
-    "create_model", "set_num_classes", "architecture_of", "is_architecture",
+    "create_model", "set_num_classes", "architecture_of", "is_architecture", "ArchitectureUnknownError",
     "model_stage", "model_metadata", "parse_metadata", "read_info",
     "save", "load", "load_model", "resolve_model", "export",
     "check_output_path", "check_finite", "atomic_write",
@@ -66,6 +68,11 @@ PathLike = Union[str, os.PathLike]
 
 class ArchitectureError(ReparamError):
     """An architecture name that timm does not know, or a model that cannot be rebuilt from its name."""
+
+
+class ArchitectureUnknownError(CheckpointError):
+    """A weights file that does not say its architecture (a bare state_dict, a safetensors file without
+    reparam metadata): it needs `arch`."""
 
 
 # -- architectures --------------------------------------------------------------------------------------
@@ -652,11 +659,11 @@ def load(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
         if trust_pickle:
             return _unpickled_module(path)
         read_state_dict(path)  # raises for pickled objects without unpickling them
-        raise CheckpointError(_bare_state_dict_message(path))
+        raise ArchitectureUnknownError(_bare_state_dict_message(path))
     tensors, meta = read_state_dict(path)
     info = parse_metadata(meta, source=path)
     if info is None:
-        raise CheckpointError(_no_metadata_message(path))
+        raise ArchitectureUnknownError(_no_metadata_message(path))
     return _restore(info, tensors, source=path)
 
 
@@ -728,11 +735,13 @@ def _unpickled_module(path: str) -> nn.Module:
             if isinstance(obj.get(key), nn.Module):
                 return obj[key]
         if any(isinstance(v, (torch.Tensor, dict)) for v in obj.values()):
-            raise CheckpointError(_bare_state_dict_message(path))
+            raise ArchitectureUnknownError(_bare_state_dict_message(path))
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, neither a model nor a state_dict")
 
 
 def _unpickle(path: str) -> Any:
+    if deployment_artifact_kind(path) is not None:
+        read_state_dict(path)  # raises the deployment-artifact error
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
@@ -786,6 +795,8 @@ def resolve_model(
 ) -> ResolvedModel:
     """`load_model`, also saying what the argument turned out to be."""
     spec = os.fspath(spec)
+    if pretrained and checkpoint is not None:
+        raise ArchitectureError("pass either pretrained weights or a checkpoint, not both")
     if arch is not None and not is_architecture(arch):
         raise ArchitectureError(_unknown_architecture_message(arch))
     if os.path.exists(spec):
@@ -835,9 +846,9 @@ def _resolve_file(path: str, *, arch: Optional[str], num_classes: Optional[int],
         model = _unpickled_module(path)
         return ResolvedModel(model, "pickle", f"{path}: pickled {type(model).__name__} (trusted)", path=path)
     if _is_safetensors(path):
-        raise CheckpointError(_no_metadata_message(path))
+        raise ArchitectureUnknownError(_no_metadata_message(path))
     read_state_dict(path)  # refuses pickled objects without unpickling them
-    raise CheckpointError(_bare_state_dict_message(path))
+    raise ArchitectureUnknownError(_bare_state_dict_message(path))
 
 
 def _looks_like_path(spec: str) -> bool:

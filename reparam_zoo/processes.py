@@ -13,7 +13,24 @@ import torch.distributed as dist
 
 from .errors import ReparamError
 
-__all__ = ["Processes", "StopRequest"]
+__all__ = ["Processes", "StopRequest", "check_device"]
+
+
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """`device` as a torch.device that exists here, or a ReparamError saying why not."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ReparamError(f"unknown device '{device}' (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ReparamError(f"device '{device}': no CUDA GPU is available here")
+        if device.index is not None and device.index >= count:
+            raise ReparamError(f"device '{device}': only {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise ReparamError(f"device '{device}': training runs on cpu or cuda")
+    return device
 
 
 @dataclass
@@ -40,7 +57,7 @@ class Processes:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = check_device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         if world_size <= 1:

@@ -38,7 +38,7 @@ from .surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
 from . import torchvision_models
 from .processes import Processes, StopRequest
 
-__all__ = ["train", "resume", "TrainConfig", "TrainResult", "TrainError", "OPTIMIZERS"]
+__all__ = ["train", "resume", "default_warmup_epochs", "TrainConfig", "TrainResult", "TrainError", "OPTIMIZERS"]
 
 OPTIMIZERS = {"sgd": "momentum", "adamw": "adamw"}  # our name -> timm's (timm's "sgd" is Nesterov)
 CONFIG_FILE = "config.json"
@@ -46,6 +46,10 @@ STATE_FILE = "train_state.pt"
 LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 DEPLOY_FILE = "deploy.safetensors"
+# A model without a rebuildable architecture (a trusted pickle) is written as whole-module pickles instead:
+# no safetensors file could say what to rebuild.
+PICKLE_FILES = {LAST_FILE: "last.pt", BEST_FILE: "best.pt", DEPLOY_FILE: "deploy.pt"}
+MODEL_FILES = ("safetensors", "pickle")
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 LOG_FILE = "train.log"
@@ -71,10 +75,10 @@ class TrainConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 4e-5
-    warmup_epochs: int = 1
+    warmup_epochs: int = 1  # `train` defaults it to 1 with at least 2 epochs, else 0
     input_size: Optional[int] = None
     num_classes: Optional[int] = None
-    train_scope: str = "transforms"
+    train_scope: Optional[str] = None  # None until the run starts: the model's own (converted), else transforms
     map_k: int = 3
     amp: bool = False
     channels_last: bool = False
@@ -86,6 +90,7 @@ class TrainConfig:
     pretrained: bool = False
     trust_pickle: bool = False
     world_size: int = 1
+    model_files: str = "safetensors"  # set when the run starts: "pickle" for a model without an architecture
 
     def check(self) -> None:
         def positive_int(name):
@@ -111,8 +116,10 @@ class TrainConfig:
             raise TrainError(f"weight-decay must be >= 0, got {self.weight_decay!r}")
         if self.optimizer not in OPTIMIZERS:
             raise TrainError(f"unknown optimizer '{self.optimizer}', expected one of {', '.join(OPTIMIZERS)}")
-        if self.train_scope not in TRAIN_SCOPES:
+        if self.train_scope is not None and self.train_scope not in TRAIN_SCOPES:
             raise TrainError(f"unknown train-scope '{self.train_scope}', expected one of {', '.join(TRAIN_SCOPES)}")
+        if self.model_files not in MODEL_FILES:
+            raise TrainError(f"unknown model-files '{self.model_files}', expected one of {', '.join(MODEL_FILES)}")
 
 
 @dataclass
@@ -148,10 +155,10 @@ def train(
     optimizer: str = "sgd",
     momentum: float = 0.9,
     weight_decay: float = 4e-5,
-    warmup_epochs: int = 1,
+    warmup_epochs: Optional[int] = None,
     input_size: Optional[int] = None,
     num_classes: Optional[int] = None,
-    train_scope: str = "transforms",
+    train_scope: Optional[str] = None,
     map_k: int = 3,
     amp: bool = False,
     channels_last: bool = False,
@@ -169,16 +176,24 @@ def train(
 
     `model` is an `nn.Module` (never modified; a copy trains) or anything `reparam convert` accepts (a timm or
     zoo name, a reparam file, a state_dict checkpoint with `arch`, a pickle with `trust_pickle`). A model
-    without RefConv layers is converted first (`map_k`, zero init); `train_scope` says what trains. A head
-    of the wrong size is replaced only when `num_classes` says so (the new head then trains too).
+    without RefConv layers is converted first (`map_k`, zero init). `train_scope` says what trains; None
+    (the default) keeps the scope of an already converted model (its `refconv_summary.train_scope`) and is
+    "transforms" for a model converted here. A head of the wrong size is replaced only when `num_classes`
+    says so (the new head then trains too).
 
-    Defaults follow the RefConv recipe: SGD with momentum 0.9, weight decay 4e-5, linear warmup then cosine
-    decay per step. `batch_size` is per process. Writes into `output_dir` (new or empty; default
-    `runs/<model>-<time>`): config.json, train.log, metrics.jsonl, metrics.png, last/best.safetensors,
-    train_state.pt, and with `fuse` the verified deploy model. Ctrl-C / SIGTERM stops after the current step
-    with a checkpoint; `resume(output_dir)` continues it.
+    Defaults follow the RefConv recipe: SGD with momentum 0.9, weight decay 4e-5, linear warmup (None: 1
+    epoch when there are at least 2, else none) then cosine decay per step. `batch_size` is per process.
+    Writes into `output_dir` (new or empty; default `runs/<model>-<time>`): config.json (the settings as
+    used, scope and warmup resolved), train.log, metrics.jsonl, metrics.png, last/best.safetensors,
+    train_state.pt, and with `fuse` the verified deploy model (deploy.safetensors). A model without a
+    rebuildable architecture is written as whole-module pickles (last.pt, best.pt, deploy.pt; read them with
+    `trust_pickle=True` / --trust-pickle) when `trust_pickle` is set (a pickled MODEL needs it anyway), else
+    as bare safetensors state_dicts. Ctrl-C / SIGTERM stops after the current step with a checkpoint;
+    `resume(output_dir)` continues it.
     """
     spec = model if isinstance(model, nn.Module) else _absolute_if_file(model)
+    if warmup_epochs is None:
+        warmup_epochs = default_warmup_epochs(epochs)
     config = TrainConfig(
         model=f"<in-memory {type(spec).__name__}>" if isinstance(spec, nn.Module) else spec,
         data_dir=os.path.abspath(data_dir), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
@@ -190,6 +205,11 @@ def train(
     )
     return _Run(config, output_dir, model=spec if isinstance(spec, nn.Module) else None, resuming=False,
                 device=device, verbose=verbose).run()
+
+
+def default_warmup_epochs(epochs: Any) -> int:
+    """The warmup when none is given: 1 epoch when there are at least 2, else none."""
+    return 1 if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 2 else 0
 
 
 def resume(
@@ -205,8 +225,10 @@ def resume(
     """Continue the run in `output_dir` from its last checkpoint, with its saved settings.
 
     On CPU with the same number of processes the result is bit-identical to an uninterrupted run. `epochs`
-    extends (or shortens) the run; `model` is needed when the run trained an in-memory model whose
-    architecture cannot be rebuilt from its file (pass the same model as to `train`).
+    extends (or shortens) the run; `model` is needed only when the run trained an in-memory model whose
+    architecture cannot be rebuilt from its files (pass the same model as to `train`). A run of a model
+    without an architecture tag (a trusted pickle) re-loads its MODEL as the run did, with its saved
+    `trust_pickle`, and then the last checkpoint's weights.
     """
     output_dir = os.fspath(output_dir)
     config = read_config(output_dir)
@@ -298,6 +320,9 @@ class _Run:
 
     def _run(self) -> TrainResult:
         config = self.config
+        # resuming: the epochs already trained first, they explain a too small --epochs better than the
+        # warmup check would
+        state = self._read_state() if self.resuming else None
         config.check()
         check_data_dir(config.data_dir)  # before loading what may be a large model
         if not self.resuming:
@@ -305,7 +330,6 @@ class _Run:
         # checked first, created only once the model and the data have passed their checks: a run that cannot
         # start leaves no folder behind that would block the corrected command
         self.output_dir = self.procs.on_main(self._check_output_dir)
-        state = self._read_state() if self.resuming else None
         if state is not None and config.world_size != self.procs.world_size:
             self.log(f"warning: resuming on {self.procs.world_size} processes, the run used {config.world_size}: "
                      "data order differs, so the result is not bit-identical to an uninterrupted run")
@@ -382,34 +406,60 @@ class _Run:
         Also builds the data sets: their transforms follow the input model's preprocessing config.
         """
         config = self.config
-        last = os.path.join(self.output_dir, LAST_FILE)
+        last = self._path(LAST_FILE)
         if state is not None and self.given_model is None:
-            model = self._load_last_model(last)
-            self._build_data(model)
-            self._set_trainable(model, state["trainable"])
-            return None, model
+            if config.model_files == "safetensors" and self._describes_architecture(last):
+                model = self._load_last_model(last)
+                self._build_data(model)
+                self._set_trainable(model, state["trainable"])
+                return None, model
+            if config.model.startswith("<in-memory"):
+                raise TrainError(
+                    f"{last} does not describe its architecture (the run trained an in-memory model, "
+                    f"{config.model.strip('<>').split()[-1]}); pass the same model to resume(model=...)"
+                )
+            # no architecture in the file (a pickled MODEL): rebuild the model as the run did, then load the
+            # last weights into it
         base = self._load_input_model()
         self._build_data(base)
         head = self._fit_head(base)
         if refconv_layers(base):
             model = base
-            apply_train_scope(model, config.train_scope)
             summary = getattr(model, "refconv_summary", None)
+            own = getattr(summary, "train_scope", None)
+            own = own if own in TRAIN_SCOPES else None
+            if config.train_scope is None:  # not given: the model's own, recorded in config.json from now on
+                config.train_scope = own or "transforms"
+                how = "the model's own" if own else "default; the model does not record one"
+            elif state is not None:
+                how = "as the run started"
+            else:
+                how = "given" + (f"; the model's own is {own}" if own and own != config.train_scope else "")
+            apply_train_scope(model, config.train_scope)
             if summary is not None:
                 summary.train_scope = config.train_scope
             self.log(f"model is already converted ({len(refconv_layers(model))} RefConv layers); "
-                     f"training scope {config.train_scope}")
-            # its plain form is what it has to agree with: exactly while the transforms are still zero
-            self.exact_expected = all(not bool(m.transform_weight.any()) for _, m in refconv_layers(model))
-            base = fold(model)
-            self.base_name = "folded model"
+                     f"training scope {config.train_scope} ({how})")
+            if state is None:
+                # its plain form is what it has to agree with: exactly while the transforms are still zero
+                self.exact_expected = all(not bool(m.transform_weight.any()) for _, m in refconv_layers(model))
+                base = fold(model)
+                self.base_name = "folded model"
         else:
+            if config.train_scope is None:
+                config.train_scope = "transforms"
             model = convert(base, map_k=config.map_k, train_scope=config.train_scope)
             self.log(f"converted with default settings (map_k={config.map_k}, zero init): "
                      + str(model.refconv_summary).splitlines()[0].removeprefix("RefConv: "))
         for name, p in model.named_parameters():
             if name in head:
                 p.requires_grad_(True)
+        if state is None:
+            from .modelfile import architecture_of
+
+            # no safetensors file can rebuild a model without an architecture tag: a trusted pickle's run
+            # writes whole-module pickles, which reparam's commands read back with --trust-pickle
+            config.model_files = "pickle" if architecture_of(model) is None and config.trust_pickle else "safetensors"
         if state is not None:
             self._set_trainable(model, state["trainable"])
             self._load_weights(model, last, state)
@@ -470,21 +520,40 @@ class _Run:
         for name, p in model.named_parameters():
             p.requires_grad_(name in names)
 
-    def _load_last_model(self, path: str) -> nn.Module:
-        from .modelfile import load, read_info
+    def _path(self, name: str) -> str:
+        """The run's file `name`, as this run writes it (model files: safetensors or pickles)."""
+        if self.config.model_files == "pickle":
+            name = PICKLE_FILES.get(name, name)
+        return os.path.join(self.output_dir, name)
 
-        if read_info(path) is None:
-            raise TrainError(
-                f"{path} does not describe its architecture (the run trained an in-memory model); "
-                "pass the same model to resume(model=...)"
-            )
+    @staticmethod
+    def _describes_architecture(path: str) -> bool:
+        from .modelfile import read_info
+
+        return read_info(path) is not None
+
+    def _load_last_model(self, path: str) -> nn.Module:
+        from .modelfile import load
+
         model = load(path)
         self.log(f"model: {path}")
         return model
 
-    def _load_weights(self, model: nn.Module, path: str, state: Dict[str, Any]) -> None:
+    def _read_model_file(self, path: str) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+        """The tensors of a model file this run wrote, and its training tag (None: none recorded)."""
+        if self.config.model_files == "pickle":
+            from .modelfile import load
+
+            # written by this run, from a MODEL the run was told to trust
+            module = load(path, trust_pickle=True)
+            extra = getattr(module, "reparam_extra", None)
+            tag = extra.get("train") if isinstance(extra, dict) else None
+            return module.state_dict(), tag if isinstance(tag, dict) else None
         tensors, meta = read_state_dict(path)
-        tag = _train_tag(meta)
+        return tensors, _train_tag(meta)
+
+    def _load_weights(self, model: nn.Module, path: str, state: Dict[str, Any]) -> None:
+        tensors, tag = self._read_model_file(path)
         if tag is None or tag.get("global_step") != state["global_step"]:
             raise TrainError(
                 f"{path} and {STATE_FILE} are from different steps (the run was killed while checkpointing?); "
@@ -548,13 +617,18 @@ class _Run:
             raise CheckpointError(f"{path}: unreadable training state ({_one_line(e)})") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CheckpointError(f"{path}: not a training state of this reparam-zoo version")
-        done = state["epoch"] >= self.config.epochs and state["step"] == 0
-        if done:
+        epochs = self.config.epochs
+        if state["step"] == 0 and state["epoch"] >= epochs:
+            if state["epoch"] == epochs:
+                raise TrainError(
+                    f"{self.output_dir}: the run already finished its {state['epoch']} epochs; pass a larger "
+                    "--epochs to train on"
+                )
             raise TrainError(
-                f"{self.output_dir}: the run already finished its {state['epoch']} epochs; pass a larger --epochs "
-                "to train on"
+                f"{self.output_dir}: the run already trained {state['epoch']} epochs; --epochs must be more than "
+                f"that to extend it, got {epochs}"
             )
-        if state["epoch"] >= self.config.epochs:
+        if state["epoch"] >= epochs:
             raise TrainError(f"{self.output_dir}: was stopped in epoch {state['epoch'] + 1}; --epochs "
                              f"{self.config.epochs} would end before it")
         return state
@@ -582,7 +656,7 @@ class _Run:
         if not self.procs.is_main:
             return
         tag = {"epoch": self.epoch, "step": self.step, "global_step": self.global_step}
-        self._save_model(self.model, os.path.join(self.output_dir, LAST_FILE), {"train": tag})
+        self._save_model(self.model, self._path(LAST_FILE), {"train": tag})
         state = {
             "version": STATE_VERSION, **tag, "partial": list(self.partial),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
@@ -595,22 +669,41 @@ class _Run:
         atomic_write(os.path.join(self.output_dir, STATE_FILE), lambda tmp: torch.save(state, tmp))
 
     def _save_model(self, model: nn.Module, path: str, extra: Dict[str, Any]) -> None:
-        """A reparam model file when the architecture is known, else a bare safetensors state_dict."""
+        """A reparam model file when the architecture is known; else a whole-module pickle (a run of a trusted
+        pickle, `model_files` "pickle"), or a bare safetensors state_dict (an in-memory model)."""
         from .modelfile import architecture_of, atomic_write, check_finite, save
 
         if architecture_of(model) is not None:
             save(model, path, extra_metadata=extra)
+            return
+        if self.config.model_files == "pickle":
+            # the extra metadata travels as the attribute `load` gives reparam files (`reparam_extra`)
+            missing = object()
+            previous = model.__dict__.get("reparam_extra", missing)
+            model.reparam_extra = extra
+            try:
+                save(model, path, trust_pickle=True)
+            finally:
+                if previous is missing:
+                    del model.reparam_extra
+                else:
+                    model.reparam_extra = previous
+            self._note_once(f"{type(model).__name__} has no rebuildable architecture: model files are whole-module "
+                            "pickles (.pt; read them with --trust-pickle / reparam_zoo.load(path, trust_pickle=True))")
             return
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         check_finite(state)
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"extra": json.dumps(extra)}))
-        if not getattr(self, "_bare_noted", False):
-            self._bare_noted = True
-            self.notes.append(f"{type(model).__name__} has no rebuildable architecture: model files are bare "
-                              "state_dicts (load them with reparam_zoo.load_checkpoint)")
-            self.log(f"note: {self.notes[-1]}")
+        self._note_once(f"{type(model).__name__} has no rebuildable architecture: model files are bare state_dicts "
+                        "(load them with reparam_zoo.load_checkpoint; trust_pickle=True writes whole-module pickles "
+                        "instead)")
+
+    def _note_once(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+            self.log(f"note: {note}")
 
     # -- training --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -681,7 +774,7 @@ class _Run:
         metrics = after
         self.history = [{"epoch": 0, **metrics}]
         self.best = {"epoch": 0, **metrics}
-        self.procs.on_main(lambda: self._save_model(self.model, os.path.join(self.output_dir, BEST_FILE),
+        self.procs.on_main(lambda: self._save_model(self.model, self._path(BEST_FILE),
                                                     {"train": {"epoch": 0, **metrics}}))
         self.procs.on_main(self._write_metrics)
 
@@ -693,11 +786,15 @@ class _Run:
             if p.requires_grad:
                 key = "transforms" if id(p) in transforms else "other"
                 counts[key] = counts.get(key, 0) + p.numel()
-        total = sum(p.numel() for p in self.model.parameters())
+        # the same total as `reparam report`'s training params: every parameter plus the frozen base kernels
+        # (buffers, not parameters)
+        base_kernels = sum(m.weight_base.numel() for _, m in refconv_layers(self.model))
+        total = sum(p.numel() for p in self.model.parameters()) + base_kernels
         self.log(
             f"training {config.train_scope}: {counts.get('transforms', 0):,} transform params"
             + (f" + {counts['other']:,} other" if counts.get("other") else "")
-            + f" of {total:,} params | {len(self.data.train)} train / {len(self.data.val)} val images, "
+            + f" of {total:,} training params, base kernels included | {len(self.data.train)} train / "
+            f"{len(self.data.val)} val images, "
             f"{len(self.classes)} classes, input {self.input_size[1]}x{self.input_size[2]}"
         )
         self.log(
@@ -800,7 +897,7 @@ class _Run:
         improved = (val["val_acc"], -val["val_loss"]) > (self.best["val_acc"], -self.best["val_loss"])
         if improved:
             self.best = {"epoch": row["epoch"], **val}
-            self.procs.on_main(lambda: self._save_model(self.model, os.path.join(self.output_dir, BEST_FILE),
+            self.procs.on_main(lambda: self._save_model(self.model, self._path(BEST_FILE),
                                                         {"train": {"epoch": row["epoch"], **val}}))
         self.procs.on_main(self._save_checkpoint)
         self.procs.on_main(self._write_metrics)
@@ -833,7 +930,7 @@ class _Run:
         files = {}
         for key, name in (("config", CONFIG_FILE), ("log", LOG_FILE), ("metrics", METRICS_FILE), ("plot", PLOT_FILE),
                           ("last", LAST_FILE), ("best", BEST_FILE), ("state", STATE_FILE), ("deploy", DEPLOY_FILE)):
-            path = os.path.join(self.output_dir, name)
+            path = self._path(name)
             if os.path.exists(path):
                 files[key] = path
         if not interrupted:
@@ -868,18 +965,19 @@ class _Run:
         atomic_write(os.path.join(self.output_dir, PLOT_FILE), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
     def _write_deploy_model(self) -> None:
-        """Fuse the best model into the deploy structure, verified against it, as deploy.safetensors."""
+        """Fuse the best model into the deploy structure, verified against it, as deploy.safetensors (deploy.pt
+        for a model without an architecture)."""
         best = copy.deepcopy(self.model).cpu().float().eval()
-        tensors, _ = read_state_dict(os.path.join(self.output_dir, BEST_FILE))
+        tensors, _ = self._read_model_file(self._path(BEST_FILE))
         best.load_state_dict(tensors, strict=True)
         example = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0))
         deployed = fuse_model(best, example_inputs=example)
         report = deployed.fuse_report
-        self._save_model(deployed, os.path.join(self.output_dir, DEPLOY_FILE),
+        self._save_model(deployed, self._path(DEPLOY_FILE),
                          {"train": {"epoch": self.best["epoch"], "val_acc": self.best["val_acc"]}})
         self.log(f"deploy model (best, epoch {self.best['epoch']}): {len(report.folded)} RefConvs folded, "
                  f"{len(report.fused)} conv+BN fused, verified (max abs error {report.max_abs_error:.2g}) -> "
-                 f"{DEPLOY_FILE}")
+                 f"{os.path.basename(self._path(DEPLOY_FILE))}")
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------

@@ -168,6 +168,12 @@ def test_tiny_model_fused_to_every_format(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["t.refconv.safetensors"] + [f"t.fused{s}" for s in mf.EXPORT_SUFFIXES.values()])
+    # the artifacts are for inference runtimes: reading one back as a model is refused with what it is
+    for fmt, kind in (("onnx", "an ONNX"), ("torchscript", "a TorchScript"), ("pt2", r"a pt2 \(torch.export\)")):
+        path = tmp_path / f"t.fused{mf.EXPORT_SUFFIXES[fmt]}"
+        for trust in ([], ["--trust-pickle"]):
+            fails(tmp_path, 1, f"{path.name}: {kind} deployment artifact, made for inference runtimes",
+                  "report", path, *trust)
 
 
 def test_no_verify_and_an_already_fused_model(files, tmp_path):
@@ -335,13 +341,38 @@ def test_bad_output_paths(files):
     fails(files, 2, r"folder '.*missing' does not exist", "fuse", files / "tiny.safetensors",
           "-o", files / "missing" / "f.safetensors")
     fails(files, 2, r"is a directory", "fuse", files / "tiny.safetensors", "-o", files)
-    fails(files, 1, r"cannot be a safetensors file", "fuse", files / "whole.pt", "--trust-pickle",
+    fails(files, 2, r"'.*new.safetensors': a model without a rebuildable architecture is written as a whole-module "
+          r"pickle; name it <name>.pt", "fuse", files / "whole.pt", "--trust-pickle",
           "--input-size", "3,32,32", "-o", files / "new.safetensors")
 
 
+def test_options_that_do_not_go_together_and_compare_without_arch(files):
+    fails(files, 2, r"--pretrained and --checkpoint both give the weights; pass one of them", "report",
+          "tiny_reptest", "--pretrained", "--checkpoint", files / "tiny.pth")
+    fails(files, 1, r"tiny.pth: a weights file that does not say its architecture, and compare takes no --arch; "
+          r"compare the architecture name instead", "compare", files / "tiny.safetensors", files / "tiny.pth")
+
+
+def test_output_names_and_formats_must_agree(files, tmp_path):
+    # the file name says what it holds: nothing is written under a misleading name
+    fails(files, 2, r"'.*ck.pth': the model is written as a safetensors model file; name it <name>.safetensors",
+          "convert", files / "tiny.safetensors", "--refconv", "-o", files / "ck.pth")
+    fails(files, 2, r"'.*ck.onnx' names an ONNX file; convert writes a model file", "convert",
+          files / "tiny.safetensors", "--refconv", "-o", files / "ck.onnx")
+    fails(files, 2, r"'.*m.safetensors' names a safetensors file, but --format is onnx", "fuse",
+          files / "tiny.safetensors", "--format", "onnx", "-o", files / "m.safetensors")
+    fails(files, 2, r"'.*m.pt2' names a pt2 \(torch.export\) file, but --format is torchscript", "fuse",
+          files / "tiny.safetensors", "--format", "torchscript", "-o", files / "m.pt2")
+    # without --format, the output's name picks the format
+    ok("fuse", files / "tiny.safetensors", "--input-size", "3,32,32", "-o", tmp_path / "m.onnx")
+    import onnx
+
+    assert onnx.load(str(tmp_path / "m.onnx")).graph.input[0].name
+
+
 def test_malformed_option_values(files):
-    for size in ("3,a", "0", "3,,4", "-3,32,32", "x"):
-        fails(files, 2, r"Invalid value for '--input-size': expected positive integers C,H,W",
+    for size in ("3,a", "0", "3,,4", "-3,32,32", "x", "32x32", "3,32", "3,32,32,32"):
+        fails(files, 2, r"Invalid value for '--input-size': expected C,H,W as three positive integers",
               "fuse", files / "tiny.safetensors", "--input-size", size, "-o", files / "out.safetensors")
     fails(files, 2, r"Invalid value for '--format'", "report", files / "tiny.safetensors", "--format", "xml")
     fails(files, 2, r"two comma-separated names", "compare", "tiny_reptest", "tiny_reptest", "--names", "a")

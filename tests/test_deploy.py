@@ -95,9 +95,68 @@ def test_fuse_is_idempotent_and_warns_in_train_mode():
     with pytest.warns(UserWarning, match="train mode"):
         once = fuse(randomize_transforms(convert(model)), example_inputs=x)
     twice = fuse(once, example_inputs=x)
-    assert twice.fuse_report.fused == [] and twice.fuse_report.folded == []
+    # nothing left to fold or fuse, and the report still describes the whole fused structure
+    assert once.fuse_report.fused and once.fuse_report.folded
+    assert twice.fuse_report.fused == once.fuse_report.fused
+    assert twice.fuse_report.folded == once.fuse_report.folded
     assert twice.fuse_report.verified
     assert str(twice.state_dict().keys()) == str(once.state_dict().keys())
+
+
+def test_fusing_a_fused_then_converted_model_keeps_the_earlier_structure():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    once = fuse(randomize_bn(timm.create_model("test_resnet", num_classes=4)).eval(), example_inputs=x)
+    first = once.fuse_report
+    assert len(first.fused) == 15 and not any(isinstance(m, nn.BatchNorm2d) for m in once.modules())
+
+    again = randomize_transforms(convert(once), seed=1).eval()
+    assert again.fuse_report == first  # convert carries the report along
+    twice = fuse(again, example_inputs=x)
+    report = twice.fuse_report
+    # the structure: earlier pairs (no new ones: the norms are gone), every RefConv folded
+    assert report.fused == first.fused
+    assert first.folded == [] and report.folded == [n for n, _ in refconv_layers(again)]
+    assert report.reparameterized == [] and report.left_alone == []
+    # the numbers: those of the latest fuse (against the converted model), recomputed independently
+    assert report.verified
+    assert (report.max_abs_error, report.max_rel_error) == reparam_zoo.deploy.verify_equivalence(
+        again, twice, (x,), rtol=1e-4, atol=1e-5)[:2]
+    assert report.max_abs_error > 0  # the random transforms changed the weights
+    assert not torch.equal(twice.conv1[0].weight, once.conv1[0].weight)
+    # the earlier report is left as it was
+    assert once.fuse_report is first and len(first.fused) == 15
+
+    unverified = fuse(again, example_inputs=x, verify=False).fuse_report
+    assert unverified.fused == first.fused and not unverified.verified and unverified.max_abs_error is None
+
+
+def test_rep_blocks_merged_by_an_earlier_fuse_are_not_merged_again():
+    class OneShotRep(nn.Module):
+        """Merges its branches once; a second `reparameterize` would fail (the branches are gone)."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.merged = None
+
+        def forward(self, x):
+            return self.merged(x) if self.merged is not None else self.a(x) + self.b(x)
+
+        def reparameterize(self):
+            self.merged = nn.Conv2d(4, 4, 3, padding=1)
+            self.merged.weight.data.copy_(self.a.weight + self.b.weight)
+            self.merged.bias.data.copy_(self.a.bias + self.b.bias)
+            del self.a, self.b
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), OneShotRep())
+    x = torch.randn(1, 3, 8, 8)
+    once = fuse(randomize_bn(model).eval(), example_inputs=x)
+    assert once.fuse_report.reparameterized == ["2"] and once.fuse_report.fused == [("0", "1")]
+    twice = fuse(randomize_transforms(convert(once), seed=2).eval(), example_inputs=x)
+    assert twice.fuse_report.reparameterized == ["2"] and twice.fuse_report.fused == [("0", "1")]
+    assert twice.fuse_report.folded == ["0", "2.merged"]
 
 
 def test_batchnorm_act_keeps_its_activation():

@@ -262,6 +262,82 @@ def test_fused_then_converted_keeps_both_structures(tmp_path):
     torch.testing.assert_close(outputs(mf.load(path), X), outputs(again, X), rtol=0, atol=0)
 
 
+def test_fused_converted_and_fused_again_rebuilds_the_whole_history(tmp_path):
+    once = fuse(randomize_transforms(convert(tiny()), seed=0).eval(), example_inputs=X[:1])
+    first = once.fuse_report
+    assert first.fused == [("stem", "bn"), ("dw", "bn_dw")] and first.reparameterized == ["rep"]
+    again = randomize_transforms(convert(once), seed=1).eval()
+    assert [n for n, _ in refconv_layers(again)] == ["stem", "dw", "rep.merged"]
+    twice = fuse(again, example_inputs=X[:1])  # RepBlock.reparameterize would fail if it ran again
+    report = twice.fuse_report
+    assert report.fused == first.fused and report.reparameterized == ["rep"]
+    assert report.folded == ["stem", "dw", "rep.conv3", "rep.merged"]
+    # the verification numbers are the latest fuse's (against `again`), recomputed independently
+    assert report.verified and report.max_rel_error != first.max_rel_error
+    assert (report.max_abs_error, report.max_rel_error) == reparam_zoo.deploy.verify_equivalence(
+        again, twice, (X[:1],), rtol=1e-4, atol=1e-5)[:2]
+    assert not torch.equal(twice.stem.weight, once.stem.weight)  # the new transforms were folded in
+    torch.testing.assert_close(outputs(twice, X), outputs(again, X), rtol=1e-4, atol=1e-5)
+
+    path = mf.save(twice, tmp_path / "twice.fused.safetensors")
+    fuse_meta = json.loads(raw_metadata(path)["fuse"])
+    assert fuse_meta["fused"] == [["stem", "bn"], ["dw", "bn_dw"]] and fuse_meta["reparameterized"] == ["rep"]
+    assert (fuse_meta["max_abs_error"], fuse_meta["max_rel_error"]) == (report.max_abs_error, report.max_rel_error)
+    assert fuse_meta["input_shapes"] == [[1, 3, 32, 32], [2, 3, 32, 32]]
+    info = mf.read_info(path)
+    assert info.stage == "fused" and info.fuse.fused == first.fused
+    loaded = mf.load(path)
+    assert list(loaded.state_dict()) == list(twice.state_dict())
+    for key, tensor in twice.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    assert loaded.fuse_report.fused == first.fused and loaded.fuse_report.reparameterized == ["rep"]
+    assert loaded.fuse_report.max_abs_error == report.max_abs_error
+    torch.testing.assert_close(outputs(loaded, X), outputs(twice, X), rtol=0, atol=0)
+
+    # and a third round, from the loaded file, keeps going
+    thrice = fuse(randomize_transforms(convert(loaded), seed=2).eval(), example_inputs=X[:1])
+    assert thrice.fuse_report.fused == first.fused and thrice.fuse_report.reparameterized == ["rep"]
+    reloaded = mf.load(mf.save(thrice, tmp_path / "thrice.fused.safetensors"))
+    torch.testing.assert_close(outputs(reloaded, X), outputs(thrice, X), rtol=0, atol=0)
+
+
+def test_cli_fuse_convert_fuse_writes_a_file_that_loads(tmp_path):
+    from click.testing import CliRunner
+    from reparam_zoo.cli.main import main
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args], prog_name="reparam")
+        assert result.exit_code == 0, (args, result.stdout, result.stderr, result.exception)
+        return result
+
+    torch.manual_seed(0)
+    plain = mf.save(randomize_bn(mf.create_model("test_resnet", num_classes=10)), tmp_path / "plain.safetensors")
+    a, a_fused = tmp_path / "a.safetensors", tmp_path / "a.fused.safetensors"
+    b, b_fused = tmp_path / "b.safetensors", tmp_path / "b.fused.safetensors"
+    run("convert", plain, "--refconv", "--init", "xavier", "--input-size", "32", "-o", a)
+    run("fuse", a, "--input-size", "32", "-o", a_fused)
+    run("convert", a_fused, "--refconv", "--init", "xavier", "--input-size", "32", "-o", b)
+    result = run("fuse", b, "--input-size", "32", "-o", b_fused)
+    assert f"wrote {b_fused} [safetensors]" in result.stdout
+
+    first, second = mf.read_info(a_fused).fuse, mf.read_info(b_fused).fuse
+    assert mf.read_info(b_fused).stage == "fused" and mf.read_info(b).fuse.fused == first.fused
+    assert len(first.fused) == 15 and second.fused == first.fused  # the first fuse's pairs are kept
+    assert second.verified and second.max_abs_error > 0 and second.max_rel_error != first.max_rel_error
+
+    refconv, fused = mf.load(b), mf.load(b_fused)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    # the file holds exactly what fusing the converted model in memory gives
+    in_memory = fuse(refconv.eval(), example_inputs=X[:1])
+    assert in_memory.fuse_report.fused == second.fused
+    assert in_memory.fuse_report.max_abs_error == second.max_abs_error
+    assert list(fused.state_dict()) == list(in_memory.state_dict())
+    for key, tensor in in_memory.state_dict().items():
+        assert torch.equal(fused.state_dict()[key], tensor), key
+    torch.testing.assert_close(outputs(fused, X), outputs(in_memory, X), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(fused, X), outputs(refconv, X), rtol=1e-4, atol=1e-5)
+
+
 def test_tied_weights_are_saved_and_stay_tied(tmp_path):
     model = tiny(tie_heads=True)
     assert model.state_dict()["aux.weight"].data_ptr() == model.state_dict()["head.weight"].data_ptr()

@@ -436,3 +436,199 @@ def test_cli_errors_are_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out")
     usage = CliRunner().invoke(main, ["train", "--data", str(tmp_path)])
     assert usage.exit_code == 2 and "missing MODEL (or --resume OUTDIR)" in usage.output
+    for device, message in (("tpu", "unknown device 'tpu' (expected cpu, cuda or cuda:N)"),
+                            ("cuda:x", "unknown device 'cuda:x'"), ("meta", "training runs on cpu or cuda")):
+        bad = CliRunner().invoke(main, ["train", "test_resnet", "--data", str(tmp_path), "--device", device])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    if not torch.cuda.is_available():
+        bad = CliRunner().invoke(main, ["train", "test_resnet", "--data", str(tmp_path), "--device", "cuda"])
+        assert bad.exit_code == 2 and "device 'cuda': no CUDA GPU is available here" in bad.output
+        with pytest.raises(ReparamError, match="no CUDA GPU is available here"):
+            train(TinyNet(), str(tmp_path), device="cuda:0", **FAST)
+    assert not os.listdir(tmp_path)
+
+
+# -- audit fixes: scope of a converted model, default warmup, pickled models, totals, data paths ----------------
+
+NO_WARMUP = {k: v for k, v in FAST.items() if k != "warmup_epochs"}  # the default warmup applies
+CLI_FAST = ["--input-size", "32", "--batch-size", "8", "--workers", "0", "-q"]
+
+
+def _config(out):
+    with open(os.path.join(str(out), "config.json")) as f:
+        return json.load(f)
+
+
+def _log(out):
+    with open(os.path.join(str(out), "train.log")) as f:
+        return f.read()
+
+
+def test_converted_model_trains_in_its_own_scope_unless_one_is_given(data_dir, tmp_path):
+    converted = reparam_zoo.convert(tiny_net(), train_scope="transforms+norm")
+    before = snapshot(converted)
+    own = train(converted, data_dir, output_dir=str(tmp_path / "own"), epochs=1, lr=0.5, **FAST)
+    trainable = {n for n, p in own.model.named_parameters() if p.requires_grad}
+    assert trainable == {"stem.transform_weight", "dw.transform_weight", "bn1.weight", "bn1.bias", "bn2.weight",
+                         "bn2.bias"}
+    assert not torch.equal(own.model.bn1.weight.detach(), before["bn1.weight"])  # the norms did train
+    assert _config(own.output_dir)["train_scope"] == "transforms+norm"
+    assert "training scope transforms+norm (the model's own)" in _log(own.output_dir)
+    assert own.model.refconv_summary.train_scope == "transforms+norm"
+
+    given = train(converted, data_dir, output_dir=str(tmp_path / "given"), epochs=1, lr=0.5, train_scope="transforms",
+                  **FAST)
+    assert {n for n, p in given.model.named_parameters() if p.requires_grad} == {"stem.transform_weight",
+                                                                                "dw.transform_weight"}
+    assert torch.equal(given.model.bn1.weight.detach(), before["bn1.weight"])
+    assert _config(given.output_dir)["train_scope"] == "transforms"
+    assert "training scope transforms (given; the model's own is transforms+norm)" in _log(given.output_dir)
+
+    plain = train(tiny_net(), data_dir, output_dir=str(tmp_path / "plain"), epochs=1, lr=0.5, **FAST)
+    assert _config(plain.output_dir)["train_scope"] == "transforms"  # converted here: the default
+    assert not any(p.requires_grad for n, p in plain.model.named_parameters() if n.startswith("bn"))
+
+
+def test_cli_keeps_the_scope_a_converted_file_was_saved_with_also_when_resumed(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "m.safetensors")  # what `reparam convert test_resnet --refconv --train-scope ...` writes
+    reparam_zoo.save(reparam_zoo.convert(reparam_zoo.create_model("test_resnet", num_classes=3),
+                                         train_scope="transforms+norm"), path)
+    out = str(tmp_path / "run")
+    runner = CliRunner()
+    first = runner.invoke(main, ["train", path, "--data", data_dir, "--epochs", "1", "--lr", "0.05", "-o", out,
+                                 *CLI_FAST])
+    assert first.exit_code == 0, first.output
+    assert _config(out)["train_scope"] == "transforms+norm"
+    assert "training scope transforms+norm (the model's own)" in _log(out)
+
+    def norms(file):
+        model = reparam_zoo.load(file)
+        return {n: p.detach().clone() for n, p in model.named_parameters()
+                if isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.BatchNorm2d)}
+
+    start, after_one = norms(path), norms(os.path.join(out, "last.safetensors"))
+    assert start and all(not torch.equal(start[n], after_one[n]) for n in start)
+    extended = runner.invoke(main, ["train", "--resume", out, "--epochs", "2"])
+    assert extended.exit_code == 0, extended.output
+    assert _config(out)["train_scope"] == "transforms+norm"
+    after_two = norms(os.path.join(out, "last.safetensors"))
+    assert all(not torch.equal(after_one[n], after_two[n]) for n in start), "the resumed run froze the norms"
+    assert reparam_zoo.load(os.path.join(out, "last.safetensors")).refconv_summary.train_scope == "transforms+norm"
+
+
+def test_default_warmup_is_one_epoch_only_when_there_are_two(data_dir, tmp_path):
+    one = train(tiny_net(), data_dir, output_dir=str(tmp_path / "one"), epochs=1, lr=0.5, **NO_WARMUP)
+    assert _config(one.output_dir)["warmup_epochs"] == 0
+    assert one.history[-1]["lr"] == pytest.approx(0.0)  # straight into the cosine, down to 0 in one epoch
+    assert "warmup 0 epoch(s)" in _log(one.output_dir)
+
+    two = train(tiny_net(), data_dir, output_dir=str(tmp_path / "two"), epochs=2, lr=0.5, **NO_WARMUP)
+    assert _config(two.output_dir)["warmup_epochs"] == 1
+    assert two.history[1]["lr"] == pytest.approx(0.5)  # the end of the warmup epoch: the peak
+    assert two.history[2]["lr"] == pytest.approx(0.0)
+
+    with pytest.raises(TrainError, match=r"warmup-epochs must be in \[0, epochs=1\), got 1"):
+        train(TinyNet(), data_dir, output_dir=str(tmp_path / "bad"), epochs=1, **{**NO_WARMUP, "warmup_epochs": 1})
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_cli_default_warmup_explicit_bad_warmup_and_too_few_epochs_to_extend(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    model = str(tmp_path / "whole.pt")
+    torch.save(tiny_net(), model)
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    common = [model, "--trust-pickle", "--data", data_dir, "--lr", "0.5", *CLI_FAST]
+
+    bad = runner.invoke(main, ["train", *common, "--epochs", "1", "--warmup-epochs", "1", "-o", out])
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines() == [bad.output.strip()]  # one line, before any model is loaded
+    assert "Invalid value for" in bad.output and "--warmup-epochs" in bad.output
+    assert "must be less than --epochs (1), got 1" in bad.output
+    assert not os.path.exists(out)
+
+    one = runner.invoke(main, ["train", *common, "--epochs", "1", "-o", out])
+    assert one.exit_code == 0, one.output
+    assert _config(out)["warmup_epochs"] == 0
+    two = runner.invoke(main, ["train", "--resume", out, "--epochs", "2"])
+    assert two.exit_code == 0, two.output
+    shorter = runner.invoke(main, ["train", "--resume", out, "--epochs", "1"])
+    assert shorter.exit_code == 1
+    assert shorter.output.strip() == (f"error: {out}: the run already trained 2 epochs; --epochs must be more than "
+                                      "that to extend it, got 1")
+    with pytest.raises(TrainError, match="already finished its 2 epochs; pass a larger --epochs"):
+        resume(out, verbose=False)
+
+
+def test_cli_pickled_model_writes_readable_pickles_and_resumes_exactly(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    runner = CliRunner()
+    settings = ["--trust-pickle", "--data", data_dir, "--num-classes", "3", "--epochs", "2", "--lr", "0.5", "--fuse",
+                *CLI_FAST]
+    straight_model, stopped_model = tiny_net(cls=lambda: SignalAt()), tiny_net(cls=lambda: SignalAt(at=6 + 3))
+    straight_model.reset_classifier(5)  # a head that has to be replaced
+    stopped_model.reset_classifier(5)
+    stopped_model.load_state_dict(straight_model.state_dict())
+    torch.save(straight_model, tmp_path / "straight.pt")
+    torch.save(stopped_model, tmp_path / "stopped.pt")  # Ctrl-C during step 3 of epoch 2
+
+    straight = str(tmp_path / "straight")
+    done = runner.invoke(main, ["train", str(tmp_path / "straight.pt"), *settings, "-o", straight])
+    assert done.exit_code == 0, done.output
+    names = ["config.json", "train.log", "metrics.jsonl", "metrics.png", "best.pt", "last.pt", "deploy.pt",
+             "train_state.pt"]
+    assert sorted(os.listdir(straight)) == sorted(names)
+    assert _config(straight)["model_files"] == "pickle" and _config(straight)["warmup_epochs"] == 1
+    for name in ("best.pt", "last.pt", "deploy.pt"):
+        shown = runner.invoke(main, ["report", os.path.join(straight, name), "--trust-pickle", "--input-size", "32",
+                                     "--depth", "0"])
+        assert shown.exit_code == 0, shown.output
+    best = reparam_zoo.load(os.path.join(straight, "best.pt"), trust_pickle=True).eval()
+    deployed = reparam_zoo.load(os.path.join(straight, "deploy.pt"), trust_pickle=True).eval()
+    assert len(refconv_layers(best)) == 2 and best.fc.out_features == 3 and not refconv_layers(deployed)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), best(x), rtol=1e-4, atol=1e-5)
+    fused = runner.invoke(main, ["fuse", os.path.join(straight, "last.pt"), "--trust-pickle", "--input-size", "32",
+                                 "-o", str(tmp_path / "last.fused.pt")])
+    assert fused.exit_code == 0, fused.output
+
+    stopped = str(tmp_path / "stopped")
+    first = runner.invoke(main, ["train", str(tmp_path / "stopped.pt"), *settings, "-o", stopped])
+    assert first.exit_code == 130, first.output
+    resumed = runner.invoke(main, ["train", "--resume", stopped])  # the CLI user has no model to pass
+    assert resumed.exit_code == 0, resumed.output
+    a = reparam_zoo.load(os.path.join(straight, "last.pt"), trust_pickle=True).state_dict()
+    b = reparam_zoo.load(os.path.join(stopped, "last.pt"), trust_pickle=True).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert b["fc.weight"].shape == (3, 16)
+
+
+def test_log_counts_training_params_as_report_does(trained):
+    from reparam_zoo.report import report
+
+    _, _, result = trained
+    total = report(result.model, (3, 32, 32), depth=0).training["params"]
+    assert total > sum(p.numel() for p in result.model.parameters())  # the base kernels are buffers
+    transforms = sum(m.transform_weight.numel() for _, m in refconv_layers(result.model))
+    assert (f"training transforms: {transforms:,} transform params of {total:,} training params, base kernels "
+            "included") in _log(result.output_dir)
+
+
+def test_data_given_as_a_file_says_so(tmp_path):
+    from reparam_zoo.cli.main import main
+
+    script = tmp_path / "somefile.py"
+    script.write_text("print('not data')\n")
+    with pytest.raises(DataError, match="somefile.py: is a file, expected a data folder"):
+        train(TinyNet(), str(script), output_dir=str(tmp_path / "out"), **FAST)
+    result = CliRunner().invoke(main, ["train", "test_resnet", "--data", str(script), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: {script}: is a file, expected a data folder ({script}/train/<class>/* and {script}/val/<class>/*)")
+    assert not os.path.exists(tmp_path / "out")
