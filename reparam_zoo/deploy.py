@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, EquivalenceError
 from .layers.refconv import RefConvNd
@@ -20,6 +22,11 @@ from .surgery import replace_modules
 Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 VERIFY_BATCH_SIZES = (1, 2)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# torch functions that read a tensor's metadata, not its values: not a use of a conv output
+_METADATA_FUNCTIONS = frozenset([
+    "__get__", "dim", "size", "numel", "nelement", "stride", "is_floating_point", "is_complex", "is_contiguous",
+    "element_size", "get_device", "storage_offset", "data_ptr", "__len__", "__format__", "__repr__", "type",
+])
 
 
 @dataclass
@@ -68,9 +75,10 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
+    summary = model.__dict__.pop("refconv_summary", None)
     folded = {id(m): m.to_conv() for m in model.modules() if isinstance(m, RefConvNd)}
     replace_modules(model, lambda m: folded.get(id(m)))
-    summary = model.__dict__.pop("refconv_summary", None)
+    model = folded.get(id(model), model)  # the model may be a RefConv itself
     if summary is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(summary.requires_grad_before.get(name, True))
@@ -268,25 +276,50 @@ def _record_outputs(model: nn.Module, inputs) -> List[Tuple[str, List[torch.Tens
 
 
 def _trace_conv_bn_pairs(model: nn.Module, inputs):
-    """Run once and pair each BN with the conv whose output it receives unchanged and unshared."""
+    """Run once and pair each BN with the conv whose output it receives unchanged and unshared.
+
+    Uses of a conv's output are seen at the level of torch functions (a TorchFunctionMode), so functional
+    ops, tensors in lists or keyword arguments and the model's own outputs count as uses, not only modules;
+    only what happens inside the BN that normalizes it, and metadata reads (`.shape`, `.dim()`), do not.
+    """
     conv_of_output: Dict[int, Tuple[str, torch.Tensor, int]] = {}
     calls: Dict[str, int] = {}
-    consumers: Dict[int, int] = {}
+    outside_uses: Dict[int, int] = {}
     bn_input: Dict[str, Optional[Tuple[str, int]]] = {}
+    normalizing: List[int] = []  # ids of the conv outputs the BNs running now normalize
     handles = []
-    leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children()) or isinstance(m, _BatchNorm)]
-    for name, module in leaves:
+
+    def use(t: torch.Tensor) -> None:
+        known = conv_of_output.get(id(t))
+        if known is not None and known[1] is t and id(t) not in normalizing:
+            outside_uses[id(t)] = outside_uses.get(id(t), 0) + 1
+
+    class Uses(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") not in _METADATA_FUNCTIONS:
+                for value in pytree.tree_leaves((args, kwargs or {})):
+                    if isinstance(value, torch.Tensor):
+                        use(value)
+            return func(*args, **(kwargs or {}))
+
+    for name, module in model.named_modules():
+        if not name or list(module.children()) and not isinstance(module, _BatchNorm):
+            continue
+
         def pre_hook(mod, args, name=name):
             calls[name] = calls.get(name, 0) + 1
-            for t in args:
-                known = conv_of_output.get(id(t))
-                if known is not None and known[1] is t:
-                    consumers[id(t)] = consumers.get(id(t), 0) + 1
-            if isinstance(mod, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
-                src = conv_of_output.get(id(args[0]))
-                unchanged = src is not None and src[2] == args[0]._version
-                bn_input[name] = (src[0], id(args[0])) if unchanged else None
+            if isinstance(mod, _BatchNorm):
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                src = None if x is None else conv_of_output.get(id(x))
+                unchanged = src is not None and src[1] is x and src[2] == x._version
+                bn_input[name] = (src[0], id(x)) if unchanged else None
+                normalizing.append(None if x is None else id(x))
+
         handles.append(module.register_forward_pre_hook(pre_hook))
+        if isinstance(module, _BatchNorm):
+            def done(mod, args, out):
+                normalizing.pop()  # (a hook that returns a value would replace the output)
+            handles.append(module.register_forward_hook(done))
         if isinstance(module, nn.modules.conv._ConvNd):
             def hook(mod, args, out, name=name):
                 conv_of_output[id(out)] = (name, out, out._version)
@@ -294,8 +327,11 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(*_batch_of_one(inputs))
+        with torch.no_grad(), Uses():
+            outputs = model(*_batch_of_one(inputs))
+        for value in pytree.tree_leaves(outputs):
+            if isinstance(value, torch.Tensor):
+                use(value)  # returned as it is: the unnormalized map is part of the result
     finally:
         for h in handles:
             h.remove()
@@ -313,7 +349,7 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
             left_alone.append((name, "input is not a conv output"))
         elif calls[name] > 1 or calls.get(source[0], 0) > 1:
             left_alone.append((name, "shared module called more than once"))
-        elif consumers.get(source[1], 0) > 1:
+        elif outside_uses.get(source[1], 0) > 0:
             left_alone.append((name, f"output of {source[0]} is also used elsewhere"))
         elif modules[source[0]].out_channels != module.num_features:
             left_alone.append((name, "channel count differs from the conv"))

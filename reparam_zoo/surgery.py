@@ -122,6 +122,7 @@ def convert(
         reasons = "; ".join(f"{r}: {len(ns)}" for r, ns in summary.skipped_by_reason().items()) or "no convs"
         raise ConversionError(f"no conv layer selected for RefConv conversion ({reasons})")
     replace_modules(model, lambda m: replacements.get(id(m)))
+    model = replacements.get(id(model), model)  # the model may be the conv itself
     apply_train_scope(model, train_scope)
     summary.trainable_after = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.refconv_summary = summary

@@ -217,3 +217,51 @@ def test_public_names():
     for name in ("RefConv1d", "RefConv2d", "RefConv3d", "convert", "fold", "fuse", "EquivalenceError",
                  "load_checkpoint"):
         assert hasattr(reparam_zoo, name)
+
+
+class ConvOutputAlsoUsed(nn.Module):
+    """A conv whose output a BN normalizes and something else uses too, in the ways a module hook cannot see."""
+
+    def __init__(self, use: str):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.use = use
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.use == "functional":
+            return self.bn(y) + y
+        if self.use == "output":
+            return self.bn(y), y
+        if self.use == "list":
+            return torch.cat([self.bn(y), y], dim=1)
+        if self.use == "keyword":
+            return torch.add(self.bn(y), other=y)
+        assert y.shape[1] == 4 and y.dim() == 4  # metadata reads are not uses
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("use", ["functional", "output", "list", "keyword"])
+def test_bn_is_not_fused_into_a_conv_whose_output_is_used_elsewhere(use):
+    model = ConvOutputAlsoUsed(use).eval()
+    x = torch.randn(2, 4, 8, 8)
+    fused = fuse(model, example_inputs=x[:1], verify=False)
+    assert fused.fuse_report.fused == [] and fused.fuse_report.left_alone == [("bn", "output of conv is also used elsewhere")]
+    with torch.no_grad():
+        for a, b in zip(torch.utils._pytree.tree_leaves(fused(x)), torch.utils._pytree.tree_leaves(model(x))):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_metadata_reads_of_a_conv_output_do_not_stop_fusion():
+    model = ConvOutputAlsoUsed("shape").eval()
+    x = torch.randn(2, 4, 8, 8)
+    fused = fuse(model, example_inputs=x[:1])
+    assert fused.fuse_report.fused == [("conv", "bn")]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)

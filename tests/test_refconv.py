@@ -186,3 +186,53 @@ def test_dtype_and_device_moves_invalidate_caches():
         y64 = layer.double()(x.double())
     assert y64.dtype == torch.float64
     torch.testing.assert_close(y64.float(), y, rtol=1e-5, atol=1e-6)
+
+
+# -- the evaluation-time kernel cache -----------------------------------------------------------------------------
+
+def _reference_output(layer, x):
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        return F.conv2d(x, layer.refocused_weight(), layer.bias, layer.stride, layer.padding, layer.dilation,
+                        layer.groups)
+
+
+def test_cache_follows_in_place_updates_and_is_cleared_after_data_writes():
+    torch.manual_seed(0)
+    layer = RefConvNd.from_conv(nn.Conv2d(8, 8, 3, padding=1, groups=2), init="kaiming").eval()
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        layer(x)
+        layer.transform_weight.mul_(2)  # seen by the version counter: no clearing needed
+        torch.testing.assert_close(layer(x), _reference_output(layer, x), rtol=0, atol=0)
+    # writes through .data are invisible to version counters: clear_kernel_caches makes them count
+    layer.transform_weight.data.mul_(3)
+    layer.weight_base.data.add_(1)
+    refconv_module.clear_kernel_caches(nn.Sequential(layer))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _reference_output(layer, x), rtol=0, atol=0)
+
+
+def test_inference_mode_builds_runs_and_does_not_leak_into_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():  # inference tensors have no version counter: computed, not cached
+        built = RefConvNd.from_conv(nn.Conv2d(4, 4, 3, padding=1), init="xavier")
+        out = built(x)
+    torch.testing.assert_close(out, _reference_output(built, x), rtol=0, atol=0)
+    layer = RefConvNd.from_conv(nn.Conv2d(4, 4, 3, padding=1), init="xavier").requires_grad_(False)
+    with torch.inference_mode():
+        layer(x)  # a kernel computed here is an inference tensor
+    wanted = x.clone().requires_grad_()
+    layer(wanted).square().sum().backward()  # ... which autograd outside must not be given
+    expected = x.clone().requires_grad_()
+    import torch.nn.functional as F
+
+    F.conv2d(expected, layer.refocused_weight().detach(), layer.bias, padding=1).square().sum().backward()
+    torch.testing.assert_close(wanted.grad, expected.grad)
+
+
+def test_a_refconv_takes_the_mode_of_its_conv():
+    assert not RefConvNd.from_conv(nn.Conv2d(3, 3, 3).eval()).training
+    assert RefConvNd.from_conv(nn.Conv2d(3, 3, 3)).training

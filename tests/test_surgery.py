@@ -123,3 +123,19 @@ def test_inplace_and_refconv_layers_helper():
     same = convert(model, inplace=True)
     assert same is model
     assert [n for n, _ in refconv_layers(model)] == ["stem.0", "blocks.0.dw"]
+
+
+def test_a_model_that_is_itself_a_conv_converts_and_folds():
+    from reparam_zoo import fold
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    converted = convert(conv, init="xavier")
+    assert isinstance(converted, RefConvNd) and converted.refconv_summary.converted_names == [""]
+    assert [n for n, p in converted.named_parameters() if p.requires_grad] == ["transform_weight"]
+    folded = fold(converted)
+    assert type(folded) is nn.Conv2d and all(p.requires_grad for p in folded.parameters())
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), converted(x), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(folded.weight, conv.weight)

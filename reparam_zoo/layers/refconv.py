@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..errors import ConversionError
 
-__all__ = ["RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd", "refconv_class_for", "refocus_kernel", "INITS"]
+__all__ = ["RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd", "refconv_class_for", "refocus_kernel", "INITS",
+           "clear_kernel_caches"]
 
 INITS = ("zero", "xavier", "kaiming")
 
@@ -104,7 +105,13 @@ def _offsets(map_k):
 
 
 class RefConvNd(nn.Module):
-    """Shared implementation of RefConv1d/2d/3d; build one with `from_conv`."""
+    """Shared implementation of RefConv1d/2d/3d; build one with `from_conv`.
+
+    Without autograd (evaluation) the refocused kernel is computed once and reused until the transform
+    or the base kernel changes, as PyTorch's version counters see it: optimizer steps, `copy_`,
+    `load_state_dict`, assignment. Writes through `.data` bypass those counters; after them call
+    `clear_kernel_caches(model)`.
+    """
 
     dims: int = 0
 
@@ -131,6 +138,7 @@ class RefConvNd(nn.Module):
         self._kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self._patch_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self.reset_transform(init)
+        self.train(conv.training)
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, map_k: int = 3, init: str = "zero") -> "RefConvNd":
@@ -183,11 +191,18 @@ class RefConvNd(nn.Module):
         if g == 1:
             return None
         key = _tensor_key(self.weight_base)
-        if self._patch_cache is None or self._patch_cache[0] != key:
+        if key is None or self._patch_cache is None or self._patch_cache[0] != key:
             with torch.no_grad():
                 patches = kernel_patches(self.weight_base, self.transform_weight.shape[2:], g)
+            if key is None:
+                return patches
             self._patch_cache = (key, patches)
         return self._patch_cache[1]
+
+    def clear_cache(self) -> None:
+        """Forget the cached kernel and neighbourhoods (needed only after writes through `.data`)."""
+        self._kernel_cache = None
+        self._patch_cache = None
 
     def _kernel(self) -> torch.Tensor:
         # Hot path of every forward: read the tensors from the registries directly, as nn.Module's
@@ -196,8 +211,13 @@ class RefConvNd(nn.Module):
         if torch.is_grad_enabled() and transform.requires_grad:
             self._kernel_cache = None
             return self.refocused_weight()
-        # Without autograd the kernel only changes when the transform or the base does.
-        key = (_tensor_key(transform), _tensor_key(base))
+        # Without autograd the kernel only changes when the transform or the base does. A kernel made in
+        # inference mode is an inference tensor, which autograd outside that mode must not see.
+        transform_key, base_key = _tensor_key(transform), _tensor_key(base)
+        if transform_key is None or base_key is None:  # inference tensors have no version counter
+            with torch.no_grad():
+                return self.refocused_weight()
+        key = (transform_key, base_key, torch.is_inference_mode_enabled())
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             with torch.no_grad():
                 self._kernel_cache = (key, self.refocused_weight())
@@ -229,8 +249,7 @@ class RefConvNd(nn.Module):
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
-        self._kernel_cache = None
-        self._patch_cache = None
+        self.clear_cache()
         return result
 
     def extra_repr(self) -> str:
@@ -330,5 +349,16 @@ def _weightless_copy(conv: nn.Module) -> nn.Module:
     return template
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
+def clear_kernel_caches(model: nn.Module) -> None:
+    """Make every RefConv in `model` recompute its kernel (after writing weights through `.data`, which
+    PyTorch's version counters do not see)."""
+    for module in model.modules():
+        if isinstance(module, RefConvNd):
+            module.clear_cache()
+
+
+def _tensor_key(t: torch.Tensor) -> Optional[tuple]:
+    """What identifies `t`'s current values, or None for an inference tensor (no version counter)."""
+    if t.is_inference():
+        return None
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
