@@ -25,8 +25,12 @@ Adapter = Callable[[StateDict, nn.Module], Tuple[StateDict, List[str]]]
 
 _ADAPTERS: Dict[type, Adapter] = {}
 
-_CONTAINER_KEYS = ("state_dict", "model", "model_state", "model_ema", "module")
-_STRIPPABLE_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+# where training scripts keep the weights: timm's train.py, Lightning ("state_dict"), torchvision's references
+# ("model", "model_ema"), and an EMA-only export of timm's ("state_dict_ema") last
+_CONTAINER_KEYS = ("state_dict", "model", "model_state", "model_ema", "module", "state_dict_ema")
+# wrappers' key prefixes: DDP/DataParallel, torch.compile, detection-style backbones, a LightningModule's
+# `self.model` / `self.net`
+_STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "net.")
 
 
 def register_checkpoint_adapter(model_cls: type):
@@ -141,7 +145,7 @@ def unwrap_state_dict(obj, source: str = "<object>") -> StateDict:
 
 
 def strip_prefixes(state_dict: StateDict, model_keys) -> Tuple[StateDict, List[str]]:
-    """Remove wrapper prefixes (`module.`, `backbone.`, `_orig_mod.`) the model does not use."""
+    """Remove wrapper prefixes (`module.`, `_orig_mod.`, `backbone.`, `model.`, `net.`) the model does not use."""
     notes = []
     model_keys = set(model_keys)
     changed = True

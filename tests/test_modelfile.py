@@ -481,6 +481,22 @@ def test_storable_unaliases_and_keeps_values():
 
 # -- what a MODEL argument is -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("container, prefix", [
+    ("state_dict", "model."),  # a LightningModule holding the network as self.model
+    ("state_dict", "net."),
+    ("state_dict_ema", ""),  # an EMA-only export
+    ("model_ema", "module."),
+])
+def test_training_checkpoint_layouts_load(tmp_path, container, prefix):
+    model = tiny()
+    checkpoint = {container: {prefix + k: v for k, v in model.state_dict().items()}, "epoch": 3}
+    torch.save(checkpoint, tmp_path / "train.ckpt")
+    loaded = mf.create_model("tiny_reptest")
+    report = reparam_zoo.load_checkpoint(loaded, tmp_path / "train.ckpt")
+    assert (f"stripped key prefix '{prefix}'" in report.notes) == bool(prefix)
+    torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
+
+
 def test_load_model_from_each_kind_of_argument(tmp_path):
     model = tiny()
     torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "ckpt.pth")
