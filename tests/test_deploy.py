@@ -265,3 +265,18 @@ def test_metadata_reads_of_a_conv_output_do_not_stop_fusion():
     assert fused.fuse_report.fused == [("conv", "bn")]
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unfused_refconv_model_can_be_traced_and_exported():
+    # a captured graph must compute the refocused kernels, not bake in the evaluation-time cache
+    torch.manual_seed(0)
+    model = convert(timm.create_model("test_resnet"), init="xavier").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), pytest.warns(Warning):  # torch.jit's own deprecation and tracer notices
+        traced = torch.jit.trace(model, x)  # its check runs the model twice and compares the graphs
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,)).module()
+        expected = model(x)
+        for captured in (traced, exported):
+            torch.testing.assert_close(captured(x), expected, rtol=0, atol=0)
+

@@ -290,6 +290,28 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert_same_gradients(ref, ckpt, rtol=1e-12)
 
 
+def test_reversible_backward_with_frozen_stem_and_first_column():
+    # fine-tuning only the later columns: the first column's first level has nothing to differentiate
+    torch.manual_seed(0)
+    model = randomize_(RevCol(**TINY, num_columns=3, num_classes=5, drop_path_rate=0.2)).double().train()
+    model.stem.requires_grad_(False)
+    model.subnet0.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _, ordinary = gradients(model, x, save_memory=False)
+    _, reversible = gradients(model, x, save_memory=True)
+    assert ordinary["subnet0.alpha0"] is None and ordinary["subnet1.alpha0"] is not None
+    assert_same_gradients(ordinary, reversible)
+
+
+def test_torch_export_of_an_eval_revcol_matches_eager():
+    torch.manual_seed(0)
+    model = randomize_(RevCol(**TINY, num_columns=2, num_classes=5)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,)).module()
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_autograd_grad_over_all_parameters_in_reversible_mode():
     model = timm.create_model(
         "revcol_tiny", **TINY, save_memory=True, inter_supv=True, drop_path_rate=0.1, num_classes=10

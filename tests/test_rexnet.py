@@ -482,3 +482,17 @@ def test_refconv_convert_fold_fuse(model):
     with torch.no_grad():
         torch.testing.assert_close(plain(x), refocused, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fused(x), refocused, rtol=1e-4, atol=1e-5)
+
+
+def test_classifier_weights_are_dropped_for_a_model_without_one():
+    timm_weights = timm.create_model("rexnet_100", width_mult=0.5).state_dict()
+    with_head = ReXNetV1(width_mult=0.5)
+    load_checkpoint(with_head, timm_weights)
+    for weights in (timm_weights, with_head.state_dict()):  # timm's layout and the release's
+        features = ReXNetV1(width_mult=0.5, num_classes=0).eval()
+        report = load_checkpoint(features, weights)
+        assert "dropped the classifier (2 keys): the model has none (num_classes=0)" in report.notes
+        with torch.no_grad():
+            torch.testing.assert_close(features(images(1)), with_head.eval().forward_head(
+                with_head.forward_features(images(1)), pre_logits=True), rtol=0, atol=0)
+

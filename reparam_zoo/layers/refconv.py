@@ -211,6 +211,8 @@ class RefConvNd(nn.Module):
         if torch.is_grad_enabled() and transform.requires_grad:
             self._kernel_cache = None
             return self.refocused_weight()
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self.refocused_weight()  # a captured graph computes the kernel, it does not bake in a cache
         # Without autograd the kernel only changes when the transform or the base does. A kernel made in
         # inference mode is an inference tensor, which autograd outside that mode must not see.
         transform_key, base_key = _tensor_key(transform), _tensor_key(base)

@@ -446,7 +446,8 @@ class RevCol(nn.Module):
         return logits, reconstructions
 
     def _run_columns(self, x: torch.Tensor, taps: Sequence[Tuple[int, int]] = ()):
-        if not torch.jit.is_tracing():  # the clamp's data-dependent check cannot be traced
+        # the clamp's data-dependent check can be neither traced nor exported
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             clamp_magnitude_(self.alphas(), ALPHA_MIN_MAGNITUDE)
         return run_columns(
             self.columns(), x, reversible=self.save_memory, taps=taps, grad_checkpointing=self.grad_checkpointing

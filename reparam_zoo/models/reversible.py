@@ -348,6 +348,9 @@ class _ReversibleColumnsFunction(torch.autograd.Function):
 
                 # One small graph per level: gradients w.r.t. its inputs and its parameters.
                 targets = [t for t in (down if wants_down_grad else None, *upper, old_state) if t is not None]
+                if not targets and not group:  # a frozen level fed by frozen inputs: nothing to differentiate
+                    del new_state, level_output
+                    continue
                 results = torch.autograd.grad(new_state, targets + group, grad, allow_unused=True)
                 input_grads, group_grads = iter(results[:len(targets)]), results[len(targets):]
                 if wants_down_grad:

@@ -427,9 +427,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ReXNetV1) -
 
 @register_checkpoint_adapter(ReXNetV1)
 def _adapt_checkpoint(state_dict, model):
+    notes: List[str] = []
     if _is_timm_layout(state_dict):
-        return convert_timm_state_dict(state_dict, model)
-    return state_dict, []  # the release's own layout: strict loading reports anything that differs
+        state_dict, notes = convert_timm_state_dict(state_dict, model)
+    # otherwise the release's own layout: strict loading reports anything that differs
+    if isinstance(model.get_classifier(), nn.Identity):
+        dropped = [k for k in state_dict if k.startswith("output.1.")]
+        if dropped:
+            state_dict = {k: v for k, v in state_dict.items() if k not in set(dropped)}
+            notes.append(f"dropped the classifier ({len(dropped)} keys): the model has none (num_classes=0)")
+    return state_dict, notes
 
 
 def _preview(items, n: int = 5) -> str:
