@@ -13,7 +13,7 @@ from .report import Comparison, Report, compare, report
 from .modelfile import create_model, load, load_model, save
 from .surgery import ConversionSummary, convert
 from . import models  # noqa: F401  (registers the zoo with timm)
-from .train import TrainResult, train
+from .train import TrainResult, resume, train
 
 # `python -m reparam_zoo.train` (and `torchrun -m reparam_zoo.train`) runs a module this package has already
 # imported for the `train` export; its __main__ block only hands over to the CLI, so runpy's warning is noise.
@@ -25,7 +25,7 @@ __all__ = [
     "RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd",
     "convert", "fold", "fuse", "ConversionSummary", "FuseReport",
     "load_checkpoint", "create_model", "save", "load", "load_model",
-    "train", "TrainResult",
+    "train", "resume", "TrainResult",
     "report", "compare", "Report", "Comparison",
     "ReparamError", "ConversionError", "CheckpointError", "EquivalenceError",
     "__version__",

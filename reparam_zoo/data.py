@@ -70,6 +70,7 @@ class ImageFolderSplit(ImageDataset):
             super().__init__(root, transform=transform)
         except RuntimeError:  # timm's reader: "Found 0 images in subfolders of ..."
             raise DataError(f"{root}: no images found (expected {root}/<class>/<image files>)") from None
+        _label_by_class_folder(self.reader, root)
         self.substitute_unreadable = substitute_unreadable
         self._blank: Optional[torch.Tensor] = None
 
@@ -120,6 +121,30 @@ class ImageFolderSplit(ImageDataset):
             with _seeded_rng(0):
                 self._blank = torch.zeros_like(self.transform(Image.new("RGB", (8, 8))))
         return self._blank
+
+
+def _label_by_class_folder(reader, root: str) -> None:
+    """Label every image by the class folder right under the split folder, however deep it lies
+    (`train/cat/2024/x.jpg` is a cat; timm's reader would make a class "2024"), and leave out hidden
+    folders and files (`.ipynb_checkpoints`). Classes are ordered as timm orders them."""
+    from timm.utils.misc import natural_key
+
+    kept, loose = [], 0
+    for path, _ in reader.samples:
+        parts = os.path.relpath(path, root).split(os.sep)
+        if any(part.startswith(".") for part in parts):
+            continue
+        if len(parts) < 2:
+            loose += 1
+            continue
+        kept.append((path, parts[0]))
+    if loose:
+        raise DataError(f"{root}: {loose} image(s) directly in the split folder; images go in {root}/<class>/")
+    if not kept:
+        raise DataError(f"{root}: no images found (expected {root}/<class>/<image files>)")
+    classes = sorted({label for _, label in kept}, key=natural_key)
+    reader.class_to_idx = {c: i for i, c in enumerate(classes)}
+    reader.samples = [(path, reader.class_to_idx[label]) for path, label in kept]
 
 
 @dataclass

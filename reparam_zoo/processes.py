@@ -84,12 +84,16 @@ class Processes:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
-    def union(self, items: Sequence[str]) -> List[str]:
+    def all_gather(self, obj: Any) -> List[Any]:
+        """Every rank's `obj`, in rank order (picklable objects; tensors on the CPU)."""
         if not self.distributed:
-            return sorted(set(items))
+            return [obj]
         gathered: List[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, list(items))
-        return sorted({i for part in gathered for i in part})
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def union(self, items: Sequence[str]) -> List[str]:
+        return sorted({i for part in self.all_gather(list(items)) for i in part})
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on rank 0 only and share its result or its ReparamError with every rank."""

@@ -337,14 +337,19 @@ class _Run:
         torch.manual_seed(config.seed)  # random inits (a new head) are part of the run
         random.seed(config.seed)
         base, model = self._build_model(state)
+        low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                      if p.is_floating_point() and p.dtype != torch.float32})
+        if low:
+            # the optimizer and BatchNorm statistics need float32 weights; --amp computes in low precision
+            model.float()
+            if base is not None:
+                base.float()
+            self.log(f"note: the model's weights are {', '.join(low)}; training in float32 (--amp for mixed precision)")
         self.model = model.to(self.procs.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._build_loaders()
         self._build_optimizer()
-        self.procs.on_main(self._create_output_dir)
-        if self.procs.is_main:
-            self.log.open(os.path.join(self.output_dir, LOG_FILE))
         if state is not None:
             self._restore(state)
         self.train_model = self.model
@@ -355,10 +360,18 @@ class _Run:
                 self.model, device_ids=[self.procs.device.index] if self.procs.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+        if state is not None:
+            self._restore_rank_state(state)  # after DDP's start, which copies rank 0's buffers to every rank
         self._describe_start()
         if state is None:
             self._sanity_check(base)
         del base
+        # only a run that could start gets its folder (and the log lines so far)
+        self.procs.on_main(self._create_output_dir)
+        if self.procs.is_main:
+            self.log.open(os.path.join(self.output_dir, LOG_FILE))
+        if state is None:
+            self._write_start_files()
         self.model.train()
 
         interrupted = self._train_epochs()
@@ -387,7 +400,7 @@ class _Run:
             shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
             raise TrainError(
                 f"{out}: output folder is not empty ({shown}); choose a new one, or continue the run in it with "
-                "--resume / reparam_zoo.train.resume()"
+                "--resume / reparam_zoo.resume()"
             )
         return out
 
@@ -651,14 +664,33 @@ class _Run:
         where = f"epoch {self.epoch + 1}" + (f", step {self.step}" if self.step else "")
         self.log(f"resuming {self.output_dir} at {where} (global step {self.global_step})")
 
-    def _save_checkpoint(self) -> None:
+    def _rank_states(self) -> Optional[List[Dict[str, Any]]]:
+        """Mid-epoch, with several processes: what differs between the ranks until the epoch ends (a rank's
+        partial sums and BatchNorm statistics), from every rank. Collective: every rank calls it."""
+        if not self.procs.distributed:
+            return None
+        buffers = {n: b.detach().cpu().clone() for n, b in self.model.named_buffers() if not n.endswith("weight_base")}
+        return self.procs.all_gather({"partial": list(self.partial), "buffers": buffers})
+
+    def _restore_rank_state(self, state: Dict[str, Any]) -> None:
+        ranks = state.get("ranks")
+        if not ranks or len(ranks) != self.procs.world_size:
+            return
+        own = ranks[self.procs.rank]
+        self.partial = list(own["partial"])
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                if name in own["buffers"]:
+                    buffer.copy_(own["buffers"][name])
+
+    def _save_checkpoint(self, ranks: Optional[List[Dict[str, Any]]] = None) -> None:
         """last.safetensors, then train_state.pt (the commit point: both carry the global step)."""
         if not self.procs.is_main:
             return
         tag = {"epoch": self.epoch, "step": self.step, "global_step": self.global_step}
         self._save_model(self.model, self._path(LAST_FILE), {"train": tag})
         state = {
-            "version": STATE_VERSION, **tag, "partial": list(self.partial),
+            "version": STATE_VERSION, **tag, "partial": list(self.partial), "ranks": ranks,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "history": json.dumps(self.history), "best": json.dumps(self.best), "sanity": json.dumps(self.sanity),
             "unreadable": list(self.unreadable), "trainable": list(self.trainable), "classes": list(self.classes),
@@ -724,7 +756,7 @@ class _Run:
             outputs = []
             for m, s in zip(models, sums):
                 with self._autocast():
-                    out = m(images)
+                    out = _logits(m(images))
                 out = out.float()
                 outputs.append(out)
                 s[0] += criterion(out, targets).item()
@@ -771,9 +803,12 @@ class _Run:
             self.log("WARNING: the conversion is not an exact re-parameterization here; check the init and the model")
             self.log("!" * 100)
             self.notes.append(f"sanity check failed: the converted model differs from the {self.base_name}")
-        metrics = after
-        self.history = [{"epoch": 0, **metrics}]
-        self.best = {"epoch": 0, **metrics}
+        self.history = [{"epoch": 0, **after}]
+        self.best = {"epoch": 0, **after}
+
+    def _write_start_files(self) -> None:
+        """The state before training: best model (epoch 0) and metrics."""
+        metrics = {k: v for k, v in self.best.items() if k != "epoch"}
         self.procs.on_main(lambda: self._save_model(self.model, self._path(BEST_FILE),
                                                     {"train": {"epoch": 0, **metrics}}))
         self.procs.on_main(self._write_metrics)
@@ -829,7 +864,7 @@ class _Run:
                 # dropout / drop-path draw from the global generator: seed it per step for exact resumption
                 torch.manual_seed(_step_seed(config.seed, self.epoch, self.step, self.procs.rank))
                 with self._autocast():
-                    outputs = self.train_model(images)
+                    outputs = _logits(self.train_model(images))
                     loss = criterion(outputs.float(), targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -857,7 +892,7 @@ class _Run:
                 if stop and self.step < self.steps_per_epoch:
                     bar.close()
                     self._note_unreadable(self.data.train, unreadable)
-                    self._save_checkpoint()
+                    self._save_checkpoint(self._rank_states())
                     self.log(f"interrupted at epoch {self.epoch + 1}, step {self.step}: checkpoint saved; "
                              f"continue with: reparam train --resume {self.output_dir}")
                     return True
@@ -981,6 +1016,13 @@ class _Run:
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
+
+def _logits(outputs) -> torch.Tensor:
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+        what = type(outputs).__name__ if not isinstance(outputs, torch.Tensor) else f"a {outputs.dim()}-d tensor"
+        raise TrainError(f"the model returns {what}, not (batch, classes) logits; cannot train it")
+    return outputs
+
 
 def _num_outputs(model: nn.Module, input_size: Tuple[int, ...]) -> int:
     """How many classes `model` predicts."""

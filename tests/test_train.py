@@ -389,6 +389,56 @@ def test_two_process_ddp_under_torchrun(data_dir, tmp_path):
     assert len(refconv_layers(model)) > 0 and model.num_classes == 3
 
 
+DDP_DRIVER = """
+import os, signal, sys
+import reparam_zoo
+train_module = sys.modules["reparam_zoo.train"]
+if os.environ.get("STOP_AT"):
+    stop_epoch, stop_step = map(int, os.environ["STOP_AT"].split(","))
+    step_seed = train_module._step_seed
+
+    def interrupting_step_seed(seed, epoch, step, rank):
+        if (epoch, step) == (stop_epoch, stop_step):  # every rank, like Ctrl-C in a torchrun terminal
+            os.kill(os.getpid(), signal.SIGINT)
+        return step_seed(seed, epoch, step, rank)
+
+    train_module._step_seed = interrupting_step_seed
+from reparam_zoo.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_two_process_ddp_interrupted_mid_epoch_resumes_bit_identical(data_dir, tmp_path):
+    # mid-epoch the ranks' BatchNorm statistics and partial sums differ: each must get its own back
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+
+    def torchrun(*args, stop_at=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(driver), "train", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "STOP_AT": stop_at or ""}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+    settings = ["test_resnet", "--data", data_dir, "--num-classes", "3", "--input-size", "32", "--epochs", "2",
+                "--batch-size", "4", "--workers", "0", "--lr", "0.05", "-q"]
+    straight = torchrun(*settings, "-o", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    stopped = torchrun(*settings, "-o", str(tmp_path / "resumed"), stop_at="0,2")
+    assert stopped.returncode != 0  # interrupted
+    state = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 3) and len(state["ranks"]) == 2
+    assert any(not torch.equal(a, state["ranks"][1]["buffers"][k]) for k, a in state["ranks"][0]["buffers"].items())
+    resumed = torchrun("--resume", str(tmp_path / "resumed"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, _ = read_state_dict(tmp_path / "straight" / "last.safetensors")
+    b, _ = read_state_dict(tmp_path / "resumed" / "last.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    rows = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("straight", "resumed")]
+    strip = [[{k: v for k, v in json.loads(r).items() if k not in ("images_per_s", "epoch_time_s")} for r in run]
+             for run in rows]
+    assert strip[0] == strip[1]
+
+
 # -- CLI --------------------------------------------------------------------------------------------------------
 
 def test_cli_train_resume_extend_and_fuse(data_dir, tmp_path):
@@ -632,3 +682,53 @@ def test_data_given_as_a_file_says_so(tmp_path):
     assert result.output.strip() == (
         f"error: {script}: is a file, expected a data folder ({script}/train/<class>/* and {script}/val/<class>/*)")
     assert not os.path.exists(tmp_path / "out")
+
+
+# -- second audit: dtypes, outputs, folders, the resume API, class folders ----------------------------------------
+
+class TupleOut(TinyNet):
+    num_classes = len(CLASSES)  # announces its classes, so only running it shows the tuple
+
+    def forward(self, x):
+        return super().forward(x), x
+
+
+def test_a_model_that_cannot_train_leaves_no_folder_and_half_precision_trains_in_float32(data_dir, tmp_path):
+    with pytest.raises(TrainError, match=r"the model returns tuple, not \(batch, classes\) logits"):
+        train(tiny_net(cls=TupleOut), data_dir, output_dir=str(tmp_path / "tuple"), epochs=1, **FAST)
+    assert not os.path.exists(tmp_path / "tuple")  # the same command, corrected, can use the folder
+    result = train(tiny_net().half(), data_dir, output_dir=str(tmp_path / "half"), epochs=1, lr=0.5, **FAST)
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    assert result.sanity["exact"] and result.sanity["equal"]
+    log = (tmp_path / "half" / "train.log").read_text()
+    assert "note: the model's weights are float16; training in float32 (--amp for mixed precision)" in log
+    assert log.index("sanity:") < log.index("epoch 1/1")  # lines logged before the folder existed are kept
+
+
+def test_resume_is_exported_and_named_in_the_non_empty_folder_message(data_dir, tmp_path):
+    assert reparam_zoo.resume is resume
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    with pytest.raises(TrainError, match=r"output folder is not empty \(notes.txt\).*reparam_zoo.resume\(\)"):
+        train(tiny_net(), data_dir, output_dir=str(tmp_path / "busy"), **FAST)
+
+
+def test_images_are_labelled_by_their_class_folder_at_any_depth(tmp_path):
+    from reparam_zoo.data import build_datasets
+
+    root = make_dataset(tmp_path / "d", train_per_class=4, val_per_class=2)
+    for split in ("train", "val"):
+        nested = tmp_path / "d" / split / "red" / "2024"
+        nested.mkdir()
+        Image.new("RGB", (32, 32), (220, 40, 40)).save(nested / "deep.png")
+        hidden = tmp_path / "d" / split / ".ipynb_checkpoints"
+        hidden.mkdir()
+        Image.new("RGB", (32, 32)).save(hidden / "x.png")
+    splits = build_datasets(root, TinyNet(), 32)
+    assert splits.classes == list(sorted(CLASSES))
+    red = splits.train.class_to_idx["red"]
+    labels = {os.path.relpath(path, os.path.join(root, "train")): target for path, target in splits.train.reader.samples}
+    assert labels[os.path.join("red", "2024", "deep.png")] == red and len(labels) == 3 * 4 + 1
+    Image.new("RGB", (32, 32)).save(tmp_path / "d" / "train" / "loose.png")
+    with pytest.raises(DataError, match=r"1 image\(s\) directly in the split folder; images go in .*/train/<class>/"):
+        build_datasets(root, TinyNet(), 32)
