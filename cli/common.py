@@ -114,7 +114,8 @@ def model_options(f):
                      help="Weights for a MODEL given as an architecture name (safetensors or a state_dict file, "
                           "read without unpickling code; official RevCol/ReXNet layouts are adapted)."),
         click.option("--num-classes", type=click.IntRange(min=0), metavar="N",
-                     help="Head size of the architecture to build (a checkpoint must fit it)."),
+                     help="Head size of the model (default: the checkpoint's, else the architecture's); weights "
+                          "with another head are refused (reparam train --num-classes replaces and trains a head)."),
         click.option("--pretrained", is_flag=True,
                      help="Download the architecture's pretrained weights (needs internet; else use --checkpoint)."),
         click.option("--trust-pickle", is_flag=True,
@@ -166,10 +167,15 @@ def check_map_k(ctx, param, value: int) -> int:
 def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrained=False, trust_pickle=False,
             quiet: bool = False):
     """The model a MODEL argument names, announced on stderr (stdout stays the command's output)."""
-    from reparam_zoo.modelfile import resolve_model
+    from reparam_zoo.modelfile import is_architecture, resolve_model
 
     if pretrained and checkpoint is not None:
         raise click.UsageError("--pretrained and --checkpoint both give the weights; pass one of them")
+    if os.path.exists(spec) and (checkpoint is not None or pretrained):
+        option = "--checkpoint" if checkpoint is not None else "--pretrained"
+        raise click.UsageError(f"MODEL {spec} is a file with weights already; {option} goes with an architecture name")
+    if arch is not None and arch != spec and not os.path.exists(spec) and is_architecture(spec):
+        raise click.UsageError(f"MODEL is the architecture {spec}, but --arch says {arch}")
     resolved = resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
                              pretrained=pretrained, trust_pickle=trust_pickle)
     if not quiet:
@@ -177,6 +183,11 @@ def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrain
         for note in resolved.notes:
             click.echo(f"  - {note}", err=True)
     return resolved
+
+
+def wrote(path: str, existed: bool) -> str:
+    """The line saying a file was written, and that it replaced one when it did."""
+    return f"wrote {path}" + (" (replaced the existing file)" if existed else "")
 
 
 def input_paths(*specs: Optional[str]) -> List[str]:

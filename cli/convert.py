@@ -1,11 +1,13 @@
 """`reparam convert`: a model into its RefConv training form, written as a self-describing model file."""
 from __future__ import annotations
 
+import os
+
 import click
 
-from .common import (FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output, default_output, echo_lines,
-                     format_of_path, input_paths, input_size_option, known_input_size, model_options, output_option,
-                     resolve, steps)
+from .common import (FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output,
+                     default_output, echo_lines, format_of_path, input_paths, input_size_option, known_input_size,
+                     model_options, output_option, resolve, steps, wrote)
 
 
 @click.command("convert")
@@ -48,6 +50,8 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
         if format_of_path(output) not in (None, "safetensors"):
             raise click.BadParameter(f"'{output}' names {FORMAT_NAMES[format_of_path(output)]} file; convert writes "
                                      "a model file (.safetensors)", param_hint="-o/--output")
+        if not trust_pickle:  # only a trusted pickle can lack an architecture: the name is checked now
+            check_model_file_name(output, has_architecture=True)
     with steps("convert", 3 if dry_run else 4) as step:
         step("loading")
         resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
@@ -76,8 +80,9 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
             output = default_output(model, ".refconv.pt")
             check_output(output, input_paths(model, checkpoint))
         check_model_file_name(output, has_architecture)
+        existed = os.path.exists(output)
         save(converted, output, trust_pickle=trust_pickle)
-    click.echo(f"wrote {output}")
+    click.echo(wrote(output, existed))
 
 
 def _name(model) -> str:

@@ -1,12 +1,15 @@
 """`reparam fuse`: fold RefConvs, fuse conv+BN, verify, and only then write the deployable model."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from click.core import ParameterSource
 
-from .common import (EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines, example_inputs,
-                     format_of_path, input_paths, input_size_option, model_options, output_option, resolve, steps)
+from .common import (EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines,
+                     example_inputs, format_of_path, input_paths, input_size_option, model_options, output_option,
+                     resolve, steps, wrote)
 
 
 @click.command("fuse")
@@ -42,6 +45,8 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         fmt = _format_for(output, fmt, explicit=ctx.get_parameter_source("fmt") is ParameterSource.COMMANDLINE)
     output = output or default_output(model, ".fused" + EXPORT_SUFFIXES[fmt], strip=(".refconv",))
     check_output(output, input_paths(model, checkpoint))
+    if fmt == "safetensors" and explicit_output and not trust_pickle:
+        check_model_file_name(output, has_architecture=True)  # only a trusted pickle can lack one
     with steps("fuse", 3) as step:
         step("loading")
         resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
@@ -54,7 +59,7 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         if model_stage(source) == "fused":
             # nothing left to fuse, and checking the model against itself would mark an unverified file verified
             fused = source
-            click.echo("already fused: writing it as it is")
+            click.echo("already fused, nothing left to do: writing it as it is; what its fuse recorded:")
         else:
             fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol)
         echo_lines(str(fused.fuse_report))
@@ -67,12 +72,13 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
                 output = default_output(model, ".fused.pt", strip=(".refconv",))
                 check_output(output, input_paths(model, checkpoint))
             check_model_file_name(output, has_architecture)
+        existed = os.path.exists(output)
         result = export(fused, output, fmt, example_inputs=inputs, rtol=rtol, atol=atol, trust_pickle=trust_pickle)
     checked = ""
     if result.max_abs_error is not None:
         checked = (f" (the written file reproduces the fused model: max abs error {result.max_abs_error:.3g}, "
                    f"max rel error {result.max_rel_error:.3g})")
-    click.echo(f"wrote {output} [{result.format}]{checked}")
+    click.echo(f"{wrote(output, existed)} [{result.format}]{checked}")
 
 
 def _format_for(output: str, fmt: str, *, explicit: bool) -> str:

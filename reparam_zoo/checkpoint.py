@@ -176,10 +176,12 @@ def load_checkpoint(
     checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
     *,
     strict: bool = True,
+    source: Optional[str] = None,
 ) -> LoadReport:
     """Load weights into `model` in place; strict by default, with errors that name the keys.
 
-    `checkpoint` is a path (safetensors, or torch file read with `weights_only=True`) or a state_dict.
+    `checkpoint` is a path (safetensors, or torch file read with `weights_only=True`) or a state_dict
+    (`source` names it in errors).
     """
     if isinstance(checkpoint, Mapping):
         path, metadata = None, {}
@@ -188,7 +190,7 @@ def load_checkpoint(
         path = os.fspath(checkpoint)
         state_dict, metadata = read_state_dict(path)
     state_dict, notes = fit_state_dict(model, state_dict)
-    check_compatible(model, state_dict, source=path or "state_dict", strict=strict)
+    check_compatible(model, state_dict, source=path or source or "state_dict", strict=strict)
     model.load_state_dict(state_dict, strict=strict)
     return LoadReport(path=path, num_tensors=len(state_dict), notes=notes, metadata=metadata)
 
@@ -217,18 +219,29 @@ def check_compatible(model: nn.Module, state_dict: StateDict, *, source: str, st
 
 
 def _head_size_hint(own: StateDict, state_dict: StateDict) -> str:
-    """When every mismatch is the output size of one layer set (a classifier for another class count)."""
-    pairs = {
-        (state_dict[k].shape[0], own[k].shape[0])
-        for k in own
-        if k in state_dict and own[k].dim() >= 1 and own[k].shape != state_dict[k].shape
-        and own[k].shape[1:] == state_dict[k].shape[1:]
-    }
-    mismatches = sum(1 for k in own if k in state_dict and own[k].shape != state_dict[k].shape)
-    if len(pairs) != 1 or mismatches > 4:
-        return ""
-    n = pairs.pop()[0]
-    return f"; a {n}-class head? build the model with --num-classes {n} / num_classes={n}"
+    n = _other_head_size(own, state_dict)
+    return "" if n is None else f"; a {n}-class head? build the model with --num-classes {n} / num_classes={n}"
+
+
+def _other_head_size(own: StateDict, state_dict: StateDict) -> Optional[int]:
+    """N when the state_dict differs from the model only in the output size of a few tensors, all N
+    instead of the same M: a classifier (and auxiliary heads) for N classes instead of M."""
+    if own.keys() != state_dict.keys():
+        return None
+    mismatched = [k for k in own if own[k].shape != state_dict[k].shape]
+    if not mismatched or len(mismatched) > 4:
+        return None
+    if any(own[k].dim() == 0 or own[k].shape[1:] != state_dict[k].shape[1:] for k in mismatched):
+        return None
+    sizes = {(state_dict[k].shape[0], own[k].shape[0]) for k in mismatched}
+    return int(next(iter(sizes))[0]) if len(sizes) == 1 else None
+
+
+def checkpoint_head_size(model: nn.Module, state_dict: StateDict) -> Optional[int]:
+    """The class count of a checkpoint made for `model`'s architecture with another head size, or None
+    when it fits `model` (or differs in more than its head)."""
+    fitted, _ = fit_state_dict(model, dict(state_dict))
+    return _other_head_size(model.state_dict(), fitted)
 
 
 def _is_safetensors(path: str) -> bool:

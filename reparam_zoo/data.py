@@ -142,6 +142,11 @@ def _label_by_class_folder(reader, root: str) -> None:
         raise DataError(f"{root}: {loose} image(s) directly in the split folder; images go in {root}/<class>/")
     if not kept:
         raise DataError(f"{root}: no images found (expected {root}/<class>/<image files>)")
+    found = {label for _, label in kept}
+    empty = sorted(d for d in os.listdir(root)
+                   if not d.startswith(".") and os.path.isdir(os.path.join(root, d)) and d not in found)
+    if empty:
+        raise DataError(f"{root}: class folder(s) without images: {', '.join(empty)} (add images or remove them)")
     classes = sorted({label for _, label in kept}, key=natural_key)
     reader.class_to_idx = {c: i for i, c in enumerate(classes)}
     reader.samples = [(path, reader.class_to_idx[label]) for path, label in kept]

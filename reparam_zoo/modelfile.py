@@ -35,13 +35,13 @@ import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import (check_compatible, check_readable, deployment_artifact_kind, load_checkpoint, read_state_dict,
-                         _is_safetensors, _one_line)
+from .checkpoint import (check_compatible, check_readable, checkpoint_head_size, deployment_artifact_kind,
+                         load_checkpoint, read_state_dict, unwrap_state_dict, _is_safetensors, _one_line)
 from .deploy import FuseReport, apply_fuse_structure
 from .errors import CheckpointError, EquivalenceError, ReparamError
 from .surgery import convert, refconv_layers
@@ -100,8 +100,13 @@ def create_model(
     `save` can describe it.
 
     `checkpoint` (a path or state_dict) is loaded strictly through `load_checkpoint`; `num_classes` sets the
-    head size of the built model (a checkpoint whose head has another size is an error).
+    head size of the built model. Without `num_classes` the head takes a checkpoint's class count; with it,
+    a checkpoint whose head has another size is an error (`train(num_classes=...)` replaces and trains a
+    head).
     """
+    if checkpoint is not None:
+        return _create_with_checkpoint(name, checkpoint, num_classes=num_classes, pretrained=pretrained,
+                                       **kwargs)[0]
     import timm
 
     if not is_architecture(name):
@@ -136,9 +141,36 @@ def create_model(
         arch_kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
         arch_kwargs.setdefault("in_chans", 3)  # timm's convention for every model
     setattr(model, ARCH_ATTR, {"name": name, "source": _source_of(name), "kwargs": arch_kwargs})
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=True)
     return model
+
+
+def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, torch.Tensor]], *,
+                            num_classes: Optional[int], pretrained: bool = False, **kwargs):
+    """`name` with `checkpoint`'s weights, its head sized by the checkpoint unless `num_classes` says
+    otherwise; returns (model, load notes, tensor count)."""
+    if pretrained:
+        raise ArchitectureError("pass either pretrained weights or a checkpoint, not both")
+    source = "state_dict"
+    if isinstance(checkpoint, Mapping):
+        state = unwrap_state_dict(checkpoint)
+    else:
+        source = os.fspath(checkpoint)
+        state, _ = read_state_dict(source)
+    model = create_model(name, num_classes=num_classes, **kwargs)
+    notes: List[str] = []
+    head = checkpoint_head_size(model, state)
+    if head is not None:
+        built = getattr(model, "num_classes", None) or (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+        if num_classes is not None:
+            raise CheckpointError(
+                f"{source} has a {head}-class head, but num_classes / --num-classes asks for {num_classes}: leave "
+                f"it out to keep the checkpoint's head, or let training replace it (reparam train ... "
+                f"--num-classes {num_classes} trains the new head)"
+            )
+        model = create_model(name, num_classes=head, **kwargs)
+        notes.append(f"head sized from the checkpoint: {head} classes" + (f" (not {built})" if built else ""))
+    report = load_checkpoint(model, state, strict=True, source=source)
+    return model, report.notes + notes, report.num_tensors
 
 
 def architecture_of(model: nn.Module) -> Optional[Dict[str, Any]]:
@@ -808,12 +840,12 @@ def resolve_model(
     if is_architecture(spec):
         if arch is not None and arch != spec:
             raise ArchitectureError(f"MODEL is the architecture {spec}, but --arch says {arch}")
-        if checkpoint is not None:
-            check_readable(os.fspath(checkpoint), "a weights file")
-        model = create_model(spec, pretrained=pretrained, num_classes=num_classes)
         notes: List[str] = []
         if checkpoint is not None:
-            notes = load_checkpoint(model, checkpoint, strict=True).notes
+            check_readable(os.fspath(checkpoint), "a weights file")
+            model, notes, _ = _create_with_checkpoint(spec, checkpoint, num_classes=num_classes)
+        else:
+            model = create_model(spec, pretrained=pretrained, num_classes=num_classes)
         how = f"weights from {os.fspath(checkpoint)}" if checkpoint is not None else (
             "pretrained weights" if pretrained else "random init")
         return ResolvedModel(model, "architecture", f"{spec} ({_source_of(spec)}, {how})",
@@ -836,10 +868,9 @@ def _resolve_file(path: str, *, arch: Optional[str], num_classes: Optional[int],
                 )
             return ResolvedModel(load(path), "reparam-file", f"{path}: {info.describe()}", path=path, info=info)
     if arch is not None:
-        model = create_model(arch, num_classes=num_classes)
-        report = load_checkpoint(model, path, strict=True)
-        return ResolvedModel(model, "checkpoint", f"{path}: {arch} weights ({report.num_tensors} tensors)",
-                             path=path, notes=report.notes)
+        model, notes, count = _create_with_checkpoint(arch, path, num_classes=num_classes)
+        return ResolvedModel(model, "checkpoint", f"{path}: {arch} weights ({count} tensors)", path=path,
+                             notes=notes)
     if trust_pickle and not _is_safetensors(path):
         if num_classes is not None:
             raise ReparamError(f"{path}: a whole pickled model's head is what it is; --num-classes cannot change it")

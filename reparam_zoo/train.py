@@ -633,9 +633,11 @@ class _Run:
         epochs = self.config.epochs
         if state["step"] == 0 and state["epoch"] >= epochs:
             if state["epoch"] == epochs:
+                deploy = (f"; to deploy its best model: reparam fuse {self._path(BEST_FILE)}"
+                          if self.config.fuse else "")
                 raise TrainError(
                     f"{self.output_dir}: the run already finished its {state['epoch']} epochs; pass a larger "
-                    "--epochs to train on"
+                    f"--epochs to train on{deploy}"
                 )
             raise TrainError(
                 f"{self.output_dir}: the run already trained {state['epoch']} epochs; --epochs must be more than "
@@ -971,6 +973,10 @@ class _Run:
         if not interrupted:
             self.log(f"done: best val acc {100 * self.best['val_acc']:.2f}% at epoch {self.best['epoch']}; "
                      f"outputs in {self.output_dir}")
+            if self.best["epoch"] == 0:
+                self.log("warning: no epoch beat the model as it started, so the best model"
+                         + (" (and the deploy model)" if self.config.fuse else "")
+                         + " is the input model; try a lower --lr or more epochs")
         return files
 
     def _plot(self) -> None:

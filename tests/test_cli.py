@@ -181,7 +181,7 @@ def test_no_verify_and_an_already_fused_model(files, tmp_path):
     assert "NOT verified" in result.stdout
     assert mf.read_info(tmp_path / "nv.safetensors").fuse.verified is False
     result = ok("fuse", tmp_path / "nv.safetensors", "-o", tmp_path / "again.safetensors")
-    assert "already fused: writing it as it is" in result.stdout
+    assert "already fused, nothing left to do: writing it as it is; what its fuse recorded:" in result.stdout
     again = mf.load(tmp_path / "again.safetensors")
     assert again.fuse_report.reparameterized == ["rep"]
     torch.testing.assert_close(outputs(again), outputs(mf.load(tmp_path / "nv.safetensors")), rtol=0, atol=0)
@@ -292,8 +292,9 @@ def test_unknown_architecture_and_mismatched_checkpoints(files):
           "convert", files / "resnet18.pth", "--arch", "tiny_reptest", "--refconv", *out)
     fails(files, 1, r"tiny.pth does not fit ResNet", "convert", "resnet18", "--checkpoint", files / "tiny.pth",
           "--refconv", *out)
-    fails(files, 1, r"shape mismatches \(head.weight \(10, 8\) vs model \(5, 8\)", "convert", "tiny_reptest",
-          "--checkpoint", files / "tiny.pth", "--num-classes", "5", "--refconv", *out)
+    fails(files, 1, r"tiny.pth has a 10-class head, but num_classes / --num-classes asks for 5: leave it out to keep "
+          r"the checkpoint's head, or let training replace it \(reparam train ... --num-classes 5 trains the new head\)",
+          "convert", "tiny_reptest", "--checkpoint", files / "tiny.pth", "--num-classes", "5", "--refconv", *out)
     fails(files, 1, r"10-class head; --num-classes 5 does not fit", "convert", files / "tiny.safetensors",
           "--num-classes", "5", "--refconv", *out)
 
@@ -475,3 +476,22 @@ def test_console_script_end_to_end(files):
     debug = subprocess.run([script, "--debug", "report", str(files / "garbage.pth"), "--arch", "resnet18"],
                            capture_output=True, text=True, env=env, cwd=files, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+
+
+def test_option_mistakes_are_usage_errors_found_before_any_work(files):
+    fails(files, 2, r"MODEL .*tiny.safetensors is a file with weights already; --checkpoint goes with an architecture",
+          "convert", files / "tiny.safetensors", "--checkpoint", files / "tiny.pth", "--refconv")
+    fails(files, 2, r"MODEL is the architecture tiny_reptest, but --arch says resnet18", "convert", "tiny_reptest",
+          "--arch", "resnet18", "--refconv")
+    # the output's name is checked before converting (the report would come first otherwise)
+    result = fails(files, 2, r"'.*r.pt': the model is written as a safetensors model file", "convert",
+                   "tiny_reptest", "--refconv", "--input-size", "3,32,32", "-o", files / "r.pt")
+    assert "RefConv:" not in result.stdout
+
+
+def test_replacing_an_existing_output_is_said(tmp_path):
+    model_file = mf.save(tiny(), tmp_path / "m.safetensors")
+    first = ok("convert", model_file, "--refconv")
+    assert first.stdout.strip().endswith(f"wrote {tmp_path / 'm.refconv.safetensors'}")
+    again = ok("convert", model_file, "--refconv")
+    assert again.stdout.strip().endswith("m.refconv.safetensors (replaced the existing file)")

@@ -115,14 +115,17 @@ def test_cli_convert_a_torchvision_state_dict_then_fuse(tmp_path):
     checkpoint = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), checkpoint)
     runner = CliRunner()
-    wrong_head = runner.invoke(main, ["convert", str(checkpoint), "--arch", "torchvision:resnet18", "--refconv"])
+    wrong_head = runner.invoke(main, ["convert", str(checkpoint), "--arch", "torchvision:resnet18", "--num-classes",
+                                      "5", "--refconv"])
     assert wrong_head.exit_code == 1
-    assert "a 10-class head? build the model with --num-classes 10" in wrong_head.output
+    assert "r18.pth has a 10-class head, but num_classes / --num-classes asks for 5" in wrong_head.output
     assert sorted(os.listdir(tmp_path)) == ["r18.pth"]
 
-    converted = runner.invoke(main, ["convert", str(checkpoint), "--arch", "torchvision:resnet18", "--num-classes",
-                                     "10", "--refconv", "--input-size", "64"])
+    # without --num-classes the head is the checkpoint's
+    converted = runner.invoke(main, ["convert", str(checkpoint), "--arch", "torchvision:resnet18", "--refconv",
+                                     "--input-size", "64"])
     assert converted.exit_code == 0, converted.output
+    assert "head sized from the checkpoint: 10 classes (not 1000)" in converted.output
     fused = runner.invoke(main, ["fuse", str(tmp_path / "r18.refconv.safetensors"), "--input-size", "64"])
     assert fused.exit_code == 0, fused.output
     deployed = reparam_zoo.load(tmp_path / "r18.fused.safetensors")

@@ -732,3 +732,52 @@ def test_images_are_labelled_by_their_class_folder_at_any_depth(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "d" / "train" / "loose.png")
     with pytest.raises(DataError, match=r"1 image\(s\) directly in the split folder; images go in .*/train/<class>/"):
         build_datasets(root, TinyNet(), 32)
+
+
+def test_cli_trains_a_weights_only_checkpoint_whose_head_is_not_the_default(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    torch.manual_seed(0)
+    source = reparam_zoo.create_model("test_resnet", num_classes=3)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "l.ckpt")
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "l.ckpt"), "--arch", "test_resnet", "--data", data_dir,
+                                       "--epochs", "1", "--lr", "1e-9", "-o", str(tmp_path / "run"), *CLI_FAST])
+    assert result.exit_code == 0, result.output
+    log = _log(tmp_path / "run")
+    assert "head sized from the checkpoint: 3 classes (not 1000)" in log
+    assert "stripped key prefix 'model.'" in log
+    assert "sanity: input model" in log and "-> identical" in log
+    finished = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "run"), "--fuse"])
+    assert finished.exit_code == 1
+    assert f"to deploy its best model: reparam fuse {tmp_path / 'run' / 'best.safetensors'}" in finished.output
+
+
+def test_a_class_folder_without_images_is_an_error(tmp_path):
+    from reparam_zoo.data import build_datasets
+
+    root = make_dataset(tmp_path / "d", train_per_class=2, val_per_class=1)
+    (tmp_path / "d" / "train" / "purple").mkdir()
+    with pytest.raises(DataError, match=r"train: class folder\(s\) without images: purple"):
+        build_datasets(root, TinyNet(), 32)
+
+
+class CannotLearn(nn.Module):
+    """Its conv trains, but the logits never depend on it: no epoch can beat the start."""
+
+    num_classes = len(CLASSES)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.register_buffer("logits", torch.tensor([[0.3, 0.1, -0.2]]))
+
+    def forward(self, x):
+        return self.conv(x).mean((1, 2, 3))[:, None] * 0 + self.logits
+
+
+def test_a_run_that_never_beats_its_start_says_so(data_dir, tmp_path):
+    result = train(CannotLearn(), data_dir, output_dir=str(tmp_path / "run"), epochs=2, fuse=True, **FAST)
+    assert result.best["epoch"] == 0
+    assert ("warning: no epoch beat the model as it started, so the best model (and the deploy model) is the "
+            "input model; try a lower --lr or more epochs") in _log(tmp_path / "run")
+
