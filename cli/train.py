@@ -96,6 +96,8 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     ctx = click.get_current_context()
     given = {name for name in settings if _given(ctx, name)} | ({"model"} if model else set()) | (
         {"data_dir"} if data_dir else set())
+    if "momentum" in given and settings.get("optimizer") != "sgd":
+        raise click.UsageError(f"--momentum applies to --optimizer sgd, not {settings.get('optimizer')}")
 
     if resume:
         if output and os.path.abspath(output) != os.path.abspath(resume):

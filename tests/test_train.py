@@ -781,3 +781,12 @@ def test_a_run_that_never_beats_its_start_says_so(data_dir, tmp_path):
     assert ("warning: no epoch beat the model as it started, so the best model (and the deploy model) is the "
             "input model; try a lower --lr or more epochs") in _log(tmp_path / "run")
 
+
+def test_momentum_with_adamw_is_a_usage_error(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    result = CliRunner().invoke(main, ["train", "test_resnet", "--data", data_dir, "--optimizer", "adamw",
+                                       "--momentum", "0.5", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--momentum applies to --optimizer sgd, not adamw" in result.output
+    assert not os.path.exists(tmp_path / "run")
+
