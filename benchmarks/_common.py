@@ -174,3 +174,11 @@ def _atomic_write(path: str, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def budget_shares(names: Sequence[str], budget_s: float):
+    """(name, seconds) for each name in turn: an equal share of what is left of `budget_s` wall seconds."""
+    started = time.perf_counter()
+    for i, name in enumerate(names):
+        yield name, max(0.0, budget_s - (time.perf_counter() - started)) / (len(names) - i)
+

@@ -368,9 +368,8 @@ def main(argv=None) -> dict:
         "models": {},
     }
     started = time.perf_counter()
-    for i, name in enumerate(args.models):
+    for name, share in _common.budget_shares(args.models, args.budget_s):
         t0 = time.perf_counter()
-        share = max(0.0, args.budget_s - (t0 - started)) / (len(args.models) - i)
         r = measure_model(name, args, share)
         results["models"][name] = r
         cpu = r["step_cpu_s"]

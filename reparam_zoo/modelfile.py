@@ -156,19 +156,22 @@ def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, tor
     else:
         source = os.fspath(checkpoint)
         state, _ = read_state_dict(source)
-    model = create_model(name, num_classes=num_classes, **kwargs)
+    # the head size is read off a weightless skeleton, so the real model is built (and initialised) once
+    with torch.device("meta"):
+        skeleton = create_model(name, num_classes=num_classes, **kwargs)
     notes: List[str] = []
-    head = checkpoint_head_size(model, state)
+    head = checkpoint_head_size(skeleton, state)
     if head is not None:
-        built = getattr(model, "num_classes", None) or (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+        built = (getattr(skeleton, "num_classes", None)
+                 or (getattr(skeleton, "pretrained_cfg", None) or {}).get("num_classes"))
         if num_classes is not None:
             raise CheckpointError(
                 f"{source} has a {head}-class head, but num_classes / --num-classes asks for {num_classes}: leave "
                 f"it out to keep the checkpoint's head, or let training replace it (reparam train ... "
                 f"--num-classes {num_classes} trains the new head)"
             )
-        model = create_model(name, num_classes=head, **kwargs)
         notes.append(f"head sized from the checkpoint: {head} classes" + (f" (not {built})" if built else ""))
+    model = create_model(name, num_classes=head if head is not None else num_classes, **kwargs)
     report = load_checkpoint(model, state, strict=True, source=source)
     return model, report.notes + notes, report.num_tensors
 

@@ -71,17 +71,16 @@ class Processes:
                    owns_group=owns)
 
     def sum(self, values: Sequence[float]) -> List[float]:
-        if not self.distributed:
-            return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return self._all_reduce(values, dist.ReduceOp.SUM)
 
     def max(self, values: Sequence[float]) -> List[float]:
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values: Sequence[float], op) -> List[float]:
         if not self.distributed:
             return list(values)
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def all_gather(self, obj: Any) -> List[Any]:
