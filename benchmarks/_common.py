@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from reparam_zoo.report import markdown_lines
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 README = os.path.join(BENCH_DIR, "README.md")
@@ -141,10 +143,9 @@ def update_readme_block(name: str, body: str, path: str = README) -> None:
     _atomic_write(path, text)
 
 
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(markdown_lines(header, rows))
 
 
 def goals_text(goals_met: Dict[str, bool]) -> str:

@@ -44,7 +44,7 @@ from reparam_zoo.models.revcol import RevCol  # noqa: E402
 from benchmarks import _common  # noqa: E402
 
 MIB = _common.MIB
-# Authors' implementation, CPU, batch 2, 224, no heads (SPEC 3).
+# Authors' implementation, CPU, batch 2, 224, no heads (measured on their code).
 AUTHORS_MIB = {"revcol_tiny": (468, 20.8), "revcol_small": (931, 32.2), "revcol_base": (1520, 62)}
 AUTHORS_GROWTH_PER_COLUMN_MIB = 2.9
 AUTHORS_STEP_RATIO = 1.45

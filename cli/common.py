@@ -10,7 +10,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import click
 
-# reparam_zoo.cli lives inside the package: torch and timm are imported before any command runs anyway
 from reparam_zoo.layers.refconv import INITS
 from reparam_zoo.modelfile import EXPORT_FORMATS
 from reparam_zoo.report import FORMATS as REPORT_FORMATS
@@ -167,17 +166,14 @@ def check_map_k(ctx, param, value: int) -> int:
 def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrained=False, trust_pickle=False,
             quiet: bool = False):
     """The model a MODEL argument names, announced on stderr (stdout stays the command's output)."""
-    from reparam_zoo.modelfile import is_architecture, resolve_model
+    from reparam_zoo.errors import ArgumentConflictError
+    from reparam_zoo.modelfile import resolve_model
 
-    if pretrained and checkpoint is not None:
-        raise click.UsageError("--pretrained and --checkpoint both give the weights; pass one of them")
-    if os.path.exists(spec) and (checkpoint is not None or pretrained):
-        option = "--checkpoint" if checkpoint is not None else "--pretrained"
-        raise click.UsageError(f"MODEL {spec} is a file with weights already; {option} goes with an architecture name")
-    if arch is not None and arch != spec and not os.path.exists(spec) and is_architecture(spec):
-        raise click.UsageError(f"MODEL is the architecture {spec}, but --arch says {arch}")
-    resolved = resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
-                             pretrained=pretrained, trust_pickle=trust_pickle)
+    try:
+        resolved = resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
+                                 pretrained=pretrained, trust_pickle=trust_pickle)
+    except ArgumentConflictError as e:
+        raise click.UsageError(str(e)) from None
     if not quiet:
         click.echo(f"model: {resolved.description}", err=True)
         for note in resolved.notes:
@@ -306,19 +302,3 @@ def steps(desc: str, total: int):
 def echo_lines(text: str) -> None:
     click.echo(text.rstrip("\n"))
 
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
-    """A plain aligned text table: the first `left` columns left-aligned, the rest right-aligned."""
-    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines)

@@ -32,14 +32,12 @@ def main(debug):
     """
 
 
-# One command (group) per module. Further commands register here with main.add_command(...).
 main.add_command(convert_command)
 main.add_command(fuse_command)
 main.add_command(report_command)
 main.add_command(compare_command)
 main.add_command(zoo_group)
 main.add_command(demo_command)
-# -- training (cli/train.py) --
 main.add_command(train_command)
 
 

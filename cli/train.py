@@ -83,7 +83,7 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     --trust-pickle`).
 
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with --resume OUTDIR.
-    Under torchrun (e.g. `torchrun --nproc_per_node 4 -m reparam_zoo.train MODEL --data DIR`) it trains with
+    Under torchrun (e.g. `torchrun --nproc_per_node 4 --no-python reparam train MODEL --data DIR`) it trains with
     DistributedDataParallel, gloo on CPU and nccl on GPU; --batch-size is per process.
     """
     from reparam_zoo.train import RESUMABLE_OVERRIDES, read_config, resume as resume_run, train
@@ -148,12 +148,3 @@ def _given(ctx: click.Context, name: str) -> bool:
 def _same_path(a, b) -> bool:
     return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and \
         os.path.samefile(a, b)
-
-
-def main(args=None) -> None:
-    """`python -m reparam_zoo.train ...`: the same as `reparam train ...` (with the CLI's one-line errors)."""
-    import sys
-
-    from .main import main as reparam
-
-    reparam(["train", *(sys.argv[1:] if args is None else args)], prog_name="python -m reparam_zoo.train")

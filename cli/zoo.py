@@ -5,10 +5,12 @@ import json
 
 import click
 
-from .common import echo_lines, input_size_option, markdown_table, report_format_option, table
+from reparam_zoo.report import aligned_lines, markdown_lines
+
+from .common import echo_lines, input_size_option, report_format_option
 
 
-# The papers' numbers (SPEC.md sections 2 and 3): params, MACs at 224 (the papers' "FLOPs"), ImageNet top-1.
+# The papers' numbers (ReXNet and RevCol papers): params, MACs at 224 (the papers' "FLOPs"), ImageNet top-1.
 # `approx` marks numbers the authors give only roughly.
 PUBLISHED = {
     "rexnetv1_100": dict(params=4.80e6, macs=0.40e9, top1="77.9"),
@@ -48,7 +50,8 @@ def zoo_list(fmt):
     cells = [[r["name"], r["family"], f"{r['params']:,}", _params(r["published_params"], r["approx"]),
               "yes" if r["params_match"] else "NO", _macs(r["published_macs"], r["approx"]), r["published_top1"] or "-",
               "x".join(map(str, r["input_size"]))] for r in rows]
-    echo_lines(markdown_table(headers, cells) if fmt == "markdown" else table(headers, cells, left=2))
+    lines = markdown_lines(headers, cells, numeric_from=2) if fmt == "markdown" else aligned_lines(headers, cells, left=2)
+    echo_lines("\n".join(lines))
     if fmt == "table":
         click.echo("\nparams: counted parameter elements; MACs: multiply-accumulates per image (papers' 'FLOPs')")
 

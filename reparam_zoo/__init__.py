@@ -3,21 +3,15 @@
 RefConv surgery (`convert` -> train -> `fold` / `fuse`), the ReXNetV1 and RevCol zoo (registered with timm
 on import), parameter/MAC reports and self-describing model files.
 """
-import warnings
-
 from .checkpoint import load_checkpoint
 from .deploy import FuseReport, fold, fuse
-from .errors import CheckpointError, ConversionError, EquivalenceError, ReparamError
+from .errors import ArgumentConflictError, CheckpointError, ConversionError, EquivalenceError, ReparamError
 from .layers.refconv import RefConv1d, RefConv2d, RefConv3d, RefConvNd
 from .report import Comparison, Report, compare, report
 from .modelfile import create_model, load, load_model, save
 from .surgery import ConversionSummary, convert
 from . import models  # noqa: F401  (registers the zoo with timm)
 from .train import TrainResult, resume, train
-
-# `python -m reparam_zoo.train` (and `torchrun -m reparam_zoo.train`) runs a module this package has already
-# imported for the `train` export; its __main__ block only hands over to the CLI, so runpy's warning is noise.
-warnings.filterwarnings("ignore", message="'reparam_zoo.train' found in sys.modules", category=RuntimeWarning)
 
 __version__ = "0.1.0"
 
@@ -27,6 +21,6 @@ __all__ = [
     "load_checkpoint", "create_model", "save", "load", "load_model",
     "train", "resume", "TrainResult",
     "report", "compare", "Report", "Comparison",
-    "ReparamError", "ConversionError", "CheckpointError", "EquivalenceError",
+    "ReparamError", "ArgumentConflictError", "ConversionError", "CheckpointError", "EquivalenceError",
     "__version__",
 ]

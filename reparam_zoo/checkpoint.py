@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line, preview
 
 StateDict = Dict[str, torch.Tensor]
 # An adapter gets the unwrapped state_dict and the target model and returns the state_dict in the
@@ -78,7 +78,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
                 metadata = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
         return tensors, metadata
     artifact = deployment_artifact_kind(path)
     if artifact is not None:
@@ -89,7 +89,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = _one_line(e)
+        msg = first_line(e)
         # torch's message always starts with "Weights only load failed": only a refused global means
         # pickled Python objects; anything else (bad opcodes) is a damaged file
         if "Unsupported global" in str(e) or "GLOBAL " in str(e):
@@ -98,9 +98,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
                 "arbitrary code, refused (pass --trust-pickle / trust_pickle=True if you trust the file)"
             ) from None
         detail = str(e).split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in str(e) else msg
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(detail)})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(detail)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from None
     return unwrap_state_dict(obj, source=path), {}
 
 
@@ -207,11 +207,11 @@ def check_compatible(model: nn.Module, state_dict: StateDict, *, source: str, st
     ]
     problems = []
     if strict and missing:
-        problems.append(f"{len(missing)} missing keys ({_preview(missing)})")
+        problems.append(f"{len(missing)} missing keys ({preview(missing)})")
     if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({preview(unexpected)})")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({_preview(mismatched)})")
+        problems.append(f"{len(mismatched)} shape mismatches ({preview(mismatched)})")
     if problems:
         name = type(model).__name__
         hint = _head_size_hint(own, state_dict) if len(problems) == 1 and mismatched else ""
@@ -253,18 +253,8 @@ def _is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _preview(items, n: int = 5) -> str:
-    items = list(items)
-    more = f", ... +{len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
 def _keys_preview(obj) -> str:
     if isinstance(obj, Mapping):
-        return _preview([str(k) for k in obj.keys()]) or "none"
+        return preview([str(k) for k in obj.keys()]) or "none"
     return type(obj).__name__
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -19,7 +19,7 @@ from PIL import Image
 from timm.data import ImageDataset, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 
-from .errors import ReparamError
+from .errors import ReparamError, preview
 
 __all__ = ["DataError", "DataSplits", "ImageFolderSplit", "EpochSampler", "ShardSampler", "build_datasets",
            "make_loader", "sample_seed"]
@@ -205,8 +205,7 @@ def check_data_dir(data_dir: str) -> None:
 def _listing(what: str, names: Sequence[str]) -> str:
     if not names:
         return ""
-    more = f", ... +{len(names) - 5} more" if len(names) > 5 else ""
-    return f"{what}: {', '.join(names[:5])}{more}"
+    return f"{what}: {preview(names)}"
 
 
 class EpochSampler(Sampler):

@@ -446,13 +446,7 @@ def _random_like(t: torch.Tensor, batch: int, generator: torch.Generator) -> tor
 
 
 def _flatten(out) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
-    return []
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:

@@ -1,4 +1,6 @@
-"""Exceptions of the public API: each carries a message fit to print as one line."""
+"""Exceptions of the public API (each carries a message fit to print as one line) and the helpers that keep
+messages to one line."""
+from typing import Iterable
 
 
 class ReparamError(Exception):
@@ -7,6 +9,10 @@ class ReparamError(Exception):
 
 class ConversionError(ReparamError):
     """RefConv conversion cannot proceed (nothing selected, bad map_k, ...)."""
+
+
+class ArgumentConflictError(ReparamError):
+    """Arguments that contradict each other (a usage error: the command line exits with status 2)."""
 
 
 class CheckpointError(ReparamError):
@@ -21,3 +27,16 @@ class EquivalenceError(ReparamError):
         self.max_abs_error = max_abs_error
         self.max_rel_error = max_rel_error
         self.first_diverging_module = first_diverging_module
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (tracebacks of nested tools are long), or its type."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def preview(items: Iterable, n: int = 5) -> str:
+    """The first `n` items, comma-separated, and how many more there are."""
+    items = [str(item) for item in items]
+    more = f", ... +{len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import first_line
 from .layers.refconv import RefConvNd
 
 __all__ = ["TrainingMemory", "training_memory", "tensor_bytes", "MEASURE_BATCH"]
@@ -48,8 +49,7 @@ def training_memory(model: nn.Module, input_size: Sequence[int]) -> TrainingMemo
     try:
         saved = _saved_bytes(model, (MEASURE_BATCH,) + tuple(input_size))
     except Exception as e:  # the user's model failed in training mode: report the rest
-        first = (str(e).strip().splitlines() or [""])[0]
-        return TrainingMemory(weights, gradients, None, f"{type(e).__name__}: {first}")
+        return TrainingMemory(weights, gradients, None, f"{type(e).__name__}: {first_line(e)}")
     per_step = sum(
         m.weight_base.numel() * m.weight_base.element_size()
         for m in model.modules() if isinstance(m, RefConvNd) and m.transform_weight.requires_grad

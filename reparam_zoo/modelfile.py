@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import (check_compatible, check_readable, checkpoint_head_size, deployment_artifact_kind,
-                         load_checkpoint, read_state_dict, unwrap_state_dict, _is_safetensors, _one_line)
+                         load_checkpoint, read_state_dict, unwrap_state_dict, _is_safetensors)
 from .deploy import FuseReport, apply_fuse_structure
-from .errors import CheckpointError, EquivalenceError, ReparamError
+from .errors import ArgumentConflictError, CheckpointError, EquivalenceError, ReparamError, first_line, preview
 from .surgery import convert, refconv_layers
 from . import torchvision_models
 
@@ -111,8 +111,6 @@ def create_model(
 
     if not is_architecture(name):
         raise ArchitectureError(_unknown_architecture_message(name))
-    if pretrained and checkpoint is not None:
-        raise ArchitectureError("pass either pretrained weights or a checkpoint, not both")
     if num_classes is not None:
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ArchitectureError(f"num_classes must be a non-negative integer, got {num_classes!r}")
@@ -125,13 +123,13 @@ def create_model(
         else:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
-        raise ArchitectureError(f"cannot build {name}: {_one_line(e)}") from None
+        raise ArchitectureError(f"cannot build {name}: {first_line(e)}") from None
     except Exception as e:
         if not pretrained:
             raise
         # Anything from the hub client (offline, no such file, no weights for this tag) lands here.
         raise CheckpointError(
-            f"could not get pretrained weights for {name} ({_one_line(e)}); on a machine without internet "
+            f"could not get pretrained weights for {name} ({first_line(e)}); on a machine without internet "
             "pass the weights file with --checkpoint / checkpoint="
         ) from None
     arch_kwargs = dict(kwargs)
@@ -149,7 +147,7 @@ def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, tor
     """`name` with `checkpoint`'s weights, its head sized by the checkpoint unless `num_classes` says
     otherwise; returns (model, load notes, tensor count)."""
     if pretrained:
-        raise ArchitectureError("pass either pretrained weights or a checkpoint, not both")
+        raise ArgumentConflictError(_BOTH_WEIGHTS)
     source = "state_dict"
     if isinstance(checkpoint, Mapping):
         state = unwrap_state_dict(checkpoint)
@@ -165,7 +163,7 @@ def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, tor
         built = (getattr(skeleton, "num_classes", None)
                  or (getattr(skeleton, "pretrained_cfg", None) or {}).get("num_classes"))
         if num_classes is not None:
-            raise CheckpointError(
+            raise ArgumentConflictError(
                 f"{source} has a {head}-class head, but num_classes / --num-classes asks for {num_classes}: leave "
                 f"it out to keep the checkpoint's head, or let training replace it (reparam train ... "
                 f"--num-classes {num_classes} trains the new head)"
@@ -450,8 +448,7 @@ def check_finite(state: Dict[str, torch.Tensor], action: str = "save them") -> N
     """Refuse NaN/Inf weights: a file holding them would silently poison whatever loads it."""
     bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise ReparamError(f"non-finite (NaN/Inf) weights in {', '.join(bad[:3])}{more}; refusing to {action}")
+        raise ReparamError(f"non-finite (NaN/Inf) weights in {preview(bad, 3)}; refusing to {action}")
 
 
 def _storable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -620,7 +617,7 @@ def _export_pt2(model: nn.Module, tmp: str, inputs) -> Callable:
     try:
         program = torch.export.export(model, batch2, dynamic_shapes=dynamic)
     except Exception as e:
-        raise ReparamError(f"torch.export cannot capture {type(model).__name__}: {_one_line(e)}") from None
+        raise ReparamError(f"torch.export cannot capture {type(model).__name__}: {first_line(e)}") from None
     torch.export.save(program, tmp)
     return torch.export.load(tmp).module()
 
@@ -636,9 +633,9 @@ def _export_onnx(model: nn.Module, tmp: str, inputs) -> Callable:
             torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=names, output_names=["output"],
                               dynamic_axes={n: {0: "batch"} for n in names + ["output"]})
     except ImportError as e:
-        raise ReparamError(f"ONNX export is not available here ({_one_line(e)})") from None
+        raise ReparamError(f"ONNX export is not available here ({first_line(e)})") from None
     except Exception as e:
-        raise ReparamError(f"ONNX export of {type(model).__name__} failed: {_one_line(e)}") from None
+        raise ReparamError(f"ONNX export of {type(model).__name__} failed: {first_line(e)}") from None
     return _onnx_runner(tmp, names)
 
 
@@ -677,7 +674,7 @@ def read_info(path: PathLike) -> Optional[ModelFileInfo]:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     return parse_metadata(meta, source=path)
 
 
@@ -780,9 +777,9 @@ def _unpickle(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated file ({first_line(e)})") from None
     except (AttributeError, ModuleNotFoundError, ImportError) as e:
-        raise CheckpointError(f"{path}: the pickled model needs code that is not importable here ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: the pickled model needs code that is not importable here ({first_line(e)})") from None
 
 
 # -- what a MODEL argument is -------------------------------------------------------------------------------
@@ -819,6 +816,10 @@ def load_model(
                          trust_pickle=trust_pickle).model
 
 
+_BOTH_WEIGHTS = ("--pretrained / pretrained= and --checkpoint / checkpoint= both give the weights; "
+                 "pass one of them")
+
+
 def resolve_model(
     spec: PathLike,
     *,
@@ -831,18 +832,18 @@ def resolve_model(
     """`load_model`, also saying what the argument turned out to be."""
     spec = os.fspath(spec)
     if pretrained and checkpoint is not None:
-        raise ArchitectureError("pass either pretrained weights or a checkpoint, not both")
+        raise ArgumentConflictError(_BOTH_WEIGHTS)
+    if os.path.exists(spec) and (checkpoint is not None or pretrained):
+        option = "--checkpoint / checkpoint=" if checkpoint is not None else "--pretrained / pretrained="
+        raise ArgumentConflictError(f"MODEL {spec} is a file with weights already; {option} goes with an "
+                                    "architecture name")
+    if arch is not None and arch != spec and not os.path.exists(spec) and is_architecture(spec):
+        raise ArgumentConflictError(f"MODEL is the architecture {spec}, but --arch / arch= says {arch}")
     if arch is not None and not is_architecture(arch):
         raise ArchitectureError(_unknown_architecture_message(arch))
     if os.path.exists(spec):
-        if checkpoint is not None:
-            raise ReparamError(f"{spec} is already a weights file; --checkpoint / checkpoint= goes with an architecture name")
-        if pretrained:
-            raise ReparamError(f"{spec} is a file; pretrained weights go with an architecture name")
         return _resolve_file(spec, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
     if is_architecture(spec):
-        if arch is not None and arch != spec:
-            raise ArchitectureError(f"MODEL is the architecture {spec}, but --arch says {arch}")
         notes: List[str] = []
         if checkpoint is not None:
             check_readable(os.fspath(checkpoint), "a weights file")
@@ -864,9 +865,10 @@ def _resolve_file(path: str, *, arch: Optional[str], num_classes: Optional[int],
         info = read_info(path)
         if info is not None:
             if arch is not None and arch != info.architecture["name"]:
-                raise ArchitectureError(f"{path} holds a {info.architecture['name']} model, but --arch says {arch}")
+                raise ArgumentConflictError(
+                    f"{path} holds a {info.architecture['name']} model, but --arch / arch= says {arch}")
             if num_classes is not None and num_classes != info.num_classes:
-                raise ReparamError(
+                raise ArgumentConflictError(
                     f"{path} has a {info.num_classes}-class head; --num-classes {num_classes} does not fit it"
                 )
             return ResolvedModel(load(path), "reparam-file", f"{path}: {info.describe()}", path=path, info=info)
@@ -919,4 +921,4 @@ def _check_json(what: str, value: Any) -> None:
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ReparamError(f"{what} must be JSON-serializable to be saved in a model file ({_one_line(e)})") from None
+        raise ReparamError(f"{what} must be JSON-serializable to be saved in a model file ({first_line(e)})") from None

@@ -36,7 +36,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 import torch.nn as nn
 
-from .errors import ReparamError
+from .errors import ReparamError, first_line
 from .layers.refconv import RefConvNd
 from .memory import MEASURE_BATCH, _device_dtype, tensor_bytes, training_memory
 from .surgery import refconv_layers
@@ -215,19 +215,19 @@ class Report:
 
     def to_table(self) -> str:
         lines = [self._title(), ""]
-        lines += _aligned(["", "training", "inference"], [[m, _num(a), _num(b)] for m, a, b in self._summary_rows()])
+        lines += aligned_lines(["", "training", "inference"], [[m, _num(a), _num(b)] for m, a, b in self._summary_rows()])
         lines.append("")
         lines += self._notes()
         if self.modules:
             lines += ["", f"per module (depth {self.depth}):"]
-            lines += _aligned(self._MODULE_HEADERS, [[_num(v) for v in row] for row in self._module_rows()], left=2)
+            lines += aligned_lines(self._MODULE_HEADERS, [[_num(v) for v in row] for row in self._module_rows()], left=2)
         return "\n".join(lines)
 
     __str__ = to_table
 
     def to_markdown(self) -> str:
         lines = [f"**{self._title()}**", ""]
-        lines += _markdown_table(["", "training", "inference"],
+        lines += markdown_lines(["", "training", "inference"],
                                  [[m.strip(), _num(a), _num(b)] for m, a, b in self._summary_rows()], numeric_from=1)
         lines.append("")
         lines += [f"- {n}" for n in self._notes()]
@@ -235,7 +235,7 @@ class Report:
             lines += ["", f"Per module (depth {self.depth}):", ""]
             rows = [[f"`{r.name}`", r.type, _num(r.training_params), _num(r.trainable_params),
                      _num(r.inference_params), _num(r.macs), _num(r.transform_macs)] for r in self.modules]
-            lines += _markdown_table(self._MODULE_HEADERS, rows, numeric_from=2)
+            lines += markdown_lines(self._MODULE_HEADERS, rows, numeric_from=2)
         return "\n".join(lines)
 
     _CSV_FIELDS = ["module", "type", "training_params", "trainable_params", "frozen_params", "training_buffers",
@@ -320,12 +320,12 @@ class Comparison:
         return notes
 
     def to_table(self) -> str:
-        return "\n".join(_aligned(self._headers(), self._table_rows()) + [""] + self._notes())
+        return "\n".join(aligned_lines(self._headers(), self._table_rows()) + [""] + self._notes())
 
     __str__ = to_table
 
     def to_markdown(self) -> str:
-        lines = _markdown_table(self._headers(), self._table_rows(), numeric_from=1)
+        lines = markdown_lines(self._headers(), self._table_rows(), numeric_from=1)
         return "\n".join(lines + [""] + [f"- {n}" for n in self._notes()])
 
     def to_csv(self) -> str:
@@ -467,9 +467,8 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
             with FlopCounterMode(display=False) as counter:
                 model(x)
     except Exception as e:  # the user's model failed to run: one line, not a traceback
-        first = (str(e).strip().splitlines() or [""])[0]
         raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
-                           f"{type(e).__name__}: {first}") from None
+                           f"{type(e).__name__}: {first_line(e)}") from None
     finally:
         for module, training in modes:
             module.training = training
@@ -665,7 +664,7 @@ def _format_counts(counts: Dict[str, int]) -> str:
     return ", ".join(f"{k} x{v:,}" for k, v in counts.items())
 
 
-def _aligned(headers: List[str], rows: List[List[str]], left: int = 1) -> List[str]:
+def aligned_lines(headers: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> List[str]:
     """Columns padded to their widest cell: the first `left` columns left-aligned, the numbers right-aligned."""
     cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -676,7 +675,8 @@ def _aligned(headers: List[str], rows: List[List[str]], left: int = 1) -> List[s
     return [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
 
 
-def _markdown_table(headers: List[str], rows: List[List[str]], numeric_from: int) -> List[str]:
+def markdown_lines(headers: Sequence[str], rows: Sequence[Sequence[object]], numeric_from: int = 1) -> List[str]:
+    """A markdown table: the columns from `numeric_from` on are right-aligned."""
     def esc(c):
         return str(c).replace("|", "\\|")
 

@@ -20,7 +20,6 @@ _NORM_TYPES = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 class ConvertedLayer:
     name: str
     kind: str  # e.g. "RefConv2d 64->64 3x3 g=64"
-    base_params: int
     transform_params: int
 
 
@@ -115,7 +114,7 @@ def convert(
         refconv = RefConvNd.from_conv(conv, map_k=map_k, init=init)
         replacements[id(conv)] = refconv
         summary.converted.append(ConvertedLayer(
-            name=name, kind=_describe(refconv), base_params=conv.weight.numel(),
+            name=name, kind=_describe(refconv),
             transform_params=refconv.transform_weight.numel(),
         ))
     if not replacements:
@@ -205,6 +204,3 @@ def _describe(refconv: RefConvNd) -> str:
     kernel = "x".join(str(k) for k in refconv.kernel_size)
     return f"{type(refconv).__name__} {refconv.in_channels}->{refconv.out_channels} {kernel} g={refconv.groups}"
 
-
-def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, _NORM_TYPES)

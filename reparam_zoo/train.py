@@ -5,8 +5,7 @@
     resume(output_dir)                                                continues an interrupted run exactly
 
 Runs under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) as DistributedDataParallel, gloo on
-CPU and nccl on GPU; only rank 0 writes files. Also runnable as `python -m reparam_zoo.train` (the same
-options as `reparam train`).
+CPU and nccl on GPU; only rank 0 writes files (`torchrun --nproc_per_node 4 --no-python reparam train ...`).
 
 Exact resumption rests on three things: the data order and every sample's augmentation are functions of
 `(seed, epoch, index)` (see `reparam_zoo.data`), dropout/drop-path randomness is re-seeded from
@@ -33,7 +32,7 @@ from .checkpoint import check_compatible, read_state_dict
 from .data import (DataSplits, EpochSampler, IGNORE_TARGET, ShardSampler, build_datasets, check_data_dir,
                    make_loader)
 from .deploy import fold, fuse as fuse_model
-from .errors import CheckpointError, ReparamError
+from .errors import CheckpointError, ReparamError, first_line, preview
 from .surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
 from . import torchvision_models
 from .processes import Processes, StopRequest
@@ -251,7 +250,7 @@ def read_config(output_dir: str) -> TrainConfig:
         known = {f.name for f in fields(TrainConfig)}
         return TrainConfig(**{k: v for k, v in raw.items() if k in known})
     except (OSError, ValueError, TypeError) as e:
-        raise TrainError(f"{path}: unreadable run settings ({_one_line(e)})") from None
+        raise TrainError(f"{path}: unreadable run settings ({first_line(e)})") from None
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
@@ -396,10 +395,8 @@ class _Run:
         if os.path.exists(out) and not os.path.isdir(out):
             raise TrainError(f"{out}: is a file, expected an output folder")
         if os.path.isdir(out) and os.listdir(out):
-            names = sorted(os.listdir(out))
-            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
             raise TrainError(
-                f"{out}: output folder is not empty ({shown}); choose a new one, or continue the run in it with "
+                f"{out}: output folder is not empty ({preview(sorted(os.listdir(out)), 4)}); choose a new one, or continue the run in it with "
                 "--resume / reparam_zoo.resume()"
             )
         return out
@@ -408,7 +405,7 @@ class _Run:
         try:
             os.makedirs(self.output_dir, exist_ok=True)
         except OSError as e:
-            raise TrainError(f"{self.output_dir}: cannot create output folder ({_one_line(e)})") from None
+            raise TrainError(f"{self.output_dir}: cannot create output folder ({first_line(e)})") from None
         # on resume too: the overrides (epochs, ...) are part of the run from now on
         _write_json(os.path.join(self.output_dir, CONFIG_FILE), asdict(self.config))
 
@@ -627,7 +624,7 @@ class _Run:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
-            raise CheckpointError(f"{path}: unreadable training state ({_one_line(e)})") from None
+            raise CheckpointError(f"{path}: unreadable training state ({first_line(e)})") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CheckpointError(f"{path}: not a training state of this reparam-zoo version")
         epochs = self.config.epochs
@@ -944,8 +941,7 @@ class _Run:
         new = sorted(set(self.procs.union(names)) - set(self.unreadable))
         if new:
             self.unreadable = sorted(set(self.unreadable) | set(new))
-            shown = ", ".join(new[:3]) + (", ..." if len(new) > 3 else "")
-            self.log(f"warning: skipped {len(new)} unreadable image(s) ({shown}); {len(self.unreadable)} so far")
+            self.log(f"warning: skipped {len(new)} unreadable image(s) ({preview(new, 3)}); {len(self.unreadable)} so far")
 
     # -- outputs ------------------------------------------------------------------------------------------------
     def _write_metrics(self) -> None:
@@ -1046,7 +1042,7 @@ def _num_outputs(model: nn.Module, input_size: Tuple[int, ...]) -> int:
             out = model.eval()(torch.zeros(1, *input_size))
     except Exception as e:
         raise TrainError(f"{type(model).__name__} fails on a {'x'.join(map(str, input_size))} input "
-                         f"({_one_line(e)}); check --input-size") from None
+                         f"({first_line(e)}); check --input-size") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -1086,14 +1082,3 @@ def _write_json(path: str, value: Any) -> None:
             f.write("\n")
 
     atomic_write(path, write)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-if __name__ == "__main__":
-    from reparam_zoo.cli.train import main
-
-    main()

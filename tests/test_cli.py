@@ -292,10 +292,10 @@ def test_unknown_architecture_and_mismatched_checkpoints(files):
           "convert", files / "resnet18.pth", "--arch", "tiny_reptest", "--refconv", *out)
     fails(files, 1, r"tiny.pth does not fit ResNet", "convert", "resnet18", "--checkpoint", files / "tiny.pth",
           "--refconv", *out)
-    fails(files, 1, r"tiny.pth has a 10-class head, but num_classes / --num-classes asks for 5: leave it out to keep "
+    fails(files, 2, r"tiny.pth has a 10-class head, but num_classes / --num-classes asks for 5: leave it out to keep "
           r"the checkpoint's head, or let training replace it \(reparam train ... --num-classes 5 trains the new head\)",
           "convert", "tiny_reptest", "--checkpoint", files / "tiny.pth", "--num-classes", "5", "--refconv", *out)
-    fails(files, 1, r"10-class head; --num-classes 5 does not fit", "convert", files / "tiny.safetensors",
+    fails(files, 2, r"10-class head; --num-classes 5 does not fit", "convert", files / "tiny.safetensors",
           "--num-classes", "5", "--refconv", *out)
 
 
@@ -348,7 +348,7 @@ def test_bad_output_paths(files):
 
 
 def test_options_that_do_not_go_together_and_compare_without_arch(files):
-    fails(files, 2, r"--pretrained and --checkpoint both give the weights; pass one of them", "report",
+    fails(files, 2, r"--pretrained / pretrained= and --checkpoint / checkpoint= both give the weights; pass one of them", "report",
           "tiny_reptest", "--pretrained", "--checkpoint", files / "tiny.pth")
     fails(files, 1, r"tiny.pth: a weights file that does not say its architecture, and compare takes no --arch; "
           r"compare the architecture name instead", "compare", files / "tiny.safetensors", files / "tiny.pth")
@@ -479,9 +479,9 @@ def test_console_script_end_to_end(files):
 
 
 def test_option_mistakes_are_usage_errors_found_before_any_work(files):
-    fails(files, 2, r"MODEL .*tiny.safetensors is a file with weights already; --checkpoint goes with an architecture",
+    fails(files, 2, r"MODEL .*tiny.safetensors is a file with weights already; --checkpoint / checkpoint= goes with an architecture",
           "convert", files / "tiny.safetensors", "--checkpoint", files / "tiny.pth", "--refconv")
-    fails(files, 2, r"MODEL is the architecture tiny_reptest, but --arch says resnet18", "convert", "tiny_reptest",
+    fails(files, 2, r"MODEL is the architecture tiny_reptest, but --arch / arch= says resnet18", "convert", "tiny_reptest",
           "--arch", "resnet18", "--refconv")
     # the output's name is checked before converting (the report would come first otherwise)
     result = fails(files, 2, r"'.*r.pt': the model is written as a safetensors model file", "convert",

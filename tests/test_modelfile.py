@@ -17,7 +17,7 @@ from timm.models import build_model_with_cfg, register_model
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import reparam_zoo
-from reparam_zoo import CheckpointError, ReparamError, convert, fuse
+from reparam_zoo import ArgumentConflictError, CheckpointError, ReparamError, convert, fuse
 from reparam_zoo import modelfile as mf
 from reparam_zoo.surgery import refconv_layers
 
@@ -531,14 +531,20 @@ def test_load_model_errors(tmp_path):
         mf.load_model(str(tmp_path / "missing.pth"))
     with pytest.raises(CheckpointError, match="does not fit TinyRepNet: .*missing keys.*unexpected keys"):
         mf.load_model(str(tmp_path / "resnet.pth"), arch="tiny_reptest")
-    with pytest.raises(CheckpointError, match=r"ckpt.pth has a 10-class head, but num_classes / --num-classes asks for 4"):
+    with pytest.raises(ArgumentConflictError, match=r"ckpt.pth has a 10-class head, but num_classes / --num-classes asks for 4"):
         mf.load_model("tiny_reptest", checkpoint=ckpt, num_classes=4)
-    with pytest.raises(ReparamError, match="10-class head; --num-classes 4 does not fit"):
+    with pytest.raises(ArgumentConflictError, match="10-class head; --num-classes 4 does not fit"):
         mf.load_model(file, num_classes=4)
-    with pytest.raises(mf.ArchitectureError, match="holds a tiny_reptest model, but --arch says resnet18"):
+    with pytest.raises(ArgumentConflictError, match="holds a tiny_reptest model, but --arch / arch= says resnet18"):
         mf.load_model(file, arch="resnet18")
-    with pytest.raises(ReparamError, match="already a weights file"):
+    with pytest.raises(ArgumentConflictError, match="is a file with weights already; --checkpoint / checkpoint="):
         mf.load_model(file, checkpoint=ckpt)
+    with pytest.raises(ArgumentConflictError, match="is a file with weights already; --pretrained / pretrained="):
+        mf.load_model(file, pretrained=True)
+    with pytest.raises(ArgumentConflictError, match="both give the weights; pass one of them"):
+        mf.load_model("tiny_reptest", checkpoint=ckpt, pretrained=True)
+    with pytest.raises(ArgumentConflictError, match="MODEL is the architecture tiny_reptest, but --arch / arch= says"):
+        mf.load_model("tiny_reptest", arch="resnet18")
     with pytest.raises(CheckpointError, match="pickled Python objects"):
         mf.load_model(str(tmp_path / "whole.pt"))
     with pytest.raises(CheckpointError, match="bare state_dict"):

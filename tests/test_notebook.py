@@ -23,7 +23,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipyn
 FIGURE_CELLS = ("figure-layer-params", "figure-revcol-memory", "figure-rexnet")
 MIB = 2 ** 20
 CPU_RNG_STATE_BYTES = torch.get_rng_state().numel()  # the reversible RevCol keeps one per level and column
-# SPEC section 2, copied here independently of the notebook's table: params (M), GMACs at 224, top-1
+# The ReXNet paper's table, copied here independently of the notebook's table: params (M), GMACs at 224, top-1
 REXNET_PUBLISHED = {0.9: (4.09, 0.35, 77.2), 1.0: (4.80, 0.40, 77.9), 1.3: (7.56, 0.66, 79.5),
                     1.5: (9.73, 0.88, 80.3), 2.0: (16.37, 1.53, 81.6), 3.0: (34.71, 3.40, 82.8)}
 
@@ -204,7 +204,7 @@ def check_rexnet_matches_published(executed):
         published_params, published_gmacs, _ = REXNET_PUBLISHED[float(width)]
         assert params / 1e6 == pytest.approx(published_params, abs=0.006), width  # published to 0.01M
         assert macs / 1e9 == pytest.approx(published_gmacs, abs=0.006), width  # published to 0.01G
-    # SPEC's measured conv+linear MACs, more digits than the paper's table
+    # conv+linear MACs measured on the authors' model, more digits than the paper's table
     assert round(checks["rexnet_measured"]["1.0"][1] / 1e6) == 398
     assert round(checks["rexnet_measured"]["3.0"][1] / 1e6) == 3396
     printed = "".join(_stream(_cell(nb, "rexnet-measure"), "stdout"))

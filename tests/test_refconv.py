@@ -50,7 +50,7 @@ def make(dims, kwargs, seed=0):
 
 
 def independent_refocused_kernel(conv, transform_weight):
-    """W_b + T(W_b) with T an ordinary nn.ConvNd in float64, built straight from SPEC section 1."""
+    """W_b + T(W_b) with T an ordinary nn.ConvNd in float64, built straight from the paper's definition."""
     w = conv.weight.detach().double()
     n, g = w.shape[0] * w.shape[1], conv.groups
     map_k = transform_weight.shape[-1]

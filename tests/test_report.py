@@ -1,5 +1,5 @@
 """Reports: params and MACs of plain, RefConv and fused models against independent counts; renderers;
-comparison; and the published ReXNetV1 / RevCol numbers of SPEC."""
+comparison; and the published ReXNetV1 / RevCol numbers."""
 import csv
 import io
 import json
@@ -144,7 +144,7 @@ def test_refconv_model_training_vs_inference(map_k):
     converted = convert(plain, map_k=map_k)
     r = report(converted, (3, 16, 16), depth=2)
 
-    # independent of the RefConv implementation: SPEC's N*g*map_k^d and N*g*map_k^d*prod(K), N*g = Cin*Cout
+    # independent of the RefConv implementation: the paper's N*g*map_k^d and N*g*map_k^d*prod(K), N*g = Cin*Cout
     transforms = sum(c.in_channels * c.out_channels * map_k ** 2 for c in convs)
     transform_macs = sum(c.in_channels * c.out_channels * map_k ** 2 * math.prod(c.kernel_size) for c in convs)
     bases = sum(c.weight.numel() for c in convs)
@@ -335,7 +335,7 @@ def test_layer_params_training_vs_inference():
     assert layer_params(plain) == [(n, p, p) for n, p, _ in layer_params(plain)]
 
 
-# -- SPEC: published ReXNetV1 and RevCol numbers -------------------------------------------------------
+# -- published ReXNetV1 and RevCol numbers -------------------------------------------------------
 def zoo_model(name):
     """Built on meta (no init cost), then given zeroed CPU storage: counting needs shapes, not values, and
     zeros avoid the NaN/denormal slow paths of uninitialised memory."""
@@ -365,7 +365,7 @@ def macs_fit(model):
 
 
 # name: (params in M, MACs in G at 224 as published, decimals of the published MACs)
-SPEC_NUMBERS = {
+PUBLISHED_NUMBERS = {
     "rexnetv1_100": (4.80, 0.40, 2), "rexnetv1_130": (7.56, 0.66, 2), "rexnetv1_150": (9.73, 0.88, 2),
     "rexnetv1_200": (16.37, 1.53, 2), "rexnetv1_300": (34.71, 3.40, 2),
     "revcol_tiny": (30.46, 4.5, 1), "revcol_small": (60.57, 9.0, 1), "revcol_base": (138.62, 16.6, 1),
@@ -373,9 +373,9 @@ SPEC_NUMBERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPEC_NUMBERS))
+@pytest.mark.parametrize("name", list(PUBLISHED_NUMBERS))
 def test_spec_params_and_macs(name):
-    params, macs, decimals = SPEC_NUMBERS[name]
+    params, macs, decimals = PUBLISHED_NUMBERS[name]
     model = zoo_model(name)
     assert round(report(model, (3, 32, 32), depth=0).inference["params"] / 1e6, 2) == params
     macs_at = macs_fit(model)
@@ -384,7 +384,7 @@ def test_spec_params_and_macs(name):
     assert round(conv_linear / 1e9, decimals) == macs
     assert conv_linear < total < 1.06 * conv_linear
     if name == "rexnetv1_100":
-        assert round(conv_linear / 1e9, 3) == 0.398  # SPEC's measured conv+linear MACs
+        assert round(conv_linear / 1e9, 3) == 0.398  # conv+linear MACs measured on the authors' model
     if name == "rexnetv1_300":
         assert round(conv_linear / 1e9, 3) == 3.396
     if name == "revcol_base":  # published 48.9G at 384; we count 48.74G conv/linear, 48.96G in all

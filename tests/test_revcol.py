@@ -1,4 +1,4 @@
-"""RevCol (SPEC section 3): structure, official keys, numbers, reversible gradients, timm interface,
+"""RevCol: structure, official keys, numbers, reversible gradients, timm interface,
 checkpoints, supervision loss, RefConv conversion and DDP."""
 import os
 import re
@@ -27,8 +27,8 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-SPEC_PARAMS_M = {"revcol_tiny": 30.46, "revcol_small": 60.57, "revcol_base": 138.62, "revcol_large": 273.10}
-SPEC_GMACS_224 = {"revcol_tiny": 4.5, "revcol_small": 9.0, "revcol_base": 16.6, "revcol_large": 39.0}
+PUBLISHED_PARAMS_M = {"revcol_tiny": 30.46, "revcol_small": 60.57, "revcol_base": 138.62, "revcol_large": 273.10}
+PUBLISHED_GMACS_224 = {"revcol_tiny": 4.5, "revcol_small": 9.0, "revcol_base": 16.6, "revcol_large": 39.0}
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -121,12 +121,12 @@ def test_huge_has_the_top_to_bottom_edge():
     assert model.state_dict()["subnet1.level0.fusion.up2.channel_reschedule.0.weight"].shape == (360, 2880)
 
 
-@pytest.mark.parametrize("name", list(SPEC_PARAMS_M))
+@pytest.mark.parametrize("name", list(PUBLISHED_PARAMS_M))
 def test_parameter_counts_match_spec(name):
     with torch.device("meta"):
         model = timm.create_model(name)
     params = sum(p.numel() for p in model.parameters())
-    assert f"{params / 1e6:.2f}" == f"{SPEC_PARAMS_M[name]:.2f}"  # 4 significant digits
+    assert f"{params / 1e6:.2f}" == f"{PUBLISHED_PARAMS_M[name]:.2f}"  # 4 significant digits
 
 
 def test_parameter_counts_of_xl_and_h_are_close_to_spec():
@@ -149,7 +149,7 @@ FVCORE_JIT_WARNING = "ignore:`torch.jit.script` is deprecated:FutureWarning"  # 
 
 
 @pytest.mark.filterwarnings(FVCORE_JIT_WARNING)
-@pytest.mark.parametrize("name", list(SPEC_GMACS_224))
+@pytest.mark.parametrize("name", list(PUBLISHED_GMACS_224))
 def test_macs_at_224_match_spec(name):
     # Counting the full model at 224 costs seconds of tracing per variant. Instead: fvcore on a 2-column
     # copy at 64x64, then two exact extrapolations.
@@ -163,7 +163,7 @@ def test_macs_at_224_match_spec(name):
     head = by_module["cls"]
     columns = REVCOL_VARIANTS[name]["num_columns"]
     total_224 = (total - head + (columns - 2) * by_module["subnet1"]) * (224 / 64) ** 2 + head
-    assert abs(total_224 / 1e9 / SPEC_GMACS_224[name] - 1) < 0.02
+    assert abs(total_224 / 1e9 / PUBLISHED_GMACS_224[name] - 1) < 0.02
 
 
 @pytest.mark.filterwarnings(FVCORE_JIT_WARNING)

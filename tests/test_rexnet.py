@@ -16,7 +16,7 @@ from reparam_zoo.checkpoint import load_checkpoint
 from reparam_zoo.errors import CheckpointError
 from reparam_zoo.models.rexnet import ReXNetV1, checkpoint_filter_fn, rexnet_block_configs
 
-# SPEC section 2: width -> (params, MACs at 224) as published.
+# The ReXNet paper: width -> (params, MACs at 224) as published.
 PUBLISHED = {
     0.9: (4.09e6, 0.35e9),
     1.0: (4.80e6, 0.40e9),
@@ -122,7 +122,7 @@ def test_state_dict_has_official_413_keys(model):
 
 
 def test_block_layer_positions_match_release(model):
-    """Indices of the param-carrying layers in every block's `out`, by block kind (SPEC)."""
+    """Indices of the param-carrying layers in every block's `out`, by block kind (the authors' layout)."""
     by_kind = {
         "t1": {"0", "1", "3", "4"},
         "t6": {"0", "1", "3", "4", "6", "7"},
@@ -171,7 +171,7 @@ def test_macs_agree_with_fvcore_at_224():
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         conv_macs = analysis.by_operator()["conv"]
-    assert conv_macs == conv_linear_macs(m) == 398_370_392  # SPEC: measured 0.398G
+    assert conv_macs == conv_linear_macs(m) == 398_370_392  # measured on the authors' model: 0.398G
 
 
 # --- (3) numerical equivalence with timm's rexnet ------------------------------------------------

@@ -117,7 +117,7 @@ def test_cli_convert_a_torchvision_state_dict_then_fuse(tmp_path):
     runner = CliRunner()
     wrong_head = runner.invoke(main, ["convert", str(checkpoint), "--arch", "torchvision:resnet18", "--num-classes",
                                       "5", "--refconv"])
-    assert wrong_head.exit_code == 1
+    assert wrong_head.exit_code == 2
     assert "r18.pth has a 10-class head, but num_classes / --num-classes asks for 5" in wrong_head.output
     assert sorted(os.listdir(tmp_path)) == ["r18.pth"]
 

@@ -356,6 +356,10 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 
 # -- DDP ----------------------------------------------------------------------------------------------------------
 
+# the installed console script, next to the interpreter running the tests
+REPARAM_SCRIPT = os.path.join(os.path.dirname(sys.executable), "reparam")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -365,7 +369,7 @@ def _free_port():
 def test_two_process_ddp_under_torchrun(data_dir, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "reparam_zoo.train", "test_resnet", "--data", data_dir, "--num-classes", "3",
+           str(_free_port()), "--no-python", REPARAM_SCRIPT, "train", "test_resnet", "--data", data_dir, "--num-classes", "3",
            "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0",
            "--lr", "0.05", "-o", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -9,6 +9,7 @@ class, so the deployed model keeps the original structure and cost.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Optional, Tuple
 
@@ -61,11 +62,8 @@ def _shifted_sum(base: torch.Tensor, transform_weight: torch.Tensor) -> torch.Te
     n = transform_weight.shape[0]
     map_k = transform_weight.shape[2:]
     kernel = base.shape[2:]
-    pad = []
-    for k in reversed(map_k):
-        pad += [k // 2, k // 2]
     flat = base.reshape(n, *kernel)
-    padded = F.pad(flat, pad)
+    padded = F.pad(flat, _same_padding(map_k))
     weights = transform_weight.reshape(n, -1)
     out = flat.clone()
     for q, offset in enumerate(_offsets(map_k)):
@@ -83,10 +81,7 @@ def kernel_patches(base: torch.Tensor, map_k: Tuple[int, ...], g: int) -> torch.
     """
     n = base.shape[0] * base.shape[1]
     kernel = base.shape[2:]
-    pad = []
-    for k in reversed(map_k):
-        pad += [k // 2, k // 2]
-    padded = F.pad(base.reshape(n, *kernel), pad)
+    padded = F.pad(base.reshape(n, *kernel), _same_padding(map_k))
     shifts = []
     for offset in _offsets(map_k):
         index = tuple(slice(o, o + k) for o, k in zip(offset, kernel))
@@ -95,13 +90,14 @@ def kernel_patches(base: torch.Tensor, map_k: Tuple[int, ...], g: int) -> torch.
     return stacked.reshape(n // g, g * math.prod(map_k), math.prod(kernel))
 
 
+def _same_padding(map_k) -> list:
+    """`F.pad`'s argument (last dim first) for "same" zero padding of a `map_k` conv."""
+    return [k // 2 for k in reversed(map_k) for _ in range(2)]
+
+
 def _offsets(map_k):
-    if not map_k:
-        yield ()
-        return
-    for first in range(map_k[0]):
-        for rest in _offsets(map_k[1:]):
-            yield (first,) + rest
+    """Every transform offset, in the order of a conv weight's flattened kernel dims."""
+    return itertools.product(*(range(k) for k in map_k))
 
 
 class RefConvNd(nn.Module):
@@ -147,10 +143,6 @@ class RefConvNd(nn.Module):
         return cls(conv, map_k=map_k, init=init)
 
     # -- the conv's own attributes, so code reading them keeps working -----------------------------
-    @property
-    def conv_type(self) -> type:
-        return type(self._template)
-
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
@@ -174,10 +166,6 @@ class RefConvNd(nn.Module):
             else:  # PyTorch's default conv init
                 nn.init.kaiming_uniform_(self.transform_weight, a=math.sqrt(5))
         self._kernel_cache = None
-
-    @property
-    def transform_groups(self) -> int:
-        return self.transform_weight.shape[0] // self.transform_weight.shape[1]
 
     def refocused_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """`W_b + T(W_b)`, computed in `dtype` (default: the layer's dtype)."""

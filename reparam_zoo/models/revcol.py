@@ -29,7 +29,7 @@ from .reversible import ReversibleColumn, clamp_magnitude_, run_columns
 
 __all__ = ["RevCol", "RevColSupervisionLoss", "REVCOL_VARIANTS"]
 
-# Variant table (SPEC section 3): level channels, blocks per level, columns, default drop path rate.
+# Variant table (RevCol paper and the authors' release): level channels, blocks per level, columns, default drop path rate.
 REVCOL_VARIANTS: Dict[str, dict] = {
     "revcol_tiny": dict(channels=(64, 128, 256, 512), layers=(2, 2, 4, 2), num_columns=4, drop_path_rate=0.1),
     "revcol_small": dict(channels=(64, 128, 256, 512), layers=(2, 2, 4, 2), num_columns=8, drop_path_rate=0.3),
@@ -37,7 +37,7 @@ REVCOL_VARIANTS: Dict[str, dict] = {
     "revcol_large": dict(channels=(128, 256, 512, 1024), layers=(1, 2, 6, 2), num_columns=8, drop_path_rate=0.5),
     "revcol_xlarge": dict(channels=(224, 448, 896, 1792), layers=(1, 2, 6, 2), num_columns=8, drop_path_rate=0.5),
     # H adds one edge (level 0 also reads the previous column's top level); its drop path rate is the
-    # default of the authors' constructor (SPEC lists none).
+    # default of the authors' constructor (the paper gives none).
     "revcol_huge": dict(
         channels=(360, 720, 1440, 2880), layers=(1, 2, 6, 2), num_columns=8, drop_path_rate=0.5,
         top_to_bottom_fusion=True,
@@ -462,7 +462,7 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class RevColSupervisionLoss(nn.Module):
-    """Loss of intermediate-supervision pre-training (SPEC 3).
+    """Loss of intermediate-supervision pre-training (RevCol paper, section 3).
 
     For the reconstructions i = 0..n-1 (n = 3) with head logits i:
     `BCEWithLogits(rec_i, image) * (1 - i/n) * reconstruction_weight`

@@ -162,7 +162,6 @@ class _Plan:
     # parameter_groups[j][l]: positions, in the flat parameter inputs, of the alpha (first, when it
     # requires grad) and of the level's own parameters that require grad.
     parameter_groups: List[List[List[int]]]
-    alpha_is_input: List[List[bool]]
     # taps that are separate outputs (those of the last column are read off its final state)
     output_taps: List[Tuple[int, int]]
 
@@ -171,7 +170,6 @@ def _run_reversible(columns, x, states, taps, num_levels):
     parameters: List[torch.Tensor] = []
     position: Dict[int, int] = {}
     parameter_groups: List[List[List[int]]] = []
-    alpha_is_input: List[List[bool]] = []
 
     def index_of(p: torch.Tensor) -> int:
         # a parameter shared between levels or columns is one input whose gradients accumulate
@@ -181,18 +179,16 @@ def _run_reversible(columns, x, states, taps, num_levels):
         return position[id(p)]
 
     for column in columns:
-        groups, alpha_flags = [], []
+        groups = []
         for level, alpha in zip(column.level_modules(), column.level_alphas()):
             group = [index_of(alpha)] if alpha.requires_grad else []
             group += [index_of(p) for p in level.parameters() if p.requires_grad]
             groups.append(group)
-            alpha_flags.append(alpha.requires_grad)
         parameter_groups.append(groups)
-        alpha_is_input.append(alpha_flags)
 
     last = len(columns) - 1
     output_taps = [tap for tap in dict.fromkeys(taps) if tap[0] != last]
-    plan = _Plan(columns, num_levels, states is not None, parameter_groups, alpha_is_input, output_taps)
+    plan = _Plan(columns, num_levels, states is not None, parameter_groups, output_taps)
     initial = tuple(states) if states is not None else ()
     outputs = _ReversibleColumnsFunction.apply(plan, x, *initial, *parameters)
     final_states = tuple(outputs[:num_levels])

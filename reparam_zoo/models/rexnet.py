@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 from timm.models.rexnet import RexNet  # only as the reference for timm's key order
 
 from ..checkpoint import register_checkpoint_adapter
-from ..errors import CheckpointError
+from ..errors import CheckpointError, preview
 
 __all__ = ["ReXNetV1", "BlockConfig", "rexnet_block_configs", "checkpoint_filter_fn"]
 
@@ -357,7 +357,7 @@ def convert_timm_state_dict(
 ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Map a timm `rexnet_*` state_dict onto `model`'s keys by position in module order.
 
-    Both layouts hold the same tensors in the same order (SPEC); each position's shape is checked so a
+    Both layouts hold the same tensors in the same order (as in the authors' release); each position's shape is checked so a
     checkpoint of another width fails here with both names instead of loading garbage.
     """
     name = f"ReXNetV1(width_mult={model.width_mult}, depth_mult={model.depth_mult}, use_se={model.use_se})"
@@ -376,9 +376,9 @@ def convert_timm_state_dict(
     if missing or unexpected:
         problems = []
         if missing:
-            problems.append(f"{len(missing)} timm keys missing ({_preview(missing)})")
+            problems.append(f"{len(missing)} timm keys missing ({preview(missing)})")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
+            problems.append(f"{len(unexpected)} unexpected keys ({preview(unexpected)})")
         raise CheckpointError(
             f"timm ReXNet checkpoint does not have the block layout of {name} (other depth or SE setting?): "
             + "; ".join(problems)
@@ -399,7 +399,7 @@ def convert_timm_state_dict(
     if mismatches:
         raise CheckpointError(
             f"timm ReXNet checkpoint does not fit {name} (other width?): {len(mismatches)} shape mismatches "
-            f"({_preview(mismatches)})"
+            f"({preview(mismatches)})"
         )
 
     notes = [f"converted timm ReXNet layout ({len(state_dict)} keys, positional)"]
@@ -438,11 +438,6 @@ def _adapt_checkpoint(state_dict, model):
             notes.append(f"dropped the classifier ({len(dropped)} keys): the model has none (num_classes=0)")
     return state_dict, notes
 
-
-def _preview(items, n: int = 5) -> str:
-    items = list(items)
-    more = f", ... +{len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 # --- timm registration -------------------------------------------------------------------------
