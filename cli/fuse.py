@@ -20,8 +20,8 @@ from .common import (EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_
 @input_size_option("Input size for tracing and verification (default: the model's timm config).")
 @click.option("--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Relative tolerance of the verification (relative to the output's largest magnitude).")
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
-              help="Absolute tolerance of the verification.")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Absolute slack of the verification, for outputs that should be exactly zero.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the fused model against the original.")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="safetensors", show_default=True,
               help="safetensors: a reparam model file (reloadable, self-describing); torchscript (jit.trace), "

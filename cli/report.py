@@ -29,7 +29,7 @@ def report_command(model, arch, checkpoint, num_classes, pretrained, trust_pickl
     resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes, pretrained=pretrained,
                        trust_pickle=trust_pickle)
     size = _size(resolved.model, input_size)
-    echo_lines(report(resolved.model, size, depth=depth, name=_label(model)).render(fmt))
+    _show(report(resolved.model, size, depth=depth, name=_label(model)), fmt)
 
 
 @click.command("compare")
@@ -57,7 +57,14 @@ def compare_command(model_a, model_b, trust_pickle, input_size, fmt, names):
             labels = ("A", "B")
     a, b = (_resolve_compared(spec, trust_pickle) for spec in (model_a, model_b))
     size = input_size or known_input_size(a, None) or known_input_size(b, None) or _DEFAULT_SIZE
-    echo_lines(compare(a, b, size, names=labels).render(fmt))
+    _show(compare(a, b, size, names=labels), fmt)
+
+
+def _show(result, fmt: str) -> None:
+    echo_lines(result.render(fmt))
+    if fmt == "csv":  # the other formats carry the warnings themselves
+        for flag in result.flags:
+            click.echo(f"warning: {flag}", err=True)
 
 
 def _resolve_compared(spec: str, trust_pickle: bool):

@@ -10,26 +10,6 @@ from reparam_zoo.report import aligned_lines, markdown_lines
 from .common import echo_lines, input_size_option, report_format_option
 
 
-# The papers' numbers (ReXNet and RevCol papers): params, MACs at 224 (the papers' "FLOPs"), ImageNet top-1.
-# `approx` marks numbers the authors give only roughly.
-PUBLISHED = {
-    "rexnetv1_100": dict(params=4.80e6, macs=0.40e9, top1="77.9"),
-    "rexnetv1_130": dict(params=7.56e6, macs=0.66e9, top1="79.5"),
-    "rexnetv1_150": dict(params=9.73e6, macs=0.88e9, top1="80.3"),
-    "rexnetv1_200": dict(params=16.37e6, macs=1.53e9, top1="81.6"),
-    "rexnetv1_300": dict(params=34.71e6, macs=3.40e9, top1="82.8"),
-    "revcol_tiny": dict(params=30.46e6, macs=4.5e9, top1="82.2"),
-    "revcol_small": dict(params=60.57e6, macs=9.0e9, top1="83.5"),
-    "revcol_base": dict(params=138.62e6, macs=16.6e9, top1="84.1"),
-    "revcol_large": dict(params=273.10e6, macs=39e9, top1="86.6 (in22k)"),
-    "revcol_xlarge": dict(params=834e6, macs=120e9, top1="88.2 (in22k)", approx=True),
-    "revcol_huge": dict(params=2.16e9, macs=None, top1=None, approx=True),
-}
-# measured vs published params: the papers round to 2 decimals of millions (approx numbers: 1%)
-_PARAMS_RTOL = 0.001
-_APPROX_RTOL = 0.01
-
-
 @click.group("zoo")
 def zoo_group():
     """The ReXNetV1 and RevCol variants shipped with reparam-zoo (registered with timm)."""
@@ -41,7 +21,9 @@ def zoo_group():
 def zoo_list(fmt):
     """Every variant with its measured params (built on the meta device: no memory, no compute) next to the
     published params, MACs at 224 and top-1. `reparam zoo report NAME` measures one variant's MACs."""
-    rows = _rows()
+    from reparam_zoo.zoo import zoo_table
+
+    rows = zoo_table()
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -66,6 +48,7 @@ def zoo_report(name, input_size, fmt, depth):
     """The full params/MACs report of one variant (randomly initialised), with its published numbers."""
     from reparam_zoo.modelfile import create_model
     from reparam_zoo.report import report
+    from reparam_zoo.zoo import PUBLISHED, zoo_names
 
     names = zoo_names()
     if name not in names:
@@ -82,47 +65,6 @@ def zoo_report(name, input_size, fmt, depth):
         click.echo(f"published: {_params(published['params'], published.get('approx'))} params, "
                    f"{_macs(published['macs'], published.get('approx'))} MACs at 224, "
                    f"top-1 {published['top1'] or '-'}")
-
-
-def zoo_names():
-    import timm
-
-    import reparam_zoo  # noqa: F401  (registers the zoo)
-
-    names = [n for n in timm.list_models() if _family(n)]
-    order = list(PUBLISHED)  # family by family, smallest first
-    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
-
-
-def _family(name: str):
-    import timm
-
-    module = getattr(timm.models.model_entrypoint(name), "__module__", "") or ""
-    return {"reparam_zoo.models.rexnet": "ReXNetV1", "reparam_zoo.models.revcol": "RevCol"}.get(module)
-
-
-def _rows():
-    import torch
-    from tqdm import tqdm
-
-    from reparam_zoo.modelfile import create_model
-
-    rows = []
-    for name in tqdm(zoo_names(), desc="building on meta", file=click.get_text_stream("stderr"), disable=None,
-                     leave=False):
-        with torch.device("meta"):
-            model = create_model(name)
-        params = sum(p.numel() for p in model.parameters())
-        published = PUBLISHED.get(name, {})
-        approx = bool(published.get("approx"))
-        expected = published.get("params")
-        match = expected is not None and abs(params - expected) <= (_APPROX_RTOL if approx else _PARAMS_RTOL) * expected
-        rows.append(dict(
-            name=name, family=_family(name), params=params, published_params=expected, params_match=match,
-            published_macs=published.get("macs"), published_top1=published.get("top1"), approx=approx,
-            input_size=list(model.pretrained_cfg.get("input_size", ())),
-        ))
-    return rows
 
 
 def _params(value, approx=False):

@@ -4,7 +4,7 @@ keeps from the forward for the backward.
 Activations are measured, not estimated: one training-mode forward at batch 2 under
 `torch.autograd.graph.saved_tensors_hooks`, each saved tensor's storage counted once (views share
 one), the model's own parameters and buffers left out (a conv keeps its weight for the backward, but
-that memory is the weight's). Batch 2 because BatchNorm cannot train on a single 1x1 map (SE blocks);
+that memory is the weight's; so are the base-kernel neighbourhoods RefConv caches). Batch 2 because BatchNorm cannot train on a single 1x1 map (SE blocks);
 the per-image figure is half of what remains after the batch-independent part, the refocused kernels
 that RefConv layers keep while their transforms train. Only what the model's `requires_grad` flags
 make autograd record counts, so a RefConv model in `transforms` scope and the plain model it came from
@@ -29,7 +29,7 @@ MEASURE_BATCH = 2
 
 @dataclass
 class TrainingMemory:
-    weight_bytes: int  # parameters + buffers (RefConv base kernels included)
+    weight_bytes: int  # parameters + buffers (RefConv base kernels included) + RefConv's step-invariant caches
     gradient_bytes: int  # one gradient per trainable parameter
     activation_bytes: Optional[int]  # per image, kept for the backward (None: the forward failed)
     error: Optional[str] = None  # why the activations could not be measured
@@ -44,7 +44,8 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def training_memory(model: nn.Module, input_size: Sequence[int]) -> TrainingMemory:
-    weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
+    caches = [t for m in model.modules() if isinstance(m, RefConvNd) for t in m.step_invariant_tensors()]
+    weights = tensor_bytes(list(model.parameters()) + list(model.buffers()) + caches)
     gradients = tensor_bytes(p for p in model.parameters() if p.requires_grad)
     try:
         saved = _saved_bytes(model, (MEASURE_BATCH,) + tuple(input_size))
@@ -58,7 +59,9 @@ def training_memory(model: nn.Module, input_size: Sequence[int]) -> TrainingMemo
 
 
 def _saved_bytes(model: nn.Module, shape: Sequence[int]) -> int:
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    held = list(model.parameters()) + list(model.buffers())
+    held += [t for m in model.modules() if isinstance(m, RefConvNd) for t in m.step_invariant_tensors()]
+    own = {t.untyped_storage().data_ptr() for t in held}
     storages = {}
 
     def pack(t: torch.Tensor):

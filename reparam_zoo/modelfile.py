@@ -383,7 +383,7 @@ def _fuse_from_json(data: Any, source: str) -> FuseReport:
             max_abs_error=data.get("max_abs_error"),
             max_rel_error=data.get("max_rel_error"),
             rtol=float(data.get("rtol", 1e-4)),
-            atol=float(data.get("atol", 1e-5)),
+            atol=float(data.get("atol", 0.0)),
             input_shapes=[list(s) for s in data.get("input_shapes", [])],
         )
     except (AttributeError, TypeError, ValueError):
@@ -549,7 +549,7 @@ def export(
     *,
     example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
     rtol: float = 1e-4,
-    atol: float = 1e-5,
+    atol: float = 0.0,
     trust_pickle: bool = False,
     extra_metadata: Optional[Dict[str, Any]] = None,
 ) -> ExportResult:

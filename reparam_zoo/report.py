@@ -36,7 +36,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 import torch.nn as nn
 
-from .errors import ReparamError, first_line
+from .errors import ReparamError, first_line, preview
 from .layers.refconv import RefConvNd
 from .memory import MEASURE_BATCH, _device_dtype, tensor_bytes, training_memory
 from .surgery import refconv_layers
@@ -126,6 +126,7 @@ class Report:
     inference: Dict[str, int]
     macs_check: MacsCheck
     unsupported_ops: Dict[str, int] = field(default_factory=dict)
+    uncalled_modules: List[str] = field(default_factory=list)  # hold weights, but the forward never ran them
     modules: List[ModuleRow] = field(default_factory=list)
     depth: int = 1
     refconv_layers: int = 0
@@ -134,7 +135,8 @@ class Report:
 
     @property
     def flags(self) -> List[str]:
-        """Problems a reader must see (printed in every format)."""
+        """Problems a reader must see: in the table, markdown and JSON; CSV has no place for them, so the
+        command line prints them on stderr."""
         return [] if self.macs_check.agrees else [self.macs_check.describe()]
 
     # -- data ---------------------------------------------------------------------------------------
@@ -150,6 +152,7 @@ class Report:
             "refconv_layers": self.refconv_layers,
             "macs_check": self.macs_check.as_dict(),
             "unsupported_ops": dict(self.unsupported_ops),
+            "uncalled_modules": list(self.uncalled_modules),
             "depth": self.depth,
             "modules": [asdict(r) for r in self.modules],
         }
@@ -163,6 +166,7 @@ class Report:
                 model=data["model"], stage=data["stage"], input_size=tuple(data["input_size"]),
                 training=dict(data["training"]), inference=dict(data["inference"]),
                 macs_check=MacsCheck(**check), unsupported_ops=dict(data.get("unsupported_ops", {})),
+                uncalled_modules=list(data.get("uncalled_modules", [])),
                 modules=[ModuleRow(**r) for r in data.get("modules", [])], depth=data.get("depth", 1),
                 refconv_layers=data.get("refconv_layers", 0), unit=data.get("unit", UNIT),
                 memory_error=data.get("memory_error"),
@@ -204,6 +208,8 @@ class Report:
             notes.append(self.macs_check.describe())
         if self.unsupported_ops:
             notes.append(f"not counted by fvcore: {_format_counts(self.unsupported_ops)}")
+        if self.uncalled_modules:
+            notes.append(f"not run by an eval forward, so no MACs counted: {preview(self.uncalled_modules)}")
         return [f"WARNING: {f}" for f in self.flags] + notes
 
     def _module_rows(self) -> List[List[object]]:
@@ -367,7 +373,7 @@ def report(
     refconvs = [m for _, m in refconv_layers(model)]
 
     deployed = _folded_view(model) if refconvs else model
-    macs_by_module, unsupported, check = _count_macs(deployed, input_size, name)
+    macs_by_module, unsupported, uncalled, check = _count_macs(deployed, input_size, name)
 
     base_ids = {id(m.weight_base) for m in refconvs}
     params = _unique(model.parameters())
@@ -396,7 +402,7 @@ def report(
     modules = _module_rows(model, deployed, macs_by_module, depth) if depth else []
     return Report(
         model=name, stage=stage, input_size=input_size, training=training, inference=inference,
-        macs_check=check, unsupported_ops=unsupported, modules=modules, depth=depth,
+        macs_check=check, unsupported_ops=unsupported, uncalled_modules=uncalled, modules=modules, depth=depth,
         refconv_layers=len(refconvs), memory_error=memory.error,
     )
 
@@ -464,7 +470,8 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
             by_module = dict(analysis.by_module())
             by_op = analysis.by_operator()
             unsupported = dict(sorted(analysis.unsupported_ops().items()))
-            with FlopCounterMode(display=False) as counter:
+            uncalled = _outermost_with_weights(model, analysis.uncalled_modules())
+            with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
                 model(x)
     except Exception as e:  # the user's model failed to run: one line, not a traceback
         raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
@@ -478,7 +485,31 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
     rel = abs(fv - tc) / max(fv, tc) if max(fv, tc) else 0.0
     check = MacsCheck(fvcore_macs=fv, flop_counter_macs=tc, rel_diff=rel, fvcore_by_op=fvcore_ops,
                       flop_counter_by_op=torch_ops)
-    return {k: int(v) for k, v in by_module.items()}, {k: int(v) for k, v in unsupported.items()}, check
+    return ({k: int(v) for k, v in by_module.items()}, {k: int(v) for k, v in unsupported.items()}, uncalled,
+            check)
+
+
+def _outermost_with_weights(model: nn.Module, names) -> List[str]:
+    """The outermost of `names` that hold parameters (fvcore also lists never-run Identity and dropout
+    modules, which cost nothing)."""
+    modules = dict(model.named_modules())
+    weighted = sorted(n for n in names if n in modules and any(True for _ in modules[n].parameters()))
+    return [n for n in weighted if not any(n.startswith(other + ".") for other in weighted)]
+
+
+def _cpu_attention_flops():
+    """flop_counter's attention formula for the CPU attention kernel, which it has no entry for: without it
+    the cross-check would not see attention on CPU at all."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def formula(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None else {op: formula}
+
+
+_CPU_ATTENTION_FLOPS = _cpu_attention_flops()
 
 
 def _fvcore_analysis():

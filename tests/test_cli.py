@@ -236,6 +236,18 @@ def test_report_formats_and_depth(files):
     assert data["training"]["trainable_params"] == 3 * 8 * 9 + 2 * 8 * 8 * 9
 
 
+def test_csv_report_warnings_go_to_stderr():
+    # timm's test_vit: attention that fvcore does not count, so the MACs cross-check disagrees
+    result = ok("report", "test_vit", "--input-size", "3,64,64", "--format", "csv", "--depth", "0")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["module"] for r in rows] == ["(model)"]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "DISAGREE beyond 2%" in warnings[0]
+    assert "aten._scaled_dot_product_flash_attention_for_cpu" in warnings[0]
+    table = ok("report", "test_vit", "--input-size", "3,64,64", "--depth", "0")
+    assert "WARNING: MACs check" in table.stdout and "warning: " not in table.stderr
+
+
 def test_compare_names_and_architecture_arguments(files):
     result = ok("compare", "tiny_reptest", files / "tiny.refconv.safetensors", "--names", "plain,refconv",
                 "--format", "json")
@@ -247,8 +259,8 @@ def test_compare_names_and_architecture_arguments(files):
 
 def test_zoo_list_and_report():
     rows = json.loads(ok("zoo", "list", "--format", "json").stdout)
-    assert [r["name"] for r in rows][:2] == ["rexnetv1_100", "rexnetv1_130"]
-    assert len(rows) == 11 and all(r["params_match"] for r in rows)
+    assert [r["name"] for r in rows][:3] == ["rexnetv1_090", "rexnetv1_100", "rexnetv1_130"]
+    assert len(rows) == 12 and all(r["params_match"] for r in rows)
     assert {r["name"]: r["params"] for r in rows}["revcol_tiny"] == 30_456_168
     data = json.loads(ok("zoo", "report", "rexnetv1_100", "--input-size", "3,32,32", "--format", "json",
                          "--depth", "0").stdout)

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import reparam_zoo
 from reparam_zoo import ConversionError, EquivalenceError, RefConvNd, convert, fold, fuse
+from reparam_zoo.deploy import verify_equivalence
 from reparam_zoo.surgery import refconv_layers
 
 
@@ -87,6 +88,41 @@ def test_verifier_catches_a_corrupted_fold(monkeypatch):
     assert info.value.first_diverging_module == "layer2.0.conv1"
     assert info.value.max_abs_error > 0
     assert "first diverging module: layer2.0.conv1" in str(info.value)
+
+
+def test_verifier_judges_tiny_outputs_by_their_own_scale():
+    class Tiny(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.scale = scale
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)) * self.scale
+
+    torch.manual_seed(0)
+    reference = Tiny(1e-8).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    zeros = Tiny(0.0).eval()
+    zeros.load_state_dict(reference.state_dict())
+    with pytest.raises(EquivalenceError, match="max rel error 1 "):
+        verify_equivalence(reference, zeros, x, rtol=1e-4, atol=0.0)
+    nudged = Tiny(1e-8 * (1 + 1e-6)).eval()
+    nudged.load_state_dict(reference.state_dict())
+    _, rel, _ = verify_equivalence(reference, nudged, x, rtol=1e-4, atol=0.0)
+    assert 0 < rel < 1e-5
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_transposed_conv_bn_fuses_only_without_groups(groups):
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.ConvTranspose2d(4, 4, 2, stride=2, groups=groups), nn.BatchNorm2d(4)))
+    fused = fuse(model.eval(), example_inputs=torch.randn(1, 4, 5, 5))
+    if groups == 1:
+        assert fused.fuse_report.fused == [("0", "1")] and isinstance(fused[1], nn.Identity)
+    else:
+        assert fused.fuse_report.fused == [] and fused.fuse_report.left_alone == [("1", "grouped transposed conv")]
+    assert fused.fuse_report.verified
 
 
 def test_fuse_is_idempotent_and_warns_in_train_mode():
@@ -226,12 +262,14 @@ class ConvOutputAlsoUsed(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
         self.use = use
         with torch.no_grad():
-            self.bn.running_mean.normal_()
-            self.bn.running_var.uniform_(0.5, 2.0)
-            self.bn.weight.normal_()
-            self.bn.bias.normal_()
+            for bn in (self.bn, self.bn2):
+                bn.running_mean.normal_()
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.normal_()
+                bn.bias.normal_()
 
     def forward(self, x):
         y = self.conv(x)
@@ -243,16 +281,20 @@ class ConvOutputAlsoUsed(nn.Module):
             return torch.cat([self.bn(y), y], dim=1)
         if self.use == "keyword":
             return torch.add(self.bn(y), other=y)
+        if self.use == "two norms":  # each BN alone looks like a fusable pair
+            return self.bn(y) + self.bn2(y)
         assert y.shape[1] == 4 and y.dim() == 4  # metadata reads are not uses
         return self.bn(y)
 
 
-@pytest.mark.parametrize("use", ["functional", "output", "list", "keyword"])
+@pytest.mark.parametrize("use", ["functional", "output", "list", "keyword", "two norms"])
 def test_bn_is_not_fused_into_a_conv_whose_output_is_used_elsewhere(use):
     model = ConvOutputAlsoUsed(use).eval()
     x = torch.randn(2, 4, 8, 8)
     fused = fuse(model, example_inputs=x[:1], verify=False)
-    assert fused.fuse_report.fused == [] and fused.fuse_report.left_alone == [("bn", "output of conv is also used elsewhere")]
+    bn2 = "output of conv is also used elsewhere" if use == "two norms" else "not called in forward"
+    expected = [("bn", "output of conv is also used elsewhere"), ("bn2", bn2)]
+    assert fused.fuse_report.fused == [] and fused.fuse_report.left_alone == expected
     with torch.no_grad():
         for a, b in zip(torch.utils._pytree.tree_leaves(fused(x)), torch.utils._pytree.tree_leaves(model(x))):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

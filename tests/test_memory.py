@@ -43,6 +43,17 @@ def test_refconv_keeps_what_the_plain_model_keeps_and_adds_its_weight_state():
     assert b.weight_bytes == a.weight_bytes + transforms * FLOAT
 
 
+def test_depthwise_refconv_cache_is_weight_state_not_activation():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=64))
+    converted = reparam_zoo.convert(plain)
+    a, b = training_memory(plain, (64, 8, 8)), training_memory(converted, (64, 8, 8))
+    assert a.activation_bytes == b.activation_bytes == 64 * 8 * 8 * FLOAT  # the conv's input, nothing else
+    patches = 64 * 9 * 9  # one (C*map_k^2) x prod(K) block of base-kernel neighbourhoods
+    transforms = 64 * 64 * 9
+    assert b.weight_bytes == a.weight_bytes + (transforms + patches) * FLOAT
+
+
 def test_reversible_revcol_keeps_far_less():
     kwargs = dict(channels=(8, 16, 32, 64), layers=(1, 1, 1, 1), num_columns=4, num_classes=10)
     torch.manual_seed(0)

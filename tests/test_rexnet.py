@@ -200,6 +200,19 @@ def test_matches_timm_rexnet_at_224(model, timm_rexnet_100):
         torch.testing.assert_close(ours(x), timm_rexnet_100(x), rtol=0, atol=1e-5)
 
 
+def test_random_init_has_timm_rexnets_per_layer_scale(timm_rexnet_100):
+    # a fan-out that ignores groups would shrink every depthwise kernel ~C-fold and the signal with it
+    torch.manual_seed(0)
+    ours = ReXNetV1()
+    pairs = [(a, b) for a, b in zip(ours.state_dict().values(), timm_rexnet_100.state_dict().values())
+             if a.dim() == 4 and a.numel() >= 1000]
+    assert len(pairs) > 40
+    for a, b in pairs:
+        assert a.std().item() == pytest.approx(b.std().item(), rel=0.25)
+    with torch.no_grad():
+        assert ours.eval().forward_features(images(2, 64)).std().item() > 1e-3
+
+
 @pytest.mark.parametrize("width", [1.0, 1.3, 1.5, 2.0, 3.0])
 def test_every_timm_width_maps_onto_ours(width):
     """Layout check for all released widths on the meta device (no data, so no cost)."""
@@ -293,6 +306,13 @@ def test_registered_widths(name, width):
         m = timm.create_model(name)
     assert m.width_mult == width
     assert m.pretrained_cfg["hf_hub_id"] == f"timm/{name.replace('v1', '')}.nav_in1k"
+
+
+def test_width_0_9_is_registered_without_weights():
+    with torch.device("meta"):
+        m = timm.create_model("rexnetv1_090")
+    assert m.width_mult == 0.9 and m.pretrained_cfg.get("hf_hub_id") is None
+    assert sum(p.numel() for p in m.parameters()) == 4_091_257  # the paper: 4.09M
 
 
 def test_width_and_depth_via_kwargs_and_timm_rexnet_untouched():

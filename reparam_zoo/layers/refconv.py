@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -186,6 +186,12 @@ class RefConvNd(nn.Module):
                 return patches
             self._patch_cache = (key, patches)
         return self._patch_cache[1]
+
+    def step_invariant_tensors(self) -> List[torch.Tensor]:
+        """What this layer keeps between training steps besides its weights: the frozen base kernel's
+        neighbourhoods that grouped and depthwise transforms multiply (computed now if not yet)."""
+        patches = self._patches()
+        return [] if patches is None else [patches]
 
     def clear_cache(self) -> None:
         """Forget the cached kernel and neighbourhoods (needed only after writes through `.data`)."""

@@ -18,12 +18,15 @@ from __future__ import annotations
 from math import ceil
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
+import math
+
 import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._efficientnet_builder import efficientnet_init_weights
 from timm.models._features import feature_take_indices
 from timm.models.rexnet import RexNet  # only as the reference for timm's key order
 
@@ -227,17 +230,14 @@ class ReXNetV1(nn.Module):
         return nn.Conv2d(self.num_features, num_classes, 1, bias=True)
 
     def _init_weights(self) -> None:
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Conv2d):
-                if name == "output.1":
-                    nn.init.normal_(m.weight, std=0.01)
-                else:
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        # timm's ReXNet init: fan-out divided by groups, so depthwise layers keep the signal's scale; the
+        # classifier is a 1x1 conv here and a Linear there, so it gets timm's Linear init explicitly
+        efficientnet_init_weights(self)
+        classifier = self.output[1]
+        if isinstance(classifier, nn.Conv2d):
+            bound = 1.0 / math.sqrt(classifier.out_channels)
+            nn.init.uniform_(classifier.weight, -bound, bound)
+            nn.init.zeros_(classifier.bias)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -467,12 +467,19 @@ def _cfg(hf_hub_id: Optional[str] = None, **kwargs) -> Dict[str, Any]:
 
 # The released ImageNet weights, as timm hosts them (timm layout, converted by checkpoint_filter_fn).
 default_cfgs = generate_default_cfgs({
+    "rexnetv1_090": _cfg(),  # in the paper's table; no released weights
     "rexnetv1_100.nav_in1k": _cfg(hf_hub_id="timm/rexnet_100.nav_in1k"),
     "rexnetv1_130.nav_in1k": _cfg(hf_hub_id="timm/rexnet_130.nav_in1k"),
     "rexnetv1_150.nav_in1k": _cfg(hf_hub_id="timm/rexnet_150.nav_in1k"),
     "rexnetv1_200.nav_in1k": _cfg(hf_hub_id="timm/rexnet_200.nav_in1k"),
     "rexnetv1_300.nav_in1k": _cfg(hf_hub_id="timm/rexnet_300.nav_in1k"),
 })
+
+
+@register_model
+def rexnetv1_090(pretrained: bool = False, **kwargs) -> ReXNetV1:
+    """ReXNetV1 0.9x (4.09M params, 0.35 GMACs)."""
+    return _create_rexnetv1("rexnetv1_090", pretrained, **dict(dict(width_mult=0.9), **kwargs))
 
 
 @register_model
