@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import reparam_zoo  # noqa: E402  (also registers rexnetv1_* and revcol_* with timm)
-from reparam_zoo.deploy import default_example_inputs, verify_equivalence  # noqa: E402
+from reparam_zoo.deploy import verify_equivalence  # noqa: E402
+from reparam_zoo.model_info import example_inputs  # noqa: E402
 from reparam_zoo.surgery import refconv_layers  # noqa: E402
 
 from benchmarks import _common  # noqa: E402
@@ -50,7 +51,7 @@ def timed(fn):
 def measure(name: str, reps: int) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
-    inputs = default_example_inputs(model)
+    inputs = example_inputs(model)
     wall = {s: [] for s in STAGES}
     cpu = {s: [] for s in STAGES}
 

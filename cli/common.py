@@ -192,15 +192,13 @@ def input_paths(*specs: Optional[str]) -> List[str]:
 
 def check_output(path: str, inputs: Sequence[str], option: str = "-o/--output") -> str:
     """A usage error, before any work, when the output cannot be written or would overwrite an input."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise click.BadParameter(f"'{path}' is a directory, expected a file path", param_hint=option)
-    if not os.path.isdir(folder):
-        raise click.BadParameter(f"folder '{folder}' does not exist", param_hint=option)
-    for source in inputs:
-        if _same_file(path, source):
-            raise click.BadParameter(f"'{path}' is an input of this command; refusing to overwrite it",
-                                     param_hint=option)
+    from reparam_zoo.errors import ReparamError
+    from reparam_zoo.modelfile import check_output_path
+
+    try:
+        check_output_path(path, inputs)
+    except ReparamError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
     return path
 
 
@@ -222,21 +220,12 @@ def format_of_path(path: str) -> Optional[str]:
 
 
 def check_model_file_name(path: str, has_architecture: bool, option: str = "-o/--output") -> None:
-    """A model file's name must say what it holds: .safetensors for a model with an architecture (a reparam
-    model file), .pt/.pth for one without (a whole-module pickle)."""
-    lower = path.lower()
-    if has_architecture and not lower.endswith(".safetensors"):
-        raise click.BadParameter(f"'{path}': the model is written as a safetensors model file; name it "
-                                 "<name>.safetensors", param_hint=option)
-    if not has_architecture and not lower.endswith((".pt", ".pth")):
-        raise click.BadParameter(f"'{path}': a model without a rebuildable architecture is written as a whole-module "
-                                 "pickle; name it <name>.pt", param_hint=option)
+    """The library's naming rule (`model_file_name_problem`) as a usage error, checked before any work."""
+    from reparam_zoo.modelfile import model_file_name_problem
 
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
+    problem = model_file_name_problem(path, has_architecture)
+    if problem:
+        raise click.BadParameter(f"'{path}': {problem}", param_hint=option)
 
 
 def default_output(spec: str, suffix: str, strip: Sequence[str] = ()) -> str:
@@ -252,29 +241,10 @@ def default_output(spec: str, suffix: str, strip: Sequence[str] = ()) -> str:
     return os.path.join(folder, stem + suffix)
 
 
-def example_inputs(model, input_size: Optional[Tuple[int, ...]]):
-    """One random input of `input_size` (or the size in the model's timm config) in the model's dtype."""
-    import torch
-    from reparam_zoo.deploy import default_example_inputs
-    from reparam_zoo.errors import ReparamError
-
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if input_size is None:
-        try:
-            return tuple(t.to(dtype) for t in default_example_inputs(model))
-        except ReparamError:
-            raise ReparamError(
-                f"cannot tell the input size of {type(model).__name__} (no timm config); pass --input-size C,H,W"
-            ) from None
-    return (torch.randn((1,) + tuple(input_size), generator=torch.Generator().manual_seed(0)).to(dtype),)
-
-
 def known_input_size(model, input_size: Optional[Tuple[int, ...]]) -> Optional[Tuple[int, ...]]:
-    if input_size is not None:
-        return tuple(input_size)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size")
-    return tuple(size) if size else None
+    from reparam_zoo.model_info import cfg_input_size
+
+    return tuple(input_size) if input_size is not None else cfg_input_size(model)
 
 
 @contextlib.contextmanager

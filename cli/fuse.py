@@ -8,7 +8,7 @@ import click
 from click.core import ParameterSource
 
 from .common import (EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines,
-                     example_inputs, format_of_path, input_paths, input_size_option, model_options, output_option,
+                     format_of_path, input_paths, input_size_option, model_options, output_option,
                      resolve, steps, wrote)
 
 
@@ -38,6 +38,7 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     `reparam convert`.
     """
     from reparam_zoo.deploy import fuse
+    from reparam_zoo.model_info import example_inputs
     from reparam_zoo.modelfile import EXPORT_SUFFIXES, architecture_of, check_finite, export, model_stage
 
     explicit_output = output

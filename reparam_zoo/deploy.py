@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, EquivalenceError
 from .layers.refconv import RefConvNd
+from .model_info import device_and_dtype, example_inputs as default_inputs
 from .surgery import replace_modules
 
 Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -101,7 +102,7 @@ def fuse(
     if model.training:
         warnings.warn("fuse: the model was in train mode; switched to eval mode", stacklevel=2)
     original = model.eval()
-    inputs = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    inputs = _as_tuple(example_inputs) if example_inputs is not None else default_inputs(model)
     reference = copy.deepcopy(original) if (inplace and verify) else original
     model = original if inplace else copy.deepcopy(original)
     previous = getattr(original, "fuse_report", None)
@@ -146,17 +147,6 @@ def _with_history(previous: FuseReport, latest: FuseReport) -> FuseReport:
     )
 
 
-def default_example_inputs(model: nn.Module) -> Tuple[torch.Tensor, ...]:
-    """One random input of the size the model's timm `pretrained_cfg` declares."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("test_input_size") or cfg.get("input_size")
-    if not size:
-        raise ConversionError(
-            f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); pass example_inputs"
-        )
-    return (torch.randn(1, *size, generator=torch.Generator().manual_seed(0)),)
-
-
 def fuse_conv_bn(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
     """Fuse every BatchNorm that directly normalizes one conv's untouched output (found by tracing once).
 
@@ -190,7 +180,7 @@ def verify_equivalence(
     Low-precision models are compared in float32 with `rtol` widened to their resolution.
     `absorbed` maps a conv that absorbed a BN to that BN: the fused conv's output must match the BN's.
     """
-    dtype = _param_dtype(candidate)
+    dtype = device_and_dtype(candidate)[1]
     if dtype in _LOW_PRECISION:
         rtol = max(rtol, torch.finfo(dtype).eps * 8)
         reference, candidate = copy.deepcopy(reference).float(), copy.deepcopy(candidate).float()
@@ -455,9 +445,3 @@ def _random_like(t: torch.Tensor, batch: int, generator: torch.Generator) -> tor
 def _flatten(out) -> List[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32

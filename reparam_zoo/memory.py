@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .errors import first_line
 from .layers.refconv import RefConvNd
+from .model_info import device_and_dtype
 
 __all__ = ["TrainingMemory", "training_memory", "tensor_bytes", "MEASURE_BATCH"]
 
@@ -73,7 +74,7 @@ def _saved_bytes(model: nn.Module, shape: Sequence[int]) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    device, dtype = _device_dtype(model)
+    device, dtype = device_and_dtype(model)
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for n, b in model.named_buffers() if not n.endswith("weight_base")]
     devices = [device] if device.type == "cuda" else []
@@ -91,9 +92,3 @@ def _saved_bytes(model: nn.Module, shape: Sequence[int]) -> int:
                     buffer.copy_(value)
     return sum(storages.values())
 
-
-def _device_dtype(model: nn.Module):
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.float32

@@ -35,7 +35,7 @@ import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -410,14 +410,13 @@ def save(
     check_output_path(path)
     state = model.state_dict()
     check_finite(state)
-    if architecture_of(model) is None:
-        if not trust_pickle:
-            raise ReparamError(_no_architecture_message(model))
-        if path.endswith(".safetensors"):
-            raise ReparamError(
-                f"{path}: a model without a rebuildable architecture cannot be a safetensors file; "
-                "it is pickled whole, use a .pt path"
-            )
+    has_architecture = architecture_of(model) is not None
+    if not has_architecture and not trust_pickle:
+        raise ReparamError(_no_architecture_message(model))
+    wrong_name = model_file_name_problem(path, has_architecture)
+    if wrong_name:
+        raise ReparamError(f"{path}: {wrong_name}")
+    if not has_architecture:
         if extra_metadata is not None:
             raise ReparamError("extra_metadata needs a safetensors model file (a rebuildable architecture)")
         _atomic_write(path, lambda tmp: torch.save(model, tmp))
@@ -432,16 +431,37 @@ def save(
     return path
 
 
-def check_output_path(path: PathLike) -> None:
-    """A clear error, before any work, when `path` cannot be written as a file."""
+def model_file_name_problem(path: PathLike, has_architecture: bool) -> Optional[str]:
+    """Why `path` is a wrong name for a model file, or None: the name must say what the file holds,
+    `.safetensors` for a model with an architecture (a reparam model file), `.pt`/`.pth` for one without
+    (a whole-module pickle)."""
+    lower = os.fspath(path).lower()
+    if has_architecture and not lower.endswith(".safetensors"):
+        return "the model is written as a safetensors model file; name it <name>.safetensors"
+    if not has_architecture and not lower.endswith((".pt", ".pth")):
+        return "a model without a rebuildable architecture is written as a whole-module pickle; name it <name>.pt"
+    return None
+
+
+def check_output_path(path: PathLike, inputs: Sequence[PathLike] = ()) -> None:
+    """A clear error, before any work, when `path` cannot be written as a file or is one of `inputs`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise ReparamError(f"{path}: is a directory, expected an output file path")
+        raise ReparamError(f"'{path}' is a directory, expected an output file path")
     if not os.path.isdir(folder):
-        raise ReparamError(f"{path}: output folder {folder} does not exist")
+        raise ReparamError(f"folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
-        raise ReparamError(f"{path}: output folder {folder} is not writable")
+        raise ReparamError(f"folder '{folder}' is not writable")
+    for source in inputs:
+        if _same_file(path, os.fspath(source)):
+            raise ReparamError(f"'{path}' is an input; refusing to overwrite it")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_finite(state: Dict[str, torch.Tensor], action: str = "save them") -> None:

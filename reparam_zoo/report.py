@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from .errors import ReparamError, first_line, preview
 from .layers.refconv import RefConvNd
-from .memory import MEASURE_BATCH, _device_dtype, tensor_bytes, training_memory
+from .memory import MEASURE_BATCH, tensor_bytes, training_memory
+from .model_info import cfg_input_size, device_and_dtype, timm_cfg
 from .surgery import refconv_layers
 
 __all__ = [
@@ -442,8 +443,7 @@ def layer_params(model: nn.Module) -> List[LayerParams]:
 
 
 def model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
+    return timm_cfg(model).get("architecture") or type(model).__name__
 
 
 # -- counting ---------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
     from torch.utils.flop_counter import FlopCounterMode
 
     FlopCountAnalysis = _fvcore_analysis()
-    device, dtype = _device_dtype(model)
+    device, dtype = device_and_dtype(model)
     if device.type == "meta":
         raise ReparamError(
             f"{name} is on the meta device: MACs need real tensors (build it on cpu; params alone can be "
@@ -613,8 +613,7 @@ def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
 
 def _check_input_size(model: nn.Module, input_size) -> Tuple[int, ...]:
     if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        input_size = cfg.get("input_size")
+        input_size = cfg_input_size(model)
         if not input_size:
             raise ReparamError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
                                "pass input_size, e.g. (3, 224, 224)")

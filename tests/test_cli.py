@@ -345,11 +345,11 @@ def test_non_finite_weights(files):
 
 
 def test_bad_output_paths(files):
-    fails(files, 2, r"Invalid value for -o/--output: '.*tiny.safetensors' is an input of this command",
+    fails(files, 2, r"Invalid value for -o/--output: '.*tiny.safetensors' is an input; refusing to overwrite it",
           "fuse", files / "tiny.safetensors", "-o", files / "tiny.safetensors")
-    fails(files, 2, r"is an input of this command", "fuse", files / "tiny.safetensors",
+    fails(files, 2, r"is an input; refusing to overwrite it", "fuse", files / "tiny.safetensors",
           "-o", files / "x" / ".." / "tiny.safetensors")
-    fails(files, 2, r"is an input of this command", "convert", "tiny_reptest", "--checkpoint", files / "tiny.pth",
+    fails(files, 2, r"is an input; refusing to overwrite it", "convert", "tiny_reptest", "--checkpoint", files / "tiny.pth",
           "--refconv", "-o", files / "tiny.pth")
     fails(files, 2, r"folder '.*missing' does not exist", "fuse", files / "tiny.safetensors",
           "-o", files / "missing" / "f.safetensors")
@@ -461,7 +461,7 @@ def test_console_script_end_to_end(files):
         "inf": (["fuse", str(files / "r18_inf.pth"), "--arch", "resnet18", "--num-classes", "10", *out], 1,
                 "non-finite"),
         "same_output": (["fuse", str(files / "tiny.safetensors"), "-o", str(files / "tiny.safetensors")], 2,
-                        "is an input of this command"),
+                        "is an input; refusing to overwrite it"),
         "missing_folder": (["fuse", str(files / "tiny.safetensors"), "-o", str(files / "nope" / "f.safetensors")], 2,
                            "does not exist"),
         # exact equality cannot hold after conv+BN fusion: a real verification failure, no monkeypatching

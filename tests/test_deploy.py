@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 
 import reparam_zoo
-from reparam_zoo import ConversionError, EquivalenceError, RefConvNd, convert, fold, fuse
+from reparam_zoo import EquivalenceError, RefConvNd, ReparamError, convert, fold, fuse
 from reparam_zoo.deploy import verify_equivalence
+from reparam_zoo.model_info import example_inputs
 from reparam_zoo.surgery import refconv_layers
 
 
@@ -227,8 +228,14 @@ def test_default_inputs_come_from_pretrained_cfg_or_a_clear_error():
     model = timm.create_model("regnetx_002", num_classes=4).eval()
     fused = fuse(model)
     assert fused.fuse_report.input_shapes == [[1, 3, 224, 224], [2, 3, 224, 224]]
-    with pytest.raises(ConversionError, match="pass example_inputs"):
+    with pytest.raises(ReparamError, match=r"cannot tell the input size of Sequential \(no timm pretrained_cfg\); "
+                                           r"pass --input-size C,H,W / example_inputs="):
         fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+    # the evaluation size where timm gives one, in the model's dtype
+    model = nn.Conv2d(3, 4, 3).double()
+    model.pretrained_cfg = dict(input_size=(3, 32, 32), test_input_size=(3, 40, 40))
+    (x,) = example_inputs(model)
+    assert x.shape == (1, 3, 40, 40) and x.dtype == torch.float64
 
 
 def test_shared_and_reused_outputs_are_left_alone():

@@ -395,8 +395,12 @@ def test_a_model_without_architecture_is_pickled_only_when_trusted(tmp_path):
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     with pytest.raises(ReparamError, match="no rebuildable architecture.*trust_pickle"):
         mf.save(model, tmp_path / "m.pt")
-    with pytest.raises(ReparamError, match="cannot be a safetensors file"):
+    with pytest.raises(ReparamError, match="m.safetensors: a model without a rebuildable architecture is written as "
+                                           "a whole-module pickle; name it <name>.pt"):
         mf.save(model, tmp_path / "m.safetensors", trust_pickle=True)
+    with pytest.raises(ReparamError, match=r"m.pt: the model is written as a safetensors model file; name it "
+                                           r"<name>.safetensors"):
+        mf.save(tiny(), tmp_path / "m.pt")
     assert os.listdir(tmp_path) == []
     path = mf.save(model, tmp_path / "m.pt", trust_pickle=True)
     with pytest.raises(CheckpointError, match="pickled Python objects.*refused"):

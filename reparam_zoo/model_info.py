@@ -1,0 +1,42 @@
+"""What a model says about itself: its timm config (input size, architecture) and its floating dtype."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .errors import ReparamError
+
+__all__ = ["timm_cfg", "cfg_input_size", "device_and_dtype", "example_inputs"]
+
+
+def timm_cfg(model: nn.Module) -> dict:
+    """timm's `pretrained_cfg` (or the older `default_cfg`); empty for models timm did not build."""
+    return getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+
+
+def cfg_input_size(model: nn.Module, test: bool = False) -> Optional[Tuple[int, ...]]:
+    """The input size (C, H, W) the config declares; `test` prefers the evaluation size where it differs."""
+    cfg = timm_cfg(model)
+    size = (cfg.get("test_input_size") if test else None) or cfg.get("input_size")
+    return tuple(size) if size else None
+
+
+def device_and_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Where and in which floating dtype the model computes (float32 on CPU for a model without floats)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def example_inputs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, ...]:
+    """One seeded random input of `input_size` (default: the config's evaluation size) in the model's dtype."""
+    size = tuple(input_size) if input_size is not None else cfg_input_size(model, test=True)
+    if not size:
+        raise ReparamError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
+                           "pass --input-size C,H,W / example_inputs=")
+    device, dtype = device_and_dtype(model)
+    x = torch.randn((1,) + size, generator=torch.Generator().manual_seed(0))
+    return (x.to(device=device, dtype=dtype),)
