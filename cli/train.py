@@ -5,8 +5,12 @@ import os
 
 import click
 
+from reparam_zoo.train import OPTIMIZERS, TrainConfig
+
 from .common import TRAIN_SCOPES, check_map_k, input_size_option, output_option
 
+# the library's defaults, so the two cannot drift apart
+DEFAULTS = TrainConfig(model="", data_dir="")
 
 
 def _check_device(ctx, param, value):
@@ -27,15 +31,16 @@ def _check_device(ctx, param, value):
 @click.option("--data", "data_dir", type=click.Path(), metavar="DIR",
               help="Image folders DIR/train/<class>/* and DIR/val/<class>/*.")
 @output_option("Run folder, new or empty (default: runs/<model>-<time>).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Per process.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True,
+              help="Per process.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr, show_default=True,
               help="Peak learning rate.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=DEFAULTS.optimizer, show_default=True,
               help="sgd: momentum SGD (the RefConv recipe); adamw.")
-@click.option("--momentum", type=click.FloatRange(min=0, max=1), default=0.9, show_default=True,
+@click.option("--momentum", type=click.FloatRange(min=0, max=1), default=DEFAULTS.momentum, show_default=True,
               help="SGD momentum.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=4e-5, show_default=True,
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=DEFAULTS.weight_decay, show_default=True,
               help="On the transforms (and a new head); never on biases and norms.")
 @click.option("--warmup-epochs", type=click.IntRange(min=0),
               help="Epochs of linear warmup (fewer than --epochs), then cosine decay to 0, stepped per "
@@ -48,13 +53,13 @@ def _check_device(ctx, param, value):
               help="What trains: only the transforms, also norm layers, or everything but the base kernels.  "
                    "[default: an already converted MODEL's own scope (what `reparam convert --train-scope` "
                    "saved), else transforms]")
-@click.option("--map-k", type=int, default=3, show_default=True, callback=check_map_k,
+@click.option("--map-k", type=int, default=DEFAULTS.map_k, show_default=True, callback=check_map_k,
               help="Transform kernel size when MODEL still has to be converted.")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 with loss scaling on GPU).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+@click.option("--workers", type=click.IntRange(min=0), default=DEFAULTS.workers, show_default=True,
               help="Data loading processes per training process.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="Fixes data order, augmentation and dropout (an interrupted run resumes exactly).")
 @click.option("--resume", metavar="OUTDIR", type=click.Path(),
               help="Continue the run in OUTDIR from its last checkpoint with its saved settings (MODEL, --data "
