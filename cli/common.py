@@ -164,8 +164,9 @@ def check_map_k(ctx, param, value: int) -> int:
 # -- models and files ---------------------------------------------------------------------------------------
 
 def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrained=False, trust_pickle=False,
-            quiet: bool = False):
-    """The model a MODEL argument names, announced on stderr (stdout stays the command's output)."""
+            quiet: bool = False, weights_matter: bool = False):
+    """The model a MODEL argument names, announced on stderr (stdout stays the command's output).
+    `weights_matter`: warn when an architecture name comes without weights (a random-init model)."""
     from reparam_zoo.errors import ArgumentConflictError
     from reparam_zoo.modelfile import resolve_model
 
@@ -178,6 +179,9 @@ def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrain
         click.echo(f"model: {resolved.description}", err=True)
         for note in resolved.notes:
             click.echo(f"  - {note}", err=True)
+    if weights_matter and resolved.kind == "architecture" and checkpoint is None and not pretrained:
+        click.echo(f"warning: {spec} has random weights: pass --checkpoint FILE (or --pretrained) for trained ones",
+                   err=True)
     return resolved
 
 
@@ -217,6 +221,17 @@ def format_of_path(path: str) -> Optional[str]:
         if lower.endswith(suffix):
             return _FORMAT_BY_SUFFIX[suffix]
     return None
+
+
+def settle_model_output(output: str, *, explicit: bool, has_architecture: bool, pickle_default: str,
+                        inputs: Sequence[str]) -> str:
+    """The model file to write, once loading has told whether the model has an architecture: a model
+    without one (a trusted pickle) and no explicit -o goes to `pickle_default`; the name is checked."""
+    if not has_architecture and not explicit:
+        output = pickle_default
+        check_output(output, inputs)
+    check_model_file_name(output, has_architecture)
+    return output
 
 
 def check_model_file_name(path: str, has_architecture: bool, option: str = "-o/--output") -> None:

@@ -7,7 +7,7 @@ import click
 
 from .common import (FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output,
                      default_output, echo_lines, format_of_path, input_paths, input_size_option, known_input_size,
-                     model_options, output_option, resolve, steps, wrote)
+                     model_options, output_option, resolve, settle_model_output, steps, wrote)
 
 
 @click.command("convert")
@@ -55,7 +55,12 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
     with steps("convert", 3 if dry_run else 4) as step:
         step("loading")
         resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
-                           pretrained=pretrained, trust_pickle=trust_pickle)
+                           pretrained=pretrained, trust_pickle=trust_pickle, weights_matter=True)
+        if not dry_run:  # checked as soon as loading tells whether the model has an architecture
+            output = settle_model_output(output, explicit=bool(explicit_output),
+                                         has_architecture=architecture_of(resolved.model) is not None,
+                                         pickle_default=default_output(model, ".refconv.pt"),
+                                         inputs=input_paths(model, checkpoint))
         check_finite(resolved.model.state_dict(), action="convert them")
         step("converting")
         converted = convert(resolved.model, map_k=map_k, init=init, include=include or None,
@@ -74,12 +79,6 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
             return
 
         step("writing")
-        has_architecture = architecture_of(converted) is not None
-        if not has_architecture and not explicit_output:
-            # a pickled model without an architecture tag can only be written back as a pickle
-            output = default_output(model, ".refconv.pt")
-            check_output(output, input_paths(model, checkpoint))
-        check_model_file_name(output, has_architecture)
         existed = os.path.exists(output)
         save(converted, output, trust_pickle=trust_pickle)
     click.echo(wrote(output, existed))

@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from .common import (EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines,
                      format_of_path, input_paths, input_size_option, model_options, output_option,
-                     resolve, steps, wrote)
+                     resolve, settle_model_output, steps, wrote)
 
 
 @click.command("fuse")
@@ -51,8 +51,13 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     with steps("fuse", 3) as step:
         step("loading")
         resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
-                           pretrained=pretrained, trust_pickle=trust_pickle)
+                           pretrained=pretrained, trust_pickle=trust_pickle, weights_matter=True)
         source = resolved.model.eval()
+        if fmt == "safetensors":  # checked as soon as loading tells whether the model has an architecture
+            output = settle_model_output(output, explicit=bool(explicit_output),
+                                         has_architecture=architecture_of(source) is not None,
+                                         pickle_default=default_output(model, ".fused.pt", strip=(".refconv",)),
+                                         inputs=input_paths(model, checkpoint))
         check_finite(source.state_dict(), action="fuse them")
         inputs = example_inputs(source, input_size)
 
@@ -66,13 +71,6 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         echo_lines(str(fused.fuse_report))
 
         step(f"writing {fmt}")
-        if fmt == "safetensors":
-            has_architecture = architecture_of(fused) is not None
-            if not has_architecture and not explicit_output:
-                # a pickled model without an architecture tag can only be written back as a pickle
-                output = default_output(model, ".fused.pt", strip=(".refconv",))
-                check_output(output, input_paths(model, checkpoint))
-            check_model_file_name(output, has_architecture)
         existed = os.path.exists(output)
         result = export(fused, output, fmt, example_inputs=inputs, rtol=rtol, atol=atol, trust_pickle=trust_pickle)
     checked = ""
@@ -89,4 +87,10 @@ def _format_for(output: str, fmt: str, *, explicit: bool) -> str:
     if explicit and implied is not None and implied != fmt:
         raise click.BadParameter(f"'{output}' names {FORMAT_NAMES[implied]} file, but --format is {fmt}",
                                  param_hint="-o/--output")
-    return fmt if explicit else (implied or fmt)
+    fmt = fmt if explicit else (implied or fmt)
+    if implied is None and fmt != "safetensors":  # (model files: check_model_file_name knows the rule)
+        from reparam_zoo.modelfile import EXPORT_SUFFIXES
+
+        raise click.BadParameter(f"'{output}' does not say it is {FORMAT_NAMES[fmt]} file; name it "
+                                 f"<name>{EXPORT_SUFFIXES[fmt]}", param_hint="-o/--output")
+    return fmt

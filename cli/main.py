@@ -25,8 +25,8 @@ def main(debug):
     Typical flow:
       reparam convert resnet18 --checkpoint resnet18.pth --refconv -o r18.refconv.safetensors
       reparam train r18.refconv.safetensors --data DIR -o runs/r18 --fuse
-      reparam fuse r18.refconv.safetensors -o r18.fused.safetensors
-      reparam compare r18.refconv.safetensors r18.fused.safetensors
+      reparam fuse runs/r18/best.safetensors -o r18.fused.safetensors   (what --fuse also writes)
+      reparam compare runs/r18/best.safetensors r18.fused.safetensors
 
     Errors are one line on stderr: exit status 1 for failures, 2 for usage errors.
     """

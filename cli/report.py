@@ -74,8 +74,9 @@ def _resolve_compared(spec: str, trust_pickle: bool):
         return resolve(spec, trust_pickle=trust_pickle).model
     except ArchitectureUnknownError:
         raise ArchitectureUnknownError(
-            f"{spec}: a weights file that does not say its architecture, and compare takes no --arch; compare "
-            "the architecture name instead (the counts do not depend on the weights), or a reparam model file"
+            f"{spec}: a weights file that does not say its architecture, and compare takes no --arch; make it a "
+            "reparam model file first (reparam fuse FILE --arch NAME, or reparam convert FILE --arch NAME --refconv) "
+            "and compare that"
         ) from None
 
 

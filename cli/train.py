@@ -45,7 +45,7 @@ def _check_device(ctx, param, value):
 @click.option("--warmup-epochs", type=click.IntRange(min=0),
               help="Epochs of linear warmup (fewer than --epochs), then cosine decay to 0, stepped per "
                    "update.  [default: 1, or 0 with --epochs 1]")
-@input_size_option("Training crop size (default: the model's timm config).")
+@input_size_option("Training crop size (default: the model's timm config; needed when the model has none).")
 @click.option("--num-classes", type=click.IntRange(min=1), metavar="N",
               help="Replace the classifier head for N classes (must equal the data's classes); the new head "
                    "trains too.")
@@ -53,8 +53,10 @@ def _check_device(ctx, param, value):
               help="What trains: only the transforms, also norm layers, or everything but the base kernels.  "
                    "[default: an already converted MODEL's own scope (what `reparam convert --train-scope` "
                    "saved), else transforms]")
-@click.option("--map-k", type=int, default=DEFAULTS.map_k, show_default=True, callback=check_map_k,
-              help="Transform kernel size when MODEL still has to be converted.")
+@click.option("--map-k", type=int, callback=lambda ctx, param, value: None if value is None else check_map_k(
+                  ctx, param, value),
+              help="Transform kernel size when MODEL still has to be converted (an already converted MODEL "
+                   "keeps its own; another value is an error).  [default: 3]")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 with loss scaling on GPU).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULTS.workers, show_default=True,
@@ -82,7 +84,8 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     init: it starts exactly as MODEL). Validates once before training (the converted model must score what
     MODEL scores), then trains with SGD + warmup + cosine, validating every epoch. Writes to OUTDIR:
     config.json, train.log, metrics.jsonl, metrics.png, best.safetensors, last.safetensors,
-    train_state.pt (resume state) and, with --fuse, deploy.safetensors. A MODEL without a rebuildable
+    train_state.pt (resume state) and, with --fuse, deploy.safetensors; the model files record the class
+    names in output index order (metadata extra "classes"). A MODEL without a rebuildable
     architecture (a whole pickled module, with --trust-pickle) is written as pickles instead: best.pt,
     last.pt and deploy.pt (read them with --trust-pickle, e.g. `reparam report OUTDIR/best.pt
     --trust-pickle`).
@@ -131,8 +134,10 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
         result = train(model, data_dir, output_dir=output, device=device, verbose=not quiet, **settings)
 
     if result.interrupted:
-        click.echo(f"interrupted: checkpoint in {result.output_dir}; continue with: "
-                   f"reparam train --resume {result.output_dir}", err=True)
+        # without -q the run's own log line has said it already; rank 0 speaks for all
+        if quiet and result.model is not None:
+            click.echo(f"interrupted: checkpoint in {result.output_dir}; continue with: "
+                       f"reparam train --resume {result.output_dir}", err=True)
         raise click.exceptions.Exit(130)
     if result.model is None:  # not rank 0: rank 0 reports
         return

@@ -70,9 +70,12 @@ def zoo_report(name, input_size, fmt, depth):
 def _params(value, approx=False):
     if value is None:
         return "-"
-    prefix = "~" if approx else ""
-    return f"{prefix}{value / 1e9:.2f}B" if value >= 1e9 else f"{prefix}{value / 1e6:.2f}M"
+    if approx:  # as roughly as the paper gives it
+        return f"~{value / 1e9:.3g}B" if value >= 1e9 else f"~{value / 1e6:.3g}M"
+    return f"{value / 1e9:.2f}B" if value >= 1e9 else f"{value / 1e6:.2f}M"
 
 
 def _macs(value, approx=False):
-    return "-" if value is None else f"{'~' if approx else ''}{value / 1e9:.2f}G"
+    if value is None:
+        return "-"
+    return f"~{value / 1e9:.3g}G" if approx else f"{value / 1e9:.2f}G"

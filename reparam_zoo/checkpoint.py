@@ -7,8 +7,10 @@ strictly. Architectures register their adapter with `register_checkpoint_adapter
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -66,8 +68,9 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str, str]]:
-    """Read tensors (and safetensors metadata) from a file without ever unpickling code."""
+def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -> Tuple[StateDict, Dict[str, str]]:
+    """Read tensors (and safetensors metadata) from a file without unpickling code, unless `trust_pickle`
+    allows a full unpickle for a checkpoint that also holds other Python objects."""
     path = os.fspath(path)
     check_readable(path, "a weights file")
     if _is_safetensors(path):
@@ -87,21 +90,34 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
             "files (.safetensors, what reparam fuse writes by default) and state_dict checkpoints"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's and torchvision's training scripts save their argparse settings next to the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = first_line(e)
         # torch's message always starts with "Weights only load failed": only a refused global means
         # pickled Python objects; anything else (bad opcodes) is a damaged file
-        if "Unsupported global" in str(e) or "GLOBAL " in str(e):
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused or "Unsupported global" in str(e):
+            if trust_pickle:
+                return unwrap_state_dict(_unpickle(path), source=path), {}
+            what = f"pickled Python objects ({refused.group(1)})" if refused else "pickled Python objects"
             raise CheckpointError(
-                f"{path}: contains pickled Python objects (e.g. a whole nn.Module); loading it would run "
-                "arbitrary code, refused (pass --trust-pickle / trust_pickle=True if you trust the file)"
+                f"{path}: contains {what}; loading it would run arbitrary code, refused (pass --trust-pickle / "
+                "trust_pickle=True if you trust the file)"
             ) from None
         detail = str(e).split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in str(e) else msg
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(detail)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from None
     return unwrap_state_dict(obj, source=path), {}
+
+
+def _unpickle(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # code the pickle needs may be missing here
+        raise CheckpointError(f"{path}: cannot unpickle ({type(e).__name__}: {first_line(e)})") from None
 
 
 def deployment_artifact_kind(path: str) -> Optional[str]:

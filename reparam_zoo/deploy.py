@@ -15,7 +15,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .errors import ConversionError, EquivalenceError
+from .errors import ConversionError, EquivalenceError, first_line
 from .layers.refconv import RefConvNd
 from .model_info import device_and_dtype, example_inputs as default_inputs
 from .surgery import replace_modules
@@ -172,30 +172,29 @@ def fuse_conv_bn(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[List
 
 def verify_equivalence(
     reference: nn.Module, candidate: nn.Module, inputs: Sequence[torch.Tensor], *, rtol: float, atol: float,
-    absorbed: Optional[Dict[str, str]] = None,
+    absorbed: Optional[Dict[str, str]] = None, in_float64: bool = True,
 ) -> Tuple[float, float, List[List[int]]]:
     """Compare outputs on random inputs shaped like `inputs`, at several batch sizes.
 
     Returns (max abs error, max rel error, input shapes); raises EquivalenceError on disagreement.
-    Low-precision models are compared in float32 with `rtol` widened to their resolution.
-    `absorbed` maps a conv that absorbed a BN to that BN: the fused conv's output must match the BN's.
+    With `in_float64` both models run as float64 copies, so the check sees the fold/fuse math and not
+    float32 rounding, which in deep trained networks can exceed any tolerance tight enough to catch a
+    wrong fold. Low-precision models widen `rtol` to their resolution (their fused weights are rounded to
+    it). `absorbed` maps a conv that absorbed a BN to that BN: the fused conv's output must match the BN's.
     """
     dtype = device_and_dtype(candidate)[1]
     if dtype in _LOW_PRECISION:
         rtol = max(rtol, torch.finfo(dtype).eps * 8)
-        reference, candidate = copy.deepcopy(reference).float(), copy.deepcopy(candidate).float()
-        inputs = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+    compute = torch.float64 if in_float64 and dtype.is_floating_point else None
     generator = torch.Generator().manual_seed(1234)
+    trials = [tuple(_random_like(t, batch, generator) for t in inputs) for batch in VERIFY_BATCH_SIZES]
+    if compute is not None:
+        trials = [tuple(t.to(compute) if t.is_floating_point() else t for t in trial) for trial in trials]
+    # one model copy at a time: a float64 copy is twice the model's float32 size
+    expected_all = _outputs(reference, trials, compute)
+    actual_all = _outputs(candidate, trials, compute)
     max_abs = max_rel = 0.0
-    shapes: List[List[int]] = []
-    reference.eval()
-    candidate.eval()
-    for batch in VERIFY_BATCH_SIZES:
-        trial = tuple(_random_like(t, batch, generator) for t in inputs)
-        shapes.append(list(trial[0].shape))
-        with torch.no_grad():
-            expected = _flatten(reference(*trial))
-            actual = _flatten(candidate(*trial))
+    for trial, expected, actual in zip(trials, expected_all, actual_all):
         if len(expected) != len(actual):
             raise EquivalenceError("verification failed: the fused model returns a different number of outputs")
         for e, a in zip(expected, actual):
@@ -209,24 +208,49 @@ def verify_equivalence(
             rel_err = abs_err / scale if scale > 0 else abs_err
             max_abs, max_rel = max(max_abs, abs_err), max(max_rel, rel_err)
             if not torch.isfinite(a).all() or not _close(e, a, rtol=rtol, atol=atol):
-                where = first_diverging_module(reference, candidate, trial, rtol=rtol, atol=atol,
-                                               absorbed=absorbed)
+                where = first_diverging_module(_as_dtype(reference, compute), _as_dtype(candidate, compute), trial,
+                                               rtol=rtol, atol=atol, absorbed=absorbed)
+                noise = ""
+                if compute is not None:  # how far the original itself is from exact, to judge a looser rtol by
+                    own = _outputs(reference, [tuple(t.to(dtype) if t.is_floating_point() else t for t in trial)],
+                                   None)[0]
+                    own_err = max(((o.double() - r).abs().max() / r.abs().max().clamp_min(1e-300)).item()
+                                  for o, r in zip(own, expected) if r.numel())
+                    noise = f"; the original's own {str(dtype).replace('torch.', '')} rounding error is {own_err:.3g}"
                 raise EquivalenceError(
                     f"verification failed: max abs error {abs_err:.3g}, max rel error {rel_err:.3g} "
-                    f"(rtol={rtol:g}, atol={atol:g}); first diverging module: {where or 'unknown'}",
+                    f"(rtol={rtol:g}, atol={atol:g}){noise}; first diverging module: {where or 'unknown'}",
                     max_abs_error=abs_err, max_rel_error=rel_err, first_diverging_module=where,
                 )
-    return max_abs, max_rel, shapes
+    return max_abs, max_rel, [list(trial[0].shape) for trial in trials]
+
+
+def _as_dtype(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+    return copy.deepcopy(model).to(dtype).eval() if dtype is not None else model.eval()
+
+
+def _outputs(model: nn.Module, trials, dtype: Optional[torch.dtype]) -> List[List[torch.Tensor]]:
+    model = _as_dtype(model, dtype)
+    with torch.no_grad():
+        return [_flatten(model(*trial)) for trial in trials]
 
 
 def first_diverging_module(reference: nn.Module, candidate: nn.Module, inputs, *, rtol: float, atol: float,
                            absorbed: Optional[Dict[str, str]] = None):
-    """The first module (in the reference's execution order) whose output differs between the models."""
+    """The first module (in the reference's execution order) whose output differs between the models.
+
+    A weightless module (Identity, activation) that differs passes on an earlier difference that could not
+    be compared (a fused BN has no counterpart): the module with weights that ran last before it is named.
+    """
     absorbed = absorbed or {}
     ref_out = _record_outputs(reference, inputs)
     ref_by_name = dict(ref_out)
     cand_out = dict(_record_outputs(candidate, inputs))
+    modules = dict(reference.named_modules())
+    last_weighted = None
     for name, outputs in ref_out:
+        if any(True for _ in modules[name].parameters()):
+            last_weighted = name
         if name in absorbed:  # a fused conv computes what its BN computed
             outputs = ref_by_name.get(absorbed[name], [])
         other = cand_out.get(name)
@@ -234,7 +258,7 @@ def first_diverging_module(reference: nn.Module, candidate: nn.Module, inputs, *
             continue
         for e, a in zip(outputs, other):
             if e.shape == a.shape and not _close(e, a, rtol=rtol, atol=atol):
-                return name
+                return last_weighted or name
     return None
 
 
@@ -322,7 +346,12 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
     model.eval()
     try:
         with torch.no_grad(), Uses():
-            outputs = model(*_batch_of_one(inputs))
+            try:
+                outputs = model(*_batch_of_one(inputs))
+            except Exception as e:  # the first forward: wrong input size or channels, the user's to fix
+                shapes = ", ".join("x".join(map(str, t.shape)) for t in _batch_of_one(inputs))
+                raise ConversionError(f"cannot run {type(model).__name__} on input {shapes}: "
+                                      f"{type(e).__name__}: {first_line(e)}") from None
         for value in pytree.tree_leaves(outputs):
             if isinstance(value, torch.Tensor):
                 use(value)  # returned as it is: the unnormalized map is part of the result

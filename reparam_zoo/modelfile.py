@@ -143,7 +143,8 @@ def create_model(
 
 
 def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, torch.Tensor]], *,
-                            num_classes: Optional[int], pretrained: bool = False, **kwargs):
+                            num_classes: Optional[int], pretrained: bool = False, trust_pickle: bool = False,
+                            **kwargs):
     """`name` with `checkpoint`'s weights, its head sized by the checkpoint unless `num_classes` says
     otherwise; returns (model, load notes, tensor count)."""
     if pretrained:
@@ -153,7 +154,7 @@ def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, tor
         state = unwrap_state_dict(checkpoint)
     else:
         source = os.fspath(checkpoint)
-        state, _ = read_state_dict(source)
+        state, _ = read_state_dict(source, trust_pickle=trust_pickle)
     # the head size is read off a weightless skeleton, so the real model is built (and initialised) once
     with torch.device("meta"):
         skeleton = create_model(name, num_classes=num_classes, **kwargs)
@@ -601,7 +602,7 @@ def export(
         runner = _EXPORTERS[fmt](model, tmp, inputs)
         try:
             result.max_abs_error, result.max_rel_error, _ = verify_equivalence(
-                model, _Artifact(runner), inputs, rtol=rtol, atol=atol)
+                model, _Artifact(runner), inputs, rtol=rtol, atol=atol, in_float64=False)  # runs as exported
         except EquivalenceError as e:
             raise EquivalenceError(f"the exported {fmt} file does not reproduce the model: {e}",
                                    max_abs_error=e.max_abs_error, max_rel_error=e.max_rel_error) from None
@@ -867,7 +868,8 @@ def resolve_model(
         notes: List[str] = []
         if checkpoint is not None:
             check_readable(os.fspath(checkpoint), "a weights file")
-            model, notes, _ = _create_with_checkpoint(spec, checkpoint, num_classes=num_classes)
+            model, notes, _ = _create_with_checkpoint(spec, checkpoint, num_classes=num_classes,
+                                                      trust_pickle=trust_pickle)
         else:
             model = create_model(spec, pretrained=pretrained, num_classes=num_classes)
         how = f"weights from {os.fspath(checkpoint)}" if checkpoint is not None else (
@@ -893,7 +895,7 @@ def _resolve_file(path: str, *, arch: Optional[str], num_classes: Optional[int],
                 )
             return ResolvedModel(load(path), "reparam-file", f"{path}: {info.describe()}", path=path, info=info)
     if arch is not None:
-        model, notes, count = _create_with_checkpoint(arch, path, num_classes=num_classes)
+        model, notes, count = _create_with_checkpoint(arch, path, num_classes=num_classes, trust_pickle=trust_pickle)
         return ResolvedModel(model, "checkpoint", f"{path}: {arch} weights ({count} tensors)", path=path,
                              notes=notes)
     if trust_pickle and not _is_safetensors(path):

@@ -133,6 +133,7 @@ class Report:
     refconv_layers: int = 0
     unit: str = UNIT
     memory_error: Optional[str] = None  # why the activations could not be measured
+    architecture: Optional[str] = None  # timm's name (or the class name); `model` may be a file's name
 
     @property
     def flags(self) -> List[str]:
@@ -144,6 +145,7 @@ class Report:
     def as_dict(self) -> dict:
         return {
             "model": self.model,
+            "architecture": self.architecture,
             "stage": self.stage,
             "input_size": list(self.input_size),
             "unit": self.unit,
@@ -167,7 +169,7 @@ class Report:
                 model=data["model"], stage=data["stage"], input_size=tuple(data["input_size"]),
                 training=dict(data["training"]), inference=dict(data["inference"]),
                 macs_check=MacsCheck(**check), unsupported_ops=dict(data.get("unsupported_ops", {})),
-                uncalled_modules=list(data.get("uncalled_modules", [])),
+                uncalled_modules=list(data.get("uncalled_modules", [])), architecture=data.get("architecture"),
                 modules=[ModuleRow(**r) for r in data.get("modules", [])], depth=data.get("depth", 1),
                 refconv_layers=data.get("refconv_layers", 0), unit=data.get("unit", UNIT),
                 memory_error=data.get("memory_error"),
@@ -402,7 +404,8 @@ def report(
     inference["weight_bytes"] = tensor_bytes(list(deployed.parameters()) + list(deployed.buffers()))
     modules = _module_rows(model, deployed, macs_by_module, depth) if depth else []
     return Report(
-        model=name, stage=stage, input_size=input_size, training=training, inference=inference,
+        model=name, architecture=model_name(model), stage=stage, input_size=input_size, training=training,
+        inference=inference,
         macs_check=check, unsupported_ops=unsupported, uncalled_modules=uncalled, modules=modules, depth=depth,
         refconv_layers=len(refconvs), memory_error=memory.error,
     )

@@ -14,6 +14,7 @@ checkpoint then only needs the weights, the optimizer state, the position and th
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -33,6 +34,7 @@ from .data import (DataSplits, EpochSampler, IGNORE_TARGET, ShardSampler, build_
                    make_loader)
 from .deploy import fold, fuse as fuse_model
 from .errors import CheckpointError, ReparamError, first_line, preview
+from .model_info import cfg_input_size
 from .surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
 from . import torchvision_models
 from .processes import Processes, StopRequest
@@ -56,6 +58,7 @@ LOG_FILE = "train.log"
 # the change is the point (more epochs).
 RESUMABLE_OVERRIDES = ("epochs", "workers", "fuse")
 STATE_VERSION = 1
+DEFAULT_MAP_K = 3  # the transform kernel of a model converted here when map_k is not given
 
 
 class TrainError(ReparamError):
@@ -78,7 +81,7 @@ class TrainConfig:
     input_size: Optional[int] = None
     num_classes: Optional[int] = None
     train_scope: Optional[str] = None  # None until the run starts: the model's own (converted), else transforms
-    map_k: int = 3
+    map_k: Optional[int] = None  # None until the run starts: the model's own (converted), else DEFAULT_MAP_K
     amp: bool = False
     channels_last: bool = False
     workers: int = 2
@@ -97,12 +100,11 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
-        for name in ("epochs", "batch_size", "map_k"):
+        for name in ("epochs", "batch_size"):
             positive_int(name)
-        if self.input_size is not None:
-            positive_int("input_size")
-        if self.num_classes is not None:
-            positive_int("num_classes")
+        for name in ("input_size", "num_classes", "map_k"):
+            if getattr(self, name) is not None:
+                positive_int(name)
         if not (isinstance(self.workers, int) and self.workers >= 0):
             raise TrainError(f"workers must be >= 0, got {self.workers!r}")
         if not (isinstance(self.warmup_epochs, int) and 0 <= self.warmup_epochs < self.epochs):
@@ -158,7 +160,7 @@ def train(
     input_size: Optional[int] = None,
     num_classes: Optional[int] = None,
     train_scope: Optional[str] = None,
-    map_k: int = 3,
+    map_k: Optional[int] = None,
     amp: bool = False,
     channels_last: bool = False,
     workers: int = 2,
@@ -175,7 +177,9 @@ def train(
 
     `model` is an `nn.Module` (never modified; a copy trains) or anything `reparam convert` accepts (a timm or
     zoo name, a reparam file, a state_dict checkpoint with `arch`, a pickle with `trust_pickle`). A model
-    without RefConv layers is converted first (`map_k`, zero init). `train_scope` says what trains; None
+    without RefConv layers is converted first (`map_k`, default 3, zero init); an already converted model
+    keeps its own map_k (asking for another one is an error). `input_size` is needed when the model has no
+    timm config to take it from. `train_scope` says what trains; None
     (the default) keeps the scope of an already converted model (its `refconv_summary.train_scope`) and is
     "transforms" for a model converted here. A head of the wrong size is replaced only when `num_classes`
     says so (the new head then trains too).
@@ -187,8 +191,10 @@ def train(
     train_state.pt, and with `fuse` the verified deploy model (deploy.safetensors). A model without a
     rebuildable architecture is written as whole-module pickles (last.pt, best.pt, deploy.pt; read them with
     `trust_pickle=True` / --trust-pickle) when `trust_pickle` is set (a pickled MODEL needs it anyway), else
-    as bare safetensors state_dicts. Ctrl-C / SIGTERM stops after the current step with a checkpoint;
-    `resume(output_dir)` continues it.
+    as bare safetensors state_dicts. The model files record the class names in output index order
+    (`read_info(path).extra["classes"]`, `reparam_extra["classes"]` of a loaded model). Ctrl-C / SIGTERM
+    stops after the current step with a checkpoint; `resume(output_dir)` continues it. A run that fails
+    before its first checkpoint removes the files it wrote (and the folder it made).
     """
     spec = model if isinstance(model, nn.Module) else _absolute_if_file(model)
     if warmup_epochs is None:
@@ -268,10 +274,11 @@ class _Log:
             self._write(line)
         self.pending = []
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, console: bool = True) -> None:
+        """`console=False`: train.log only (a line too long for a terminal, e.g. a thousand class names)."""
         if not self.procs.is_main:
             return
-        if self.verbose:
+        if self.verbose and console:
             tqdm.write(message)
         if self.path is None:
             self.pending.append(message)
@@ -306,6 +313,10 @@ class _Run:
         self.trainable: List[str] = []
         self.base_name, self.exact_expected = "input model", True  # what the sanity check compares with
         self.classes: List[str] = []
+        # what this run wrote (rank 0): a fresh run that fails before its first checkpoint removes it again
+        self.written: List[str] = []
+        self.made_dirs: List[str] = []  # the output folder and the parents it needed, deepest first
+        self.checkpointed = False  # rank 0 wrote train_state.pt: from then on the folder can be resumed
 
     # -- setup -----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -314,8 +325,31 @@ class _Run:
         try:
             with StopRequest() as self.stop:
                 return self._run()
+        except BaseException:  # a graceful stop returns, with a checkpoint; anything else lands here
+            self._remove_unresumable_outputs()
+            raise
         finally:
             self.procs.close()
+
+    def _writes(self, path: str) -> str:
+        """`path`, noted as written by this run (see `_remove_unresumable_outputs`)."""
+        if path not in self.written:
+            self.written.append(path)
+        return path
+
+    def _remove_unresumable_outputs(self) -> None:
+        """A fresh run that failed before its first checkpoint: remove exactly the files it wrote and the folders
+        it made. Nothing there could be resumed, and a non-empty folder would block the corrected command
+        (no command leaves files behind when it fails)."""
+        if self.resuming or self.checkpointed or not self.procs.is_main:
+            return
+        self.log.path = None  # nothing more goes to the file being removed
+        for path in reversed(self.written):
+            with contextlib.suppress(OSError):  # the run's own error matters more than a file left behind
+                os.remove(path)
+        for folder in self.made_dirs:
+            with contextlib.suppress(OSError):  # not empty: someone else put files there, keep them
+                os.rmdir(folder)
 
     def _run(self) -> TrainResult:
         config = self.config
@@ -368,7 +402,7 @@ class _Run:
         # only a run that could start gets its folder (and the log lines so far)
         self.procs.on_main(self._create_output_dir)
         if self.procs.is_main:
-            self.log.open(os.path.join(self.output_dir, LOG_FILE))
+            self.log.open(self._writes(os.path.join(self.output_dir, LOG_FILE)))
         if state is None:
             self._write_start_files()
         self.model.train()
@@ -402,12 +436,17 @@ class _Run:
         return out
 
     def _create_output_dir(self) -> None:
+        missing, folder = [], os.path.abspath(self.output_dir)
+        while not os.path.exists(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
         try:
             os.makedirs(self.output_dir, exist_ok=True)
         except OSError as e:
             raise TrainError(f"{self.output_dir}: cannot create output folder ({first_line(e)})") from None
+        self.made_dirs = missing
         # on resume too: the overrides (epochs, ...) are part of the run from now on
-        _write_json(os.path.join(self.output_dir, CONFIG_FILE), asdict(self.config))
+        _write_json(self._writes(os.path.join(self.output_dir, CONFIG_FILE)), asdict(self.config))
 
     def _build_model(self, state) -> Tuple[Optional[nn.Module], nn.Module]:
         """(what the sanity check compares with: the input model, or its folded form when it came converted,
@@ -448,6 +487,7 @@ class _Run:
             apply_train_scope(model, config.train_scope)
             if summary is not None:
                 summary.train_scope = config.train_scope
+            self._adopt_map_k(model, state)
             self.log(f"model is already converted ({len(refconv_layers(model))} RefConv layers); "
                      f"training scope {config.train_scope} ({how})")
             if state is None:
@@ -458,6 +498,8 @@ class _Run:
         else:
             if config.train_scope is None:
                 config.train_scope = "transforms"
+            if config.map_k is None:
+                config.map_k = DEFAULT_MAP_K
             model = convert(base, map_k=config.map_k, train_scope=config.train_scope)
             self.log(f"converted with default settings (map_k={config.map_k}, zero init): "
                      + str(model.refconv_summary).splitlines()[0].removeprefix("RefConv: "))
@@ -475,6 +517,16 @@ class _Run:
             self._load_weights(model, last, state)
             return None, model
         return base, model
+
+    def _adopt_map_k(self, model: nn.Module, state) -> None:
+        """An already converted model trains with its own transform kernel, and config.json records that one."""
+        own = sorted({m.map_k for _, m in refconv_layers(model)})
+        wanted = self.config.map_k
+        if state is None and wanted is not None and own != [wanted]:
+            raise TrainError(f"map_k {wanted} was asked for, but the model's RefConv layers already have map_k="
+                             f"{', '.join(map(str, own))}; map_k applies to models converted here (leave it out, "
+                             "or train the unconverted model)")
+        self.config.map_k = own[0]
 
     def _load_input_model(self) -> nn.Module:
         config = self.config
@@ -573,6 +625,11 @@ class _Run:
         model.load_state_dict(tensors, strict=True)
 
     def _build_data(self, model: nn.Module) -> None:
+        if self.config.input_size is None and cfg_input_size(model) is None and not self.resuming:
+            # timm would silently use 224x224: say so, as `reparam fuse` and `report` do (a resumed run goes on
+            # as it started)
+            raise TrainError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
+                             "pass --input-size N / input_size=N")
         self.data: DataSplits = build_datasets(self.config.data_dir, model, self.config.input_size)
         self.classes = self.data.classes
         self.input_size = tuple(self.data.data_config["input_size"])
@@ -697,13 +754,18 @@ class _Run:
         }
         from .modelfile import atomic_write
 
-        atomic_write(os.path.join(self.output_dir, STATE_FILE), lambda tmp: torch.save(state, tmp))
+        atomic_write(self._writes(os.path.join(self.output_dir, STATE_FILE)), lambda tmp: torch.save(state, tmp))
+        self.checkpointed = True
 
     def _save_model(self, model: nn.Module, path: str, extra: Dict[str, Any]) -> None:
         """A reparam model file when the architecture is known; else a whole-module pickle (a run of a trusted
-        pickle, `model_files` "pickle"), or a bare safetensors state_dict (an in-memory model)."""
+        pickle, `model_files` "pickle"), or a bare safetensors state_dict (an in-memory model). Its extra metadata
+        is `extra` and the class names."""
         from .modelfile import architecture_of, atomic_write, check_finite, save
 
+        self._writes(path)
+        # the class names in output index order: what a deployment needs to label the outputs
+        extra = {**extra, "classes": list(self.classes)}
         if architecture_of(model) is not None:
             save(model, path, extra_metadata=extra)
             return
@@ -831,6 +893,8 @@ class _Run:
             f"{len(self.data.val)} val images, "
             f"{len(self.classes)} classes, input {self.input_size[1]}x{self.input_size[2]}"
         )
+        if not self.resuming:  # the run's log says once which output index is which class
+            self.log(f"classes (output index order): {json.dumps(self.classes)}", console=False)
         self.log(
             f"{config.epochs} epochs x {self.steps_per_epoch} steps, batch {config.batch_size} x "
             f"{self.procs.world_size} process(es) on {self.procs.device}, {config.optimizer} lr {config.lr} "
@@ -863,7 +927,7 @@ class _Run:
                 # dropout / drop-path draw from the global generator: seed it per step for exact resumption
                 torch.manual_seed(_step_seed(config.seed, self.epoch, self.step, self.procs.rank))
                 with self._autocast():
-                    outputs = _logits(self.train_model(images))
+                    outputs = _logits(self._train_forward(images))
                     loss = criterion(outputs.float(), targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -882,15 +946,16 @@ class _Run:
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.partial[0] / self.partial[2]:.4f}",
                                 acc=f"{100 * self.partial[1] / self.partial[2]:.1f}%",
-                                img_s=f"{images_seen / max(time.perf_counter() - start, 1e-9):.0f}")
+                                img_s=_sig3(images_seen / max(time.perf_counter() - start, 1e-9)))
                 stop, nonfinite = self.procs.max([float(self.stop.requested), float(not math.isfinite(loss_value))])
                 if nonfinite:
                     bar.close()
-                    raise TrainError(f"the loss became {loss_value} at epoch {self.epoch + 1}, step {self.step}; "
-                                     "lower --lr (the last good checkpoint is kept)")
+                    value = loss_value if not math.isfinite(loss_value) else "NaN/Inf on another process"
+                    raise self._diverged(f"the loss became {value} in epoch {self.epoch + 1}, step {self.step}")
                 if stop and self.step < self.steps_per_epoch:
                     bar.close()
                     self._note_unreadable(self.data.train, unreadable)
+                    self._check_finite()
                     self._save_checkpoint(self._rank_states())
                     self.log(f"interrupted at epoch {self.epoch + 1}, step {self.step}: checkpoint saved; "
                              f"continue with: reparam train --resume {self.output_dir}")
@@ -905,11 +970,39 @@ class _Run:
                 return True
         return False
 
+    def _train_forward(self, images: torch.Tensor):
+        try:
+            return self.train_model(images)
+        except ValueError as e:
+            # BatchNorm in training mode needs more than one value per channel; after global pooling (or at
+            # a 1x1 feature map) one image gives it exactly one
+            if "Expected more than 1 value per channel" not in str(e):
+                raise
+            raise TrainError("a batch of 1 image per process cannot train BatchNorm (it needs more than 1 value per "
+                             "channel); use --batch-size 2 or more") from None
+
+    def _check_finite(self) -> None:
+        """Stop a diverged run before it saves anything: NaN/Inf weights or BatchNorm statistics can come with a
+        finite loss, and would otherwise fail every later save and every resume."""
+        bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        bad = self.procs.union(bad)  # every rank stops, or the others would wait forever
+        if bad:
+            raise self._diverged(f"training diverged in epoch {self.epoch + 1}: non-finite (NaN/Inf) values in "
+                                 f"{preview(bad, 3)}")
+
+    def _diverged(self, what: str) -> TrainError:
+        # every epoch ends with a checkpoint, and a resumed run started from one
+        if self.resuming or self.epoch > 0:
+            return TrainError(f"{what}; the last good checkpoint is kept, but --lr cannot change on resume: start a "
+                              "new run with a lower --lr")
+        return TrainError(f"{what}; nothing was kept: run again with a lower --lr")
+
     def _end_epoch(self, elapsed: float, images_seen: int, unreadable: List[int]) -> None:
         if self.procs.distributed:
             from timm.utils import distribute_bn
 
             distribute_bn(self.model, self.procs.world_size, reduce=True)
+        self._check_finite()  # before anything of this epoch is saved: the previous epoch's files stay intact
         loss_sum, correct, count = self.procs.sum(self.partial)
         rate = self.procs.sum([images_seen / max(elapsed, 1e-9)])[0]
         self._note_unreadable(self.data.train, unreadable)
@@ -923,7 +1016,7 @@ class _Run:
         self.log(
             f"epoch {row['epoch']}/{self.config.epochs}: train loss {row['train_loss']:.4f} acc "
             f"{100 * row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}% | "
-            f"lr {row['lr']:.3g} | {rate:.0f} img/s"
+            f"lr {row['lr']:.3g} | {_sig3(rate)} img/s"
         )
         self.epoch += 1
         self.step = 0
@@ -953,7 +1046,7 @@ class _Run:
             with open(tmp, "w") as f:
                 f.write(text)
 
-        atomic_write(os.path.join(self.output_dir, METRICS_FILE), write)
+        atomic_write(self._writes(os.path.join(self.output_dir, METRICS_FILE)), write)
 
     def _finish(self, interrupted: bool) -> Dict[str, str]:
         """The plot and (with `fuse`) the deploy model, on rank 0; returns the files of the run."""
@@ -999,7 +1092,8 @@ class _Run:
         fig.tight_layout()
         from .modelfile import atomic_write
 
-        atomic_write(os.path.join(self.output_dir, PLOT_FILE), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        atomic_write(self._writes(os.path.join(self.output_dir, PLOT_FILE)),
+                     lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
     def _write_deploy_model(self) -> None:
         """Fuse the best model into the deploy structure, verified against it, as deploy.safetensors (deploy.pt
@@ -1050,6 +1144,13 @@ def _num_outputs(model: nn.Module, input_size: Tuple[int, ...]) -> int:
     return out.shape[1]
 
 
+def _sig3(value: float) -> str:
+    """3 significant digits without an exponent (0.36, 12.3, 491; large numbers keep all their digits)."""
+    if not math.isfinite(value) or value <= 0:
+        return f"{value:.0f}" if math.isfinite(value) else str(value)
+    return f"{value:.{max(0, 2 - math.floor(math.log10(value)))}f}"
+
+
 def _absolute_if_file(path) -> str:
     """Paths are saved absolute, so that a run resumes from any working directory."""
     path = os.fspath(path)
@@ -1082,3 +1183,7 @@ def _write_json(path: str, value: Any) -> None:
             f.write("\n")
 
     atomic_write(path, write)
+
+
+if __name__ == "__main__":  # `python -m reparam_zoo.train` is not an entry point: say which one is
+    raise SystemExit("error: run `reparam train ...` (under torchrun: torchrun --no-python reparam train ...)")

@@ -49,7 +49,7 @@ def fails(folder, code, pattern, *args):
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: "), result.stderr
     assert len([line for line in lines if line.startswith("error: ")]) == 1
-    assert all(line.startswith(("error: ", "model: ", "  - ")) for line in lines), result.stderr
+    assert all(line.startswith(("error: ", "warning: ", "model: ", "  - ")) for line in lines), result.stderr
     assert re.search(pattern, lines[-1]), (pattern, lines[-1])
     assert "Traceback" not in result.stderr + result.stdout
     assert snapshot(folder) == before, "an output file was created or changed"
@@ -212,14 +212,17 @@ def test_pickled_custom_model_round_trip_with_trust_pickle(tmp_path):
     assert report["stage"] == "fused" and report["inference"]["params"] == sum(p.numel() for p in fused.parameters())
 
 
-def test_default_output_names_and_dry_run(tmp_path, monkeypatch):
+def test_default_output_names_and_dry_run(tmp_path, monkeypatch, files):
     monkeypatch.chdir(tmp_path)
     result = ok("convert", "tiny_reptest", "--refconv", "--dry-run", "--exclude", "stem")
     assert "RefConv: 2 layers converted" in result.stdout and "dry run: nothing written" in result.stdout
     assert re.search(r"trainable params\s+1,152", result.stdout)  # 8*8*9 (dw) + 8*8*9 (rep.conv3)
     assert os.listdir(tmp_path) == []
-    ok("convert", "tiny_reptest", "--refconv")
-    assert os.listdir(tmp_path) == ["tiny_reptest.refconv.safetensors"]
+    result = ok("convert", "tiny_reptest", "--refconv")
+    assert sorted(os.listdir(tmp_path)) == ["tiny_reptest.refconv.safetensors"]
+    assert "warning: tiny_reptest has random weights: pass --checkpoint FILE (or --pretrained)" in result.stderr
+    with_weights = ok("convert", "tiny_reptest", "--checkpoint", files / "tiny.pth", "--refconv", "-o", "w.safetensors")
+    assert "random weights" not in with_weights.stderr
     assert mf.read_info("tiny_reptest.refconv.safetensors").refconv["converted"] == ["stem", "dw", "rep.conv3"]
 
 
@@ -232,6 +235,7 @@ def test_report_formats_and_depth(files):
     rows = list(csv.DictReader(io.StringIO(ok("report", path, "--format", "csv", "--depth", "2").stdout)))
     assert rows[0]["module"] == "(model)" and "rep.conv3" in {r["module"] for r in rows}
     data = json.loads(ok("report", path, "--format", "json").stdout)
+    assert (data["model"], data["architecture"]) == ("tiny.refconv", "tiny_reptest")  # a file's name, and what it is
     # C_in * C_out * 9 per layer, depthwise or not: stem 3->8, dw 8->8, rep.conv3 8->8
     assert data["training"]["trainable_params"] == 3 * 8 * 9 + 2 * 8 * 8 * 9
 
@@ -344,6 +348,17 @@ def test_non_finite_weights(files):
           "fuse", files / "nan.pth", "--arch", "tiny_reptest", *out)
 
 
+def test_output_names_must_say_their_format_and_are_checked_before_the_work(files):
+    for fmt, name, suffix in (("pt2", "model.bin", ".pt2"), ("torchscript", "x.pt", ".torchscript.pt"),
+                              ("onnx", "y.onnx.tmp", ".onnx")):
+        fails(files, 2, f"'.*{name}' does not say it is .* file; name it <name>{suffix}", "fuse",
+              files / "tiny.safetensors", "--format", fmt, "-o", files / name)
+    # with --trust-pickle the architecture is known only after loading: still before fusing
+    result = fails(files, 2, r"'.*late.pt': the model is written as a safetensors model file", "fuse",
+                   files / "tiny.safetensors", "--trust-pickle", "-o", files / "late.pt")
+    assert "folded" not in result.stdout
+
+
 def test_bad_output_paths(files):
     fails(files, 2, r"Invalid value for -o/--output: '.*tiny.safetensors' is an input; refusing to overwrite it",
           "fuse", files / "tiny.safetensors", "-o", files / "tiny.safetensors")
@@ -363,7 +378,7 @@ def test_options_that_do_not_go_together_and_compare_without_arch(files):
     fails(files, 2, r"--pretrained / pretrained= and --checkpoint / checkpoint= both give the weights; pass one of them", "report",
           "tiny_reptest", "--pretrained", "--checkpoint", files / "tiny.pth")
     fails(files, 1, r"tiny.pth: a weights file that does not say its architecture, and compare takes no --arch; "
-          r"compare the architecture name instead", "compare", files / "tiny.safetensors", files / "tiny.pth")
+          r"make it a reparam model file first \(reparam fuse FILE --arch NAME", "compare", files / "tiny.safetensors", files / "tiny.pth")
 
 
 def test_output_names_and_formats_must_agree(files, tmp_path):

@@ -1,11 +1,13 @@
 """fold / fuse: real timm models end to end, verification, low precision, idempotence, the verifier."""
+import copy
+
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
 import reparam_zoo
-from reparam_zoo import EquivalenceError, RefConvNd, ReparamError, convert, fold, fuse
+from reparam_zoo import ConversionError, EquivalenceError, RefConvNd, ReparamError, convert, fold, fuse
 from reparam_zoo.deploy import verify_equivalence
 from reparam_zoo.model_info import example_inputs
 from reparam_zoo.surgery import refconv_layers
@@ -112,6 +114,27 @@ def test_verifier_judges_tiny_outputs_by_their_own_scale():
     nudged.load_state_dict(reference.state_dict())
     _, rel, _ = verify_equivalence(reference, nudged, x, rtol=1e-4, atol=0.0)
     assert 0 < rel < 1e-5
+
+
+def test_verification_compares_float64_copies_and_reports_the_originals_own_rounding():
+    # float32 rounding in deep trained nets can exceed a tolerance tight enough to catch a wrong fold
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()).eval()
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].bias += 1e-3
+    with pytest.raises(EquivalenceError, match=r"\(rtol=1e-06, atol=0\); the original's own float32 rounding error "
+                                               r"is [0-9.e+-]+; first diverging module: 0$"):
+        verify_equivalence(model, other, (torch.randn(1, 3, 8, 8),), rtol=1e-6, atol=0.0)
+    assert seen[:4] == [torch.float64] * 4  # both models at both batch sizes
+    assert next(model.parameters()).dtype == torch.float32  # copies, the models are untouched
+
+
+def test_inputs_the_model_cannot_take_are_a_clear_error():
+    model = randomize_bn(timm.create_model("test_resnet", num_classes=4)).eval()
+    with pytest.raises(ConversionError, match=r"cannot run ResNet on input 1x1x32x32: RuntimeError: .*3 channels"):
+        fuse(model, example_inputs=torch.randn(1, 1, 32, 32))
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])

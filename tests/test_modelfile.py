@@ -409,6 +409,31 @@ def test_a_model_without_architecture_is_pickled_only_when_trusted(tmp_path):
     torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
 
 
+class TrainerState:  # what some training scripts pickle next to the weights
+    def __init__(self):
+        self.step = 7
+
+
+def test_training_checkpoints_with_settings_load_and_other_objects_need_trust(tmp_path):
+    import argparse
+
+    model = tiny()
+    # timm's and torchvision's train scripts: weights, EMA weights and the argparse settings
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1, model="tiny_reptest"),
+                "epoch": 3}, tmp_path / "timm.pth.tar")
+    loaded = mf.load_model(tmp_path / "timm.pth.tar", arch="tiny_reptest")
+    torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
+
+    torch.save({"state_dict": model.state_dict(), "trainer": TrainerState()}, tmp_path / "custom.pth")
+    with pytest.raises(CheckpointError, match=r"custom.pth: contains pickled Python objects \(.*TrainerState\); "
+                                              r"loading it would run arbitrary code, refused"):
+        mf.load_model(tmp_path / "custom.pth", arch="tiny_reptest")
+    loaded = mf.load_model(tmp_path / "custom.pth", arch="tiny_reptest", trust_pickle=True)
+    torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
+    loaded = mf.load_model("tiny_reptest", checkpoint=tmp_path / "custom.pth", trust_pickle=True)
+    torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
+
+
 def test_trusted_pickles_may_hold_the_model_in_a_training_checkpoint(tmp_path):
     model = randomize_bn(TinyRepNet())
     torch.save({"model": model, "epoch": 3}, tmp_path / "ckpt.pt")

@@ -19,6 +19,7 @@ import reparam_zoo
 from reparam_zoo.checkpoint import read_state_dict
 from reparam_zoo.data import DataError
 from reparam_zoo.errors import ReparamError
+from reparam_zoo.modelfile import read_info
 from reparam_zoo.surgery import refconv_layers
 from reparam_zoo.train import TrainError, resume, train
 
@@ -473,6 +474,10 @@ def test_cli_train_resume_extend_and_fuse(data_dir, tmp_path):
     best = reparam_zoo.load(os.path.join(out, "best.safetensors")).eval()
     deployed = reparam_zoo.load(os.path.join(out, "deploy.safetensors")).eval()
     assert not refconv_layers(deployed) and not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    for name in ("best.safetensors", "last.safetensors", "deploy.safetensors"):  # what labels the outputs
+        assert read_info(os.path.join(out, name)).extra["classes"] == ["blue", "green", "red"], name
+    assert deployed.reparam_extra["classes"] == ["blue", "green", "red"]
+    assert _log(out).count("classes (output index order): ") == 1  # not again when resumed
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), best(x), rtol=1e-4, atol=1e-5)
@@ -645,6 +650,7 @@ def test_cli_pickled_model_writes_readable_pickles_and_resumes_exactly(data_dir,
     best = reparam_zoo.load(os.path.join(straight, "best.pt"), trust_pickle=True).eval()
     deployed = reparam_zoo.load(os.path.join(straight, "deploy.pt"), trust_pickle=True).eval()
     assert len(refconv_layers(best)) == 2 and best.fc.out_features == 3 and not refconv_layers(deployed)
+    assert best.reparam_extra["classes"] == deployed.reparam_extra["classes"] == ["blue", "green", "red"]
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), best(x), rtol=1e-4, atol=1e-5)
@@ -794,3 +800,159 @@ def test_momentum_with_adamw_is_a_usage_error(data_dir, tmp_path):
     assert result.exit_code == 2 and "--momentum applies to --optimizer sgd, not adamw" in result.output
     assert not os.path.exists(tmp_path / "run")
 
+
+
+# -- third audit: failed runs, batches of one, divergence, map_k, input size, class names, display -----------------
+
+class PoisonAt(TinyNet):
+    """Its `at`-th training forward makes bn1's running variance infinite: the loss stays finite (training uses
+    the batch statistics), only the weights show the divergence."""
+
+    def __init__(self, at=None):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                with torch.no_grad():
+                    self.bn1.running_var.fill_(float("inf"))
+        return super().forward(x)
+
+
+class PooledBN(TinyNet):
+    """BatchNorm after global pooling: one value per channel and image, so a training batch of 1 cannot work."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn3 = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.stem(x)))
+        x = F.relu(self.bn2(self.dw(x)))
+        return self.fc(self.bn3(F.relu(self.pw(x)).mean((2, 3))))
+
+
+def test_cli_batch_of_one_is_a_clear_error_and_the_failed_run_leaves_nothing(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    out = tmp_path / "runs" / "bs1"  # the run makes both folders, and removes both
+    args = ["train", "test_resnet", "--num-classes", "3", "--data", data_dir, "--epochs", "1", "--input-size", "32",
+            "--workers", "0", "-q", "-o", str(out)]
+    failed = CliRunner().invoke(main, [*args, "--batch-size", "1"])
+    assert failed.exit_code == 1
+    assert failed.output.strip() == ("error: a batch of 1 image per process cannot train BatchNorm (it needs more "
+                                     "than 1 value per channel); use --batch-size 2 or more")
+    assert not os.path.exists(tmp_path / "runs")
+    rerun = CliRunner().invoke(main, [*args, "--batch-size", "8", "--lr", "0.05"])  # the corrected command works
+    assert rerun.exit_code == 0, rerun.output
+
+
+def test_a_failed_run_removes_only_its_own_files_and_keeps_a_folder_it_did_not_make(data_dir, tmp_path):
+    out = tmp_path / "given"
+    out.mkdir()
+    with pytest.raises(TrainError, match=r"training diverged in epoch 1: non-finite \(NaN/Inf\) values in "
+                                         r"bn1.running_var; nothing was kept: run again with a lower --lr$"):
+        train(tiny_net(cls=lambda: PoisonAt(at=2)), data_dir, output_dir=str(out), epochs=1, lr=0.1, **FAST)
+    assert out.is_dir() and os.listdir(out) == []
+    with pytest.raises(TrainError, match="a batch of 1 image per process cannot train BatchNorm"):
+        train(tiny_net(cls=PooledBN), data_dir, output_dir=str(out), epochs=1, **{**FAST, "batch_size": 1})
+    assert os.listdir(out) == []
+    assert train(tiny_net(), data_dir, output_dir=str(out), epochs=1, lr=0.1, **FAST).history
+
+
+def test_the_last_training_batch_is_never_a_single_image(tmp_path):
+    root = make_dataset(tmp_path / "d", train_per_class=3, val_per_class=1)  # 9 images: 4 batches of 2, and 1 left
+    result = train(tiny_net(cls=PooledBN), root, output_dir=str(tmp_path / "out"), epochs=1, lr=0.1,
+                   **{**FAST, "batch_size": 2})
+    assert result.history[-1]["train_images"] == 8
+
+
+def test_divergence_is_caught_at_the_end_of_its_epoch_and_the_previous_epoch_is_kept(data_dir, tmp_path):
+    out = str(tmp_path / "out")
+    model = tiny_net(cls=lambda: PoisonAt(at=6 + 2))  # 6 steps per epoch: during step 2 of epoch 2
+    with pytest.raises(TrainError) as error:
+        train(model, data_dir, output_dir=out, epochs=2, lr=0.5, **FAST)
+    assert str(error.value) == ("training diverged in epoch 2: non-finite (NaN/Inf) values in bn1.running_var; the "
+                                "last good checkpoint is kept, but --lr cannot change on resume: start a new run with "
+                                "a lower --lr")
+    assert sorted(os.listdir(out)) == sorted(["config.json", "train.log", "metrics.jsonl", "best.safetensors",
+                                              "last.safetensors", "train_state.pt"])
+    state = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 0, 6)
+    last, meta = read_state_dict(os.path.join(out, "last.safetensors"))
+    assert json.loads(meta["extra"])["train"]["global_step"] == 6
+    assert all(torch.isfinite(t).all() for t in last.values() if t.is_floating_point())
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [0, 1]
+
+
+def test_map_k_of_an_already_converted_model_cannot_change_and_config_records_the_real_one(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    converted = reparam_zoo.convert(tiny_net(), map_k=1)
+    with pytest.raises(TrainError, match="map_k 5 was asked for, but the model's RefConv layers already have "
+                                         "map_k=1; map_k applies to models converted here"):
+        train(converted, data_dir, output_dir=str(tmp_path / "five"), epochs=1, map_k=5, **FAST)
+    assert not os.path.exists(tmp_path / "five")
+    own = train(converted, data_dir, output_dir=str(tmp_path / "own"), epochs=1, lr=0.5, **FAST)
+    assert _config(own.output_dir)["map_k"] == 1
+    assert {m.map_k for _, m in refconv_layers(own.model)} == {1}
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "m.safetensors")
+    reparam_zoo.save(reparam_zoo.convert(reparam_zoo.create_model("test_resnet", num_classes=3)), path)
+    result = CliRunner().invoke(main, ["train", path, "--data", data_dir, "--map-k", "5", "-o",
+                                       str(tmp_path / "cli"), *CLI_FAST])
+    assert result.exit_code == 1
+    assert "error: map_k 5 was asked for, but the model's RefConv layers already have map_k=3" in result.output
+    assert not os.path.exists(tmp_path / "cli")
+
+
+def test_a_model_without_a_timm_input_size_needs_input_size(data_dir, tmp_path):
+    from reparam_zoo.cli.main import main
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    no_size = {k: v for k, v in FAST.items() if k != "input_size"}
+    with pytest.raises(TrainError, match=r"cannot tell the input size of Sequential \(no timm pretrained_cfg\); "
+                                         "pass --input-size N"):
+        train(plain, data_dir, output_dir=str(tmp_path / "lib"), epochs=1, **no_size)
+    torch.save(plain, tmp_path / "plain.pt")
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "plain.pt"), "--trust-pickle", "--data", data_dir,
+                                       "--epochs", "1", "--workers", "0", "-q", "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 1 and "pass --input-size N" in result.output, result.output
+    assert not os.path.exists(tmp_path / "lib") and not os.path.exists(tmp_path / "cli")
+
+
+def test_model_files_and_the_log_record_the_class_names(trained):
+    _, _, result = trained
+    assert result.classes == ["blue", "green", "red"]  # the output index order (sorted folder names)
+    for key in ("best", "last"):  # an in-memory TinyNet: bare state_dicts, the same extra metadata
+        _, meta = read_state_dict(result.files[key])
+        assert json.loads(meta["extra"])["classes"] == result.classes, key
+    assert _log(result.output_dir).count('classes (output index order): ["blue", "green", "red"]') == 1
+
+
+def test_throughput_has_three_significant_digits(trained):
+    from reparam_zoo.train import _sig3
+
+    assert [_sig3(v) for v in (0.36, 0.0042, 12.345, 491.2, 5123.4, 0.0)] == ["0.360", "0.00420", "12.3", "491",
+                                                                               "5123", "0"]
+    _, _, result = trained
+    rate = _sig3(result.history[1]["images_per_s"])
+    epoch_line = next(line for line in _log(result.output_dir).splitlines() if " epoch 1/3: " in line)
+    assert epoch_line.endswith(f"| {rate} img/s")
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_interrupted_run_says_how_to_resume_once(data_dir, tmp_path, quiet):
+    from reparam_zoo.cli.main import main
+
+    torch.save(tiny_net(cls=lambda: SignalAt(at=2)), tmp_path / "m.pt")
+    out = str(tmp_path / "run")
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "m.pt"), "--trust-pickle", "--data", data_dir,
+                                       "--epochs", "1", "--input-size", "32", "--batch-size", "8", "--workers", "0",
+                                       "-o", out] + (["-q"] if quiet else []))
+    assert result.exit_code == 130, result.output
+    assert result.output.count(f"reparam train --resume {out}") == 1, result.output
