@@ -96,7 +96,7 @@ def _quiet_warnings(debug: bool) -> None:
         warnings.simplefilter("ignore", category)
 
     def show(message, category, filename, lineno, file=None, line=None):
-        click.echo(f"warning: {_one_line(str(message))}", err=True)
+        echo(f"warning: {_one_line(str(message))}", err=True)
 
     warnings.showwarning = show
 
@@ -176,12 +176,12 @@ def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrain
     except ArgumentConflictError as e:
         raise click.UsageError(str(e)) from None
     if not quiet:
-        click.echo(f"model: {resolved.description}", err=True)
+        echo(f"model: {resolved.description}", err=True)
         for note in resolved.notes:
-            click.echo(f"  - {note}", err=True)
+            echo(f"  - {note}", err=True)
     if weights_matter and resolved.kind == "architecture" and checkpoint is None and not pretrained:
-        click.echo(f"warning: {spec} has random weights: pass --checkpoint FILE (or --pretrained) for trained ones",
-                   err=True)
+        echo(f"warning: {spec} has random weights: pass --checkpoint FILE (or --pretrained) for trained ones",
+             err=True)
     return resolved
 
 
@@ -265,17 +265,15 @@ def known_input_size(model, input_size: Optional[Tuple[int, ...]]) -> Optional[T
 @contextlib.contextmanager
 def steps(desc: str, total: int):
     """A step counter on stderr for the slow commands (hidden when stderr is not a terminal):
-    `with steps("fuse", 3) as step: step("loading"); ...`."""
+    `with steps("fuse", 3) as step: step("loading"); ...`. Print through `echo` meanwhile, which lifts
+    the counter off the terminal line first."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=None, leave=False,
-               bar_format="{desc}: step {n_fmt}/{total_fmt} {postfix}")
-    started = []
+               bar_format="{desc}: step {n_fmt}/{total_fmt}{postfix}")
 
     def step(what: str) -> None:
-        if started:
-            bar.update(1)
-        started.append(what)
+        bar.update(1)  # counts the step now starting: 1/3 while the first runs
         bar.set_postfix_str(what)
 
     try:
@@ -284,6 +282,14 @@ def steps(desc: str, total: int):
         bar.close()
 
 
+def echo(message: str = "", err: bool = False) -> None:
+    """`click.echo` that first clears any progress bar from the terminal line (and redraws it after)."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        click.echo(message, err=err)
+
+
 def echo_lines(text: str) -> None:
-    click.echo(text.rstrip("\n"))
+    echo(text.rstrip("\n"))
 

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .common import (FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output,
+from .common import (echo, FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output,
                      default_output, echo_lines, format_of_path, input_paths, input_size_option, known_input_size,
                      model_options, output_option, resolve, settle_model_output, steps, wrote)
 
@@ -70,18 +70,18 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
         step("counting params and MACs")
         size = known_input_size(converted, input_size)
         if size is None:
-            click.echo("(pass --input-size C,H,W for the training-vs-inference MACs report)")
+            echo("(pass --input-size C,H,W for the training-vs-inference MACs report)")
         else:
-            click.echo("")
+            echo("")
             echo_lines(report(converted, size, depth=0, name=_name(converted)).render("table"))
         if dry_run:
-            click.echo("dry run: nothing written")
+            echo("dry run: nothing written")
             return
 
         step("writing")
         existed = os.path.exists(output)
         save(converted, output, trust_pickle=trust_pickle)
-    click.echo(wrote(output, existed))
+    echo(wrote(output, existed))
 
 
 def _name(model) -> str:

@@ -7,7 +7,7 @@ import click
 
 from click.core import ParameterSource
 
-from .common import (EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines,
+from .common import (echo, EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines,
                      format_of_path, input_paths, input_size_option, model_options, output_option,
                      resolve, settle_model_output, steps, wrote)
 
@@ -65,7 +65,7 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         if model_stage(source) == "fused":
             # nothing left to fuse, and checking the model against itself would mark an unverified file verified
             fused = source
-            click.echo("already fused, nothing left to do: writing it as it is; what its fuse recorded:")
+            echo("already fused, nothing left to do: writing it as it is; what its fuse recorded:")
         else:
             fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol)
         echo_lines(str(fused.fuse_report))
@@ -77,7 +77,7 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     if result.max_abs_error is not None:
         checked = (f" (the written file reproduces the fused model: max abs error {result.max_abs_error:.3g}, "
                    f"max rel error {result.max_rel_error:.3g})")
-    click.echo(f"{wrote(output, existed)} [{result.format}]{checked}")
+    echo(f"{wrote(output, existed)} [{result.format}]{checked}")
 
 
 def _format_for(output: str, fmt: str, *, explicit: bool) -> str:

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .common import echo_lines, input_size_option, known_input_size, model_options, report_format_option, resolve
+from .common import echo, echo_lines, input_size_option, known_input_size, model_options, report_format_option, resolve
 
 _SIZE_HELP = "Input size for the MACs (default: the model's timm config, else 3,224,224)."
 _DEFAULT_SIZE = (3, 224, 224)
@@ -64,7 +64,7 @@ def _show(result, fmt: str) -> None:
     echo_lines(result.render(fmt))
     if fmt == "csv":  # the other formats carry the warnings themselves
         for flag in result.flags:
-            click.echo(f"warning: {flag}", err=True)
+            echo(f"warning: {flag}", err=True)
 
 
 def _resolve_compared(spec: str, trust_pickle: bool):
@@ -83,7 +83,7 @@ def _resolve_compared(spec: str, trust_pickle: bool):
 def _size(model, input_size):
     size = known_input_size(model, input_size)
     if size is None:
-        click.echo(f"(no input size known for {type(model).__name__}: using {','.join(map(str, _DEFAULT_SIZE))}; "
+        echo(f"(no input size known for {type(model).__name__}: using {','.join(map(str, _DEFAULT_SIZE))}; "
                    "pass --input-size)", err=True)
         return _DEFAULT_SIZE
     return size

@@ -7,7 +7,7 @@ import click
 
 from reparam_zoo.report import aligned_lines, markdown_lines
 
-from .common import echo_lines, input_size_option, report_format_option
+from .common import echo, echo_lines, input_size_option, report_format_option
 
 
 @click.group("zoo")
@@ -25,7 +25,7 @@ def zoo_list(fmt):
 
     rows = zoo_table()
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
+        echo(json.dumps(rows, indent=2))
         return
     headers = ["name", "family", "params", "published", "match", "MACs@224 (published)", "top-1 (published)",
                "input"]
@@ -35,7 +35,7 @@ def zoo_list(fmt):
     lines = markdown_lines(headers, cells, numeric_from=2) if fmt == "markdown" else aligned_lines(headers, cells, left=2)
     echo_lines("\n".join(lines))
     if fmt == "table":
-        click.echo("\nparams: counted parameter elements; MACs: multiply-accumulates per image (papers' 'FLOPs')")
+        echo("\nparams: counted parameter elements; MACs: multiply-accumulates per image (papers' 'FLOPs')")
 
 
 @zoo_group.command("report")
@@ -57,12 +57,12 @@ def zoo_report(name, input_size, fmt, depth):
     result = report(model, input_size, depth=depth, name=name)
     published = PUBLISHED.get(name, {})
     if fmt == "json":
-        click.echo(json.dumps({**result.as_dict(), "published": published}, indent=2))
+        echo(json.dumps({**result.as_dict(), "published": published}, indent=2))
         return
     echo_lines(result.render(fmt))
     if fmt in ("table", "markdown") and published:
-        click.echo("")
-        click.echo(f"published: {_params(published['params'], published.get('approx'))} params, "
+        echo("")
+        echo(f"published: {_params(published['params'], published.get('approx'))} params, "
                    f"{_macs(published['macs'], published.get('approx'))} MACs at 224, "
                    f"top-1 {published['top1'] or '-'}")
 
