@@ -23,13 +23,16 @@ from .common import (echo, EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, 
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Absolute slack of the verification, for outputs that should be exactly zero.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the fused model against the original.")
+@click.option("--fold-only", is_flag=True,
+              help="Only fold the RefConvs: the original structure and state_dict keys (BatchNorms kept), "
+                   "loadable into the unconverted architecture. Default output <stem>.folded.<ext>.")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="safetensors", show_default=True,
               help="safetensors: a reparam model file (reloadable, self-describing); torchscript (jit.trace), "
                    "onnx, pt2 (torch.export): deployment artifacts, checked against the fused model before "
                    "they are kept.")
 @click.pass_context
 def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pickle, output, input_size, rtol, atol,
-                 no_verify, fmt):
+                 no_verify, fold_only, fmt):
     """Fold RefConv layers, fuse conv+BatchNorm, verify the result, then write it.
 
     Verification (random inputs at batch 1 and 2 against the unfused model) runs before anything is
@@ -44,7 +47,8 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     explicit_output = output
     if output is not None:
         fmt = _format_for(output, fmt, explicit=ctx.get_parameter_source("fmt") is ParameterSource.COMMANDLINE)
-    output = output or default_output(model, ".fused" + EXPORT_SUFFIXES[fmt], strip=(".refconv",))
+    stem_suffix = ".folded" if fold_only else ".fused"
+    output = output or default_output(model, stem_suffix + EXPORT_SUFFIXES[fmt], strip=(".refconv",))
     check_output(output, input_paths(model, checkpoint))
     if fmt == "safetensors" and explicit_output and not trust_pickle:
         check_model_file_name(output, has_architecture=True)  # only a trusted pickle can lack one
@@ -56,18 +60,21 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         if fmt == "safetensors":  # checked as soon as loading tells whether the model has an architecture
             output = settle_model_output(output, explicit=bool(explicit_output),
                                          has_architecture=architecture_of(source) is not None,
-                                         pickle_default=default_output(model, ".fused.pt", strip=(".refconv",)),
+                                         pickle_default=default_output(model, stem_suffix + ".pt",
+                                                                       strip=(".refconv",)),
                                          inputs=input_paths(model, checkpoint))
         check_finite(source.state_dict(), action="fuse them")
         inputs = example_inputs(source, input_size)
 
-        step("fusing" if no_verify else "fusing and verifying")
-        if model_stage(source) == "fused":
+        step(("folding" if fold_only else "fusing") + ("" if no_verify else " and verifying"))
+        previous = getattr(source, "fuse_report", None)
+        if model_stage(source) == "fused" and (fold_only or not previous.fold_only):
             # nothing left to fuse, and checking the model against itself would mark an unverified file verified
             fused = source
             echo("already fused, nothing left to do: writing it as it is; what its fuse recorded:")
         else:
-            fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol)
+            fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol,
+                         fold_only=fold_only)
         echo_lines(str(fused.fuse_report))
 
         step(f"writing {fmt}")

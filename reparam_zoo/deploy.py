@@ -51,12 +51,17 @@ class FuseReport:
     rtol: float = 1e-4
     atol: float = 0.0
     input_shapes: List[List[int]] = field(default_factory=list)
+    fold_only: bool = False  # RefConvs folded, norms and Rep blocks left as they were: the original keys
 
     def __str__(self) -> str:
-        lines = [
-            f"folded {len(self.folded)} RefConv layers, fused {len(self.fused)} conv+norm pairs, "
-            f"re-parameterized {len(self.reparameterized)} blocks"
-        ]
+        if self.fold_only:
+            lines = [f"folded {len(self.folded)} RefConv layers (fold only: the original structure and "
+                     "state_dict keys, BatchNorms and Rep blocks as they were)"]
+        else:
+            lines = [
+                f"folded {len(self.folded)} RefConv layers, fused {len(self.fused)} conv+norm pairs, "
+                f"re-parameterized {len(self.reparameterized)} blocks"
+            ]
         for norm, why in self.left_alone:
             lines.append(f"  left alone: {norm} ({why})")
         if self.verified:
@@ -94,10 +99,13 @@ def fuse(
     rtol: float = 1e-4,
     atol: float = 0.0,
     inplace: bool = False,
+    fold_only: bool = False,
 ) -> nn.Module:
     """Fold RefConvs, re-parameterize Rep blocks, fuse conv+BatchNorm, in eval mode; verify by default.
 
-    Raises `EquivalenceError` when verification fails; `result.fuse_report` says what was done.
+    `fold_only` stops after folding: the result has the original model's structure and state_dict keys
+    (loadable into the unconverted architecture), verified the same way. Raises `EquivalenceError` when
+    verification fails; `result.fuse_report` says what was done.
     """
     if model.training:
         warnings.warn("fuse: the model was in train mode; switched to eval mode", stacklevel=2)
@@ -107,15 +115,19 @@ def fuse(
     model = original if inplace else copy.deepcopy(original)
     previous = getattr(original, "fuse_report", None)
     previous = previous if isinstance(previous, FuseReport) else None
-    report = FuseReport(rtol=rtol, atol=atol)
+    report = FuseReport(rtol=rtol, atol=atol, fold_only=fold_only)
 
     report.folded = [n for n, m in model.named_modules() if isinstance(m, RefConvNd)]
-    fold(model, inplace=True)
-    # blocks an earlier fuse re-parameterized are merged already: their methods must not run again
-    report.reparameterized = _reparameterize_blocks(
-        model, skip=set(previous.reparameterized) if previous is not None else None)
-    fused, left_alone = fuse_conv_bn(model, inputs)
-    report.fused, report.left_alone = fused, left_alone
+    model = fold(model, inplace=True)
+    fused: List[Tuple[str, str]] = []
+    if fold_only:
+        _check_runs(model, inputs)
+    else:
+        # blocks an earlier fuse re-parameterized are merged already: their methods must not run again
+        report.reparameterized = _reparameterize_blocks(
+            model, skip=set(previous.reparameterized) if previous is not None else None)
+        fused, report.left_alone = fuse_conv_bn(model, inputs)
+        report.fused = fused
     if previous is not None:
         report = _with_history(previous, report)
     model.eval()
@@ -144,6 +156,7 @@ def _with_history(previous: FuseReport, latest: FuseReport) -> FuseReport:
         fused=history([tuple(p) for p in previous.fused], latest.fused),
         reparameterized=history(previous.reparameterized, latest.reparameterized),
         left_alone=list(latest.left_alone),
+        fold_only=previous.fold_only and latest.fold_only,  # earlier fusions keep the keys changed
     )
 
 
@@ -346,12 +359,7 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
     model.eval()
     try:
         with torch.no_grad(), Uses():
-            try:
-                outputs = model(*_batch_of_one(inputs))
-            except Exception as e:  # the first forward: wrong input size or channels, the user's to fix
-                shapes = ", ".join("x".join(map(str, t.shape)) for t in _batch_of_one(inputs))
-                raise ConversionError(f"cannot run {type(model).__name__} on input {shapes}: "
-                                      f"{type(e).__name__}: {first_line(e)}") from None
+            outputs = _check_runs(model, inputs)
         for value in pytree.tree_leaves(outputs):
             if isinstance(value, torch.Tensor):
                 use(value)  # returned as it is: the unnormalized map is part of the result
@@ -456,6 +464,17 @@ def _as_tuple(inputs: Inputs) -> Tuple[torch.Tensor, ...]:
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise ConversionError("example_inputs must be a tensor or a tuple of tensors")
     return inputs
+
+
+def _check_runs(model: nn.Module, inputs):
+    """The model's output on a batch of one; a clear error when it cannot take these inputs."""
+    try:
+        with torch.no_grad():
+            return model(*_batch_of_one(inputs))
+    except Exception as e:  # wrong input size or channels: the user's to fix
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in _batch_of_one(inputs))
+        raise ConversionError(f"cannot run {type(model).__name__} on input {shapes}: "
+                              f"{type(e).__name__}: {first_line(e)}") from None
 
 
 def _batch_of_one(inputs):

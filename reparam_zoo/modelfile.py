@@ -370,6 +370,7 @@ def _fuse_to_json(report: FuseReport) -> Dict[str, Any]:
         "rtol": report.rtol,
         "atol": report.atol,
         "input_shapes": [list(s) for s in report.input_shapes],
+        "fold_only": bool(report.fold_only),
     }
 
 
@@ -386,6 +387,7 @@ def _fuse_from_json(data: Any, source: str) -> FuseReport:
             rtol=float(data.get("rtol", 1e-4)),
             atol=float(data.get("atol", 0.0)),
             input_shapes=[list(s) for s in data.get("input_shapes", [])],
+            fold_only=bool(data.get("fold_only", False)),
         )
     except (AttributeError, TypeError, ValueError):
         raise CheckpointError(f"{source}: malformed reparam metadata (fuse)") from None

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import reparam_zoo
+from reparam_zoo.checkpoint import read_state_dict
 from reparam_zoo import convert, fuse
 from reparam_zoo import modelfile as mf
 from reparam_zoo.cli.main import main
@@ -346,6 +347,18 @@ def test_non_finite_weights(files):
           "convert", files / "nan.pth", "--arch", "tiny_reptest", "--refconv", *out)
     fails(files, 1, r"non-finite \(NaN/Inf\) weights in dw.weight; refusing to fuse",
           "fuse", files / "nan.pth", "--arch", "tiny_reptest", *out)
+
+
+def test_fuse_fold_only_writes_the_original_keys(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = ok("fuse", files / "tiny.refconv.safetensors", "--fold-only", "-o", "tiny.folded.safetensors")
+    assert "fold only" in result.stdout and "verified on inputs" in result.stdout
+    folded, _ = read_state_dict(tmp_path / "tiny.folded.safetensors")
+    assert sorted(folded) == sorted(tiny().state_dict())
+    ok("fuse", files / "tiny.refconv.safetensors", "--fold-only")  # default name says what it is
+    assert sorted(os.listdir(tmp_path)) == ["tiny.folded.safetensors"]  # next to the input, not here
+    assert os.path.exists(files / "tiny.folded.safetensors")
+    os.remove(files / "tiny.folded.safetensors")
 
 
 def test_output_names_must_say_their_format_and_are_checked_before_the_work(files):

@@ -131,6 +131,24 @@ def test_verification_compares_float64_copies_and_reports_the_originals_own_roun
     assert next(model.parameters()).dtype == torch.float32  # copies, the models are untouched
 
 
+def test_fold_only_keeps_the_original_keys_and_a_later_fuse_still_fuses():
+    torch.manual_seed(0)
+    plain = randomize_bn(timm.create_model("test_resnet", num_classes=4)).eval()
+    converted = randomize_transforms(convert(plain)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    folded = fuse(converted, example_inputs=x, fold_only=True)
+    report = folded.fuse_report
+    assert report.fold_only and report.verified and report.fused == [] and report.folded
+    assert "fold only" in str(report)
+    fresh = timm.create_model("test_resnet", num_classes=4).eval()
+    fresh.load_state_dict(folded.state_dict(), strict=True)  # the unconverted architecture takes it as it is
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), converted(x), rtol=1e-5, atol=1e-6)
+    fused = fuse(folded, example_inputs=x)
+    assert fused.fuse_report.fused and not fused.fuse_report.fold_only
+    assert fused.fuse_report.folded == report.folded  # the history says where the kernels came from
+
+
 def test_inputs_the_model_cannot_take_are_a_clear_error():
     model = randomize_bn(timm.create_model("test_resnet", num_classes=4)).eval()
     with pytest.raises(ConversionError, match=r"cannot run ResNet on input 1x1x32x32: RuntimeError: .*3 channels"):
