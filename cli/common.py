@@ -11,12 +11,13 @@ from typing import List, Optional, Sequence, Tuple
 import click
 
 from reparam_zoo.layers.refconv import INITS
-from reparam_zoo.modelfile import EXPORT_FORMATS
+from reparam_zoo.export import EXPORT_FORMATS, FORMAT_NAMES, format_of_path
 from reparam_zoo.report import FORMATS as REPORT_FORMATS
 from reparam_zoo.surgery import TRAIN_SCOPES
 from reparam_zoo import torchvision_models
 
-__all__ = ["INITS", "TRAIN_SCOPES", "REPORT_FORMATS", "EXPORT_FORMATS", "DEBUG_ENV", "ReparamGroup"]
+__all__ = ["INITS", "TRAIN_SCOPES", "REPORT_FORMATS", "EXPORT_FORMATS", "FORMAT_NAMES", "format_of_path", "DEBUG_ENV",
+           "ReparamGroup"]
 
 DEBUG_ENV = "REPARAM_DEBUG"
 
@@ -206,21 +207,6 @@ def check_output(path: str, inputs: Sequence[str], option: str = "-o/--output") 
     return path
 
 
-_FORMAT_BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".torchscript.pt": "torchscript",
-                     ".torchscript": "torchscript", ".ts": "torchscript"}
-
-
-FORMAT_NAMES = {"safetensors": "a safetensors", "onnx": "an ONNX", "pt2": "a pt2 (torch.export)",
-                "torchscript": "a TorchScript"}
-
-
-def format_of_path(path: str) -> Optional[str]:
-    """The export format a file name implies (`m.onnx` -> onnx), or None for other names (`m.pt`)."""
-    lower = path.lower()
-    for suffix in sorted(_FORMAT_BY_SUFFIX, key=len, reverse=True):
-        if lower.endswith(suffix):
-            return _FORMAT_BY_SUFFIX[suffix]
-    return None
 
 
 def settle_model_output(output: str, *, explicit: bool, has_architecture: bool, pickle_default: str,

@@ -42,7 +42,8 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     """
     from reparam_zoo.deploy import fuse
     from reparam_zoo.model_info import example_inputs
-    from reparam_zoo.modelfile import EXPORT_SUFFIXES, architecture_of, check_finite, export, model_stage
+    from reparam_zoo.export import EXPORT_SUFFIXES, export
+    from reparam_zoo.modelfile import architecture_of, check_finite, model_stage
 
     explicit_output = output
     if output is not None:
@@ -96,7 +97,7 @@ def _format_for(output: str, fmt: str, *, explicit: bool) -> str:
                                  param_hint="-o/--output")
     fmt = fmt if explicit else (implied or fmt)
     if implied is None and fmt != "safetensors":  # (model files: check_model_file_name knows the rule)
-        from reparam_zoo.modelfile import EXPORT_SUFFIXES
+        from reparam_zoo.export import EXPORT_SUFFIXES
 
         raise click.BadParameter(f"'{output}' does not say it is {FORMAT_NAMES[fmt]} file; name it "
                                  f"<name>{EXPORT_SUFFIXES[fmt]}", param_hint="-o/--output")

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import reparam_zoo
+from reparam_zoo import export as export_module
 from reparam_zoo.checkpoint import read_state_dict
 from reparam_zoo import convert, fuse
 from reparam_zoo import modelfile as mf
@@ -147,7 +148,7 @@ def test_tiny_model_fused_to_every_format(tmp_path):
     mf.save(refconv, tmp_path / "t.refconv.safetensors")
     fused = fuse(refconv.eval(), example_inputs=X[:1])
     expected = outputs(fused)
-    for fmt, suffix in mf.EXPORT_SUFFIXES.items():
+    for fmt, suffix in export_module.EXPORT_SUFFIXES.items():
         result = ok("fuse", tmp_path / "t.refconv.safetensors", "--format", fmt)  # input size from the timm cfg
         path = tmp_path / f"t.fused{suffix}"
         assert f"wrote {path} [{fmt}]" in result.stdout and "re-parameterized 1 blocks" in result.stdout
@@ -168,10 +169,10 @@ def test_tiny_model_fused_to_every_format(tmp_path):
             got = torch.from_numpy(ReferenceEvaluator(str(path)).run(None, {"input": X.numpy()})[0])
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["t.refconv.safetensors"] + [f"t.fused{s}" for s in mf.EXPORT_SUFFIXES.values()])
+        ["t.refconv.safetensors"] + [f"t.fused{s}" for s in export_module.EXPORT_SUFFIXES.values()])
     # the artifacts are for inference runtimes: reading one back as a model is refused with what it is
     for fmt, kind in (("onnx", "an ONNX"), ("torchscript", "a TorchScript"), ("pt2", r"a pt2 \(torch.export\)")):
-        path = tmp_path / f"t.fused{mf.EXPORT_SUFFIXES[fmt]}"
+        path = tmp_path / f"t.fused{export_module.EXPORT_SUFFIXES[fmt]}"
         for trust in ([], ["--trust-pickle"]):
             fails(tmp_path, 1, f"{path.name}: {kind} deployment artifact, made for inference runtimes",
                   "report", path, *trust)
@@ -435,13 +436,13 @@ def test_verification_failure_writes_nothing(files, monkeypatch):
 
 
 def test_an_export_that_does_not_reproduce_the_model_is_not_kept(files, monkeypatch):
-    export_torchscript = mf._EXPORTERS["torchscript"]
+    export_torchscript = export_module._EXPORTERS["torchscript"]
 
     def wrong(model, tmp, inputs):
         runner = export_torchscript(model, tmp, inputs)
         return lambda *x: runner(*x) + 1.0
 
-    monkeypatch.setitem(mf._EXPORTERS, "torchscript", wrong)
+    monkeypatch.setitem(export_module._EXPORTERS, "torchscript", wrong)
     fails(files, 1, r"the exported torchscript file does not reproduce the model: verification failed",
           "fuse", files / "tiny.safetensors", "--format", "torchscript", "-o", files / "out.torchscript.pt")
 

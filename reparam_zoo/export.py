@@ -1,0 +1,163 @@
+"""Writing a model for deployment: a reparam model file (`save`) or an artifact for inference runtimes
+(TorchScript, ONNX, torch.export), each artifact loaded back and checked against the model before it is kept."""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import EquivalenceError, ReparamError, first_line
+from .modelfile import _atomic_write, _unwrap, architecture_of, check_finite, check_output_path, save
+
+__all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "FORMAT_NAMES", "ExportResult", "export", "format_of_path"]
+
+PathLike = Union[str, os.PathLike]
+
+EXPORT_FORMATS = ("safetensors", "torchscript", "onnx", "pt2")
+# the suffix each format is written with, the ones a name may say it with, and how messages name it
+EXPORT_SUFFIXES = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx", "pt2": ".pt2"}
+_FORMAT_BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".torchscript.pt": "torchscript",
+                     ".torchscript": "torchscript", ".ts": "torchscript"}
+FORMAT_NAMES = {"safetensors": "a safetensors", "onnx": "an ONNX", "pt2": "a pt2 (torch.export)",
+                "torchscript": "a TorchScript"}
+
+
+def format_of_path(path: PathLike) -> Optional[str]:
+    """The export format a file name implies (`m.onnx` -> onnx), or None for other names (`m.pt`)."""
+    lower = os.fspath(path).lower()
+    for suffix in sorted(_FORMAT_BY_SUFFIX, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return _FORMAT_BY_SUFFIX[suffix]
+    return None
+
+
+@dataclass
+class ExportResult:
+    """What `export` wrote, and how closely the written artifact reproduces the model (None: not checked)."""
+
+    path: str
+    format: str
+    max_abs_error: Optional[float] = None
+    max_rel_error: Optional[float] = None
+
+
+def export(
+    model: nn.Module,
+    path: PathLike,
+    fmt: str = "safetensors",
+    *,
+    example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
+    rtol: float = 1e-4,
+    atol: float = 0.0,
+    trust_pickle: bool = False,
+    extra_metadata: Optional[Dict[str, Any]] = None,
+) -> ExportResult:
+    """Write `model` as a reparam model file (`safetensors`, see `save`) or a deployment artifact
+    (`torchscript` via torch.jit.trace, `onnx` via torch.onnx.export, `pt2` via torch.export.save).
+
+    An artifact is written to a temporary file, loaded back and run against `model` on random inputs shaped
+    like `example_inputs` (batch 1 and 2) before it is renamed to `path`; a mismatch raises EquivalenceError
+    and leaves nothing behind.
+    """
+    from .deploy import verify_equivalence
+
+    if fmt not in EXPORT_FORMATS:
+        raise ReparamError(f"unknown format '{fmt}', expected one of {', '.join(EXPORT_FORMATS)}")
+    path = os.fspath(path)
+    model = _unwrap(model)
+    if fmt == "safetensors":
+        written = "safetensors" if architecture_of(model) is not None else "pickle"
+        return ExportResult(save(model, path, extra_metadata=extra_metadata, trust_pickle=trust_pickle), written)
+    if example_inputs is None:
+        raise ReparamError(f"{fmt} export traces the model: it needs example inputs (--input-size)")
+    inputs = tuple(example_inputs)
+    check_output_path(path)
+    check_finite(model.state_dict())
+    model.eval()
+    result = ExportResult(path, fmt)
+
+    def write_and_check(tmp: str) -> None:
+        runner = _EXPORTERS[fmt](model, tmp, inputs)
+        try:
+            result.max_abs_error, result.max_rel_error, _ = verify_equivalence(
+                model, _Artifact(runner), inputs, rtol=rtol, atol=atol, in_float64=False)  # runs as exported
+        except EquivalenceError as e:
+            raise EquivalenceError(f"the exported {fmt} file does not reproduce the model: {e}",
+                                   max_abs_error=e.max_abs_error, max_rel_error=e.max_rel_error) from None
+
+    _atomic_write(path, write_and_check)
+    return result
+
+
+class _Artifact(nn.Module):
+    """A loaded artifact as a leaf module, so the verifier can run it like the model it came from."""
+
+    def __init__(self, runner: Callable):
+        super().__init__()
+        object.__setattr__(self, "runner", runner)
+
+    def forward(self, *inputs):
+        return self.runner(*inputs)
+
+
+def _export_torchscript(model: nn.Module, tmp: str, inputs) -> Callable:
+    # Tracer warnings (data-dependent control flow) are what the output check after saving is for.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, inputs, check_trace=False)
+    torch.jit.save(traced, tmp)
+    return torch.jit.load(tmp, map_location="cpu")
+
+
+def _export_pt2(model: nn.Module, tmp: str, inputs) -> Callable:
+    # exported at batch 2 with the batch dimension dynamic (an example of batch 1 would pin it to 1)
+    batch2 = tuple(torch.cat([t, t]) for t in inputs)
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+    try:
+        program = torch.export.export(model, batch2, dynamic_shapes=dynamic)
+    except Exception as e:
+        raise ReparamError(f"torch.export cannot capture {type(model).__name__}: {first_line(e)}") from None
+    torch.export.save(program, tmp)
+    return torch.export.load(tmp).module()
+
+
+def _export_onnx(model: nn.Module, tmp: str, inputs) -> Callable:
+    try:
+        import onnx  # noqa: F401  (checking the written file needs it)
+    except ImportError:
+        raise ReparamError("ONNX export needs the 'onnx' package (pip install onnx, or the 'dev' extra)") from None
+    names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=names, output_names=["output"],
+                              dynamic_axes={n: {0: "batch"} for n in names + ["output"]})
+    except ImportError as e:
+        raise ReparamError(f"ONNX export is not available here ({first_line(e)})") from None
+    except Exception as e:
+        raise ReparamError(f"ONNX export of {type(model).__name__} failed: {first_line(e)}") from None
+    return _onnx_runner(tmp, names)
+
+
+def _onnx_runner(path: str, names: List[str]) -> Callable:
+    """onnxruntime when installed, else onnx's own reference evaluator (slow, but always there)."""
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        session = ReferenceEvaluator(path)
+
+    def run(*inputs):
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        return tuple(torch.from_numpy(o) for o in session.run(None, feed))
+
+    return run
+
+
+_EXPORTERS = {"torchscript": _export_torchscript, "pt2": _export_pt2, "onnx": _export_onnx}
