@@ -65,7 +65,8 @@ def _check_device(ctx, param, value):
               help="Fixes data order, augmentation and dropout (an interrupted run resumes exactly).")
 @click.option("--resume", metavar="OUTDIR", type=click.Path(),
               help="Continue the run in OUTDIR from its last checkpoint with its saved settings (MODEL, --data "
-                   "and the rest may be left out; --epochs, --workers, --fuse may change).")
+                   "and the rest may be left out; --epochs, --workers, --fuse may change, and --data may follow "
+                   "the same images to a new place).")
 @click.option("--fuse", is_flag=True,
               help="Also write the best model fused for deployment, verified: OUTDIR/deploy.safetensors "
                    "(OUTDIR/deploy.pt for a pickled MODEL).")
@@ -115,12 +116,11 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
         requested = {**settings, "model": model, "data_dir": data_dir}
         for name in sorted(given - set(RESUMABLE_OVERRIDES)):
             if requested[name] != saved.get(name) and not _same_path(requested[name], saved.get(name)):
-                flag = "MODEL" if name == "model" else "--" + ("data" if name == "data_dir" else name.replace("_", "-"))
                 raise click.UsageError(
-                    f"{flag} {requested[name]} differs from the run's {saved.get(name)} "
-                    f"({resume}/config.json); only {', '.join('--' + o for o in RESUMABLE_OVERRIDES)} may change"
+                    f"{_flag(name)} {requested[name]} differs from the run's {saved.get(name)} "
+                    f"({resume}/config.json); only {', '.join(map(_flag, RESUMABLE_OVERRIDES))} may change"
                 )
-        overrides = {name: settings[name] for name in RESUMABLE_OVERRIDES if name in given}
+        overrides = {name: requested[name] for name in RESUMABLE_OVERRIDES if name in given}
         result = resume_run(resume, device=device, verbose=not quiet, **overrides)
     else:
         if not model:
@@ -148,6 +148,10 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
         for key in ("best", "last", "deploy", "metrics", "plot", "log"):
             if key in result.files:
                 click.echo(f"wrote {result.files[key]}")
+
+
+def _flag(name: str) -> str:
+    return {"model": "MODEL", "data_dir": "--data"}.get(name, "--" + name.replace("_", "-"))
 
 
 def _given(ctx: click.Context, name: str) -> bool:

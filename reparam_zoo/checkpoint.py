@@ -260,6 +260,23 @@ def checkpoint_head_size(model: nn.Module, state_dict: StateDict) -> Optional[in
     return _other_head_size(model.state_dict(), fitted)
 
 
+def checkpoint_in_chans(model: nn.Module, state_dict: StateDict) -> Optional[int]:
+    """The input channel count of a checkpoint whose first conv (timm's `first_conv`) takes another
+    number of channels than `model`'s, or None."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first = cfg.get("first_conv")
+    if not isinstance(first, str):
+        return None
+    key = first + ".weight"
+    fitted, _ = fit_state_dict(model, dict(state_dict))
+    ours, theirs = model.state_dict().get(key), fitted.get(key)
+    if ours is None or theirs is None or ours.dim() != theirs.dim() or ours.dim() < 3:
+        return None
+    if theirs.shape[1] == ours.shape[1] or theirs.shape[0] != ours.shape[0] or theirs.shape[2:] != ours.shape[2:]:
+        return None
+    return int(theirs.shape[1])
+
+
 def _is_safetensors(path: str) -> bool:
     if path.endswith(".safetensors"):
         return True

@@ -8,6 +8,7 @@ Two things timm's own loader does not give us:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import signal
@@ -189,6 +190,15 @@ def build_datasets(data_dir: str, model: torch.nn.Module, input_size: Optional[i
     if len(train.class_to_idx) < 2:
         raise DataError(f"{data_dir}: found {len(train.class_to_idx)} class; classification needs at least 2")
     return DataSplits(train=train, val=val, data_config=data_config)
+
+
+def image_list_digest(splits: DataSplits) -> str:
+    """What identifies the images a run uses wherever the folder lives: their paths within it, in order."""
+    h = hashlib.sha256()
+    for name, split in (("train", splits.train), ("val", splits.val)):
+        for path in split.filenames():
+            h.update(f"{name}/{path}\n".encode())
+    return h.hexdigest()
 
 
 def check_data_dir(data_dir: str) -> None:

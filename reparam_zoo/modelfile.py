@@ -39,7 +39,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import (check_compatible, check_readable, checkpoint_head_size, deployment_artifact_kind,
+from .checkpoint import (check_compatible, check_readable, checkpoint_head_size, checkpoint_in_chans,
+                         deployment_artifact_kind,
                          load_checkpoint, read_state_dict, unwrap_state_dict, _is_safetensors)
 from .deploy import FuseReport, apply_fuse_structure
 from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line, preview
@@ -158,6 +159,13 @@ def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, tor
     with torch.device("meta"):
         skeleton = create_model(name, num_classes=num_classes, **kwargs)
     notes: List[str] = []
+    in_chans = None if "in_chans" in kwargs or torchvision_models.split_name(name) else checkpoint_in_chans(
+        skeleton, state)
+    if in_chans is not None:  # e.g. grayscale weights: timm builds the stem for them
+        notes.append(f"input channels from the checkpoint: {in_chans} (not {kwargs.get('in_chans', 3)})")
+        kwargs["in_chans"] = in_chans
+        with torch.device("meta"):
+            skeleton = create_model(name, num_classes=num_classes, **kwargs)
     head = checkpoint_head_size(skeleton, state)
     if head is not None:
         built = (getattr(skeleton, "num_classes", None)

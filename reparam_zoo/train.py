@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .checkpoint import check_compatible, read_state_dict
 from .data import (DataSplits, EpochSampler, IGNORE_TARGET, ShardSampler, build_datasets, check_data_dir,
-                   make_loader)
+                   image_list_digest, make_loader)
 from .deploy import fold, fuse as fuse_model
 from .errors import CheckpointError, ReparamError, first_line, preview
 from .model_info import cfg_input_size
@@ -56,7 +56,8 @@ PLOT_FILE = "metrics.png"
 LOG_FILE = "train.log"
 # Settings that may change when a run is resumed: they do not change what is computed (workers, fuse), or
 # the change is the point (more epochs).
-RESUMABLE_OVERRIDES = ("epochs", "workers", "fuse")
+# settings a resumed run may change: none changes what it computes (--data: the same images, moved)
+RESUMABLE_OVERRIDES = ("epochs", "workers", "fuse", "data_dir")
 STATE_VERSION = 1
 DEFAULT_MAP_K = 3  # the transform kernel of a model converted here when map_k is not given
 
@@ -224,6 +225,7 @@ def resume(
     epochs: Optional[int] = None,
     workers: Optional[int] = None,
     fuse: Optional[bool] = None,
+    data_dir: Optional[Union[str, os.PathLike]] = None,
     device: Optional[Union[str, torch.device]] = None,
     verbose: bool = True,
 ) -> TrainResult:
@@ -233,13 +235,16 @@ def resume(
     extends (or shortens) the run; `model` is needed only when the run trained an in-memory model whose
     architecture cannot be rebuilt from its files (pass the same model as to `train`). A run of a model
     without an architecture tag (a trusted pickle) re-loads its MODEL as the run did, with its saved
-    `trust_pickle`, and then the last checkpoint's weights.
+    `trust_pickle`, and then the last checkpoint's weights. `data_dir` follows a data set that moved: it
+    must hold the same images (the same paths within it) as the run's.
     """
     output_dir = os.fspath(output_dir)
     config = read_config(output_dir)
     for name, value in (("epochs", epochs), ("workers", workers), ("fuse", fuse)):
         if value is not None:
             setattr(config, name, value)
+    if data_dir is not None:
+        config.data_dir = os.path.abspath(data_dir)
     return _Run(config, output_dir, model=model, resuming=True, device=device, verbose=verbose).run()
 
 
@@ -313,6 +318,7 @@ class _Run:
         self.trainable: List[str] = []
         self.base_name, self.exact_expected = "input model", True  # what the sanity check compares with
         self.classes: List[str] = []
+        self.images = ""  # digest of the image paths, see data.image_list_digest
         # what this run wrote (rank 0): a fresh run that fails before its first checkpoint removes it again
         self.written: List[str] = []
         self.made_dirs: List[str] = []  # the output folder and the parents it needed, deepest first
@@ -632,6 +638,7 @@ class _Run:
                              "pass --input-size N / input_size=N")
         self.data: DataSplits = build_datasets(self.config.data_dir, model, self.config.input_size)
         self.classes = self.data.classes
+        self.images = image_list_digest(self.data)
         self.input_size = tuple(self.data.data_config["input_size"])
 
     def _build_loaders(self) -> None:
@@ -705,6 +712,9 @@ class _Run:
     def _restore(self, state: Dict[str, Any]) -> None:
         if state["classes"] != self.classes:
             raise TrainError(f"{self.config.data_dir}: classes differ from the ones the run started with")
+        if state.get("images", self.images) != self.images:
+            raise TrainError(f"{self.config.data_dir}: holds other images than the run started with (the same "
+                             "class folders, but files added, removed or renamed)")
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -750,7 +760,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "history": json.dumps(self.history), "best": json.dumps(self.best), "sanity": json.dumps(self.sanity),
             "unreadable": list(self.unreadable), "trainable": list(self.trainable), "classes": list(self.classes),
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "images": self.images, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         }
         from .modelfile import atomic_write
 

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -407,6 +408,18 @@ def test_a_model_without_architecture_is_pickled_only_when_trusted(tmp_path):
         mf.load(path)
     loaded = mf.load(path, trust_pickle=True)
     torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
+
+
+def test_a_checkpoint_for_other_input_channels_builds_its_stem(tmp_path):
+    torch.manual_seed(0)
+    gray = timm.create_model("test_resnet", in_chans=1, num_classes=3).eval()
+    torch.save(gray.state_dict(), tmp_path / "gray.pth")
+    resolved = mf.resolve_model(str(tmp_path / "gray.pth"), arch="test_resnet")
+    assert "input channels from the checkpoint: 1 (not 3)" in resolved.notes
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(outputs(resolved.model, x), outputs(gray, x), rtol=0, atol=0)
+    mf.save(resolved.model, tmp_path / "gray.safetensors")  # the file rebuilds the 1-channel stem
+    torch.testing.assert_close(outputs(mf.load(tmp_path / "gray.safetensors"), x), outputs(gray, x), rtol=0, atol=0)
 
 
 class TrainerState:  # what some training scripts pickle next to the weights

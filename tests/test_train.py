@@ -3,6 +3,7 @@ a signal, 2-process DDP under torchrun, bad input, and the `reparam train` comma
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -465,8 +466,19 @@ def test_cli_train_resume_extend_and_fuse(data_dir, tmp_path):
     changed = runner.invoke(main, ["train", "--resume", out, "--lr", "0.5"])
     assert changed.exit_code == 2 and "--lr 0.5 differs from the run's 0.05" in changed.output
 
-    extended = runner.invoke(main, ["train", "--resume", out, "--epochs", "2", "--fuse"])
+    # the data set moved: --data follows it, but only to the same images
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    stray = sorted((moved / "train" / "red").iterdir())[0]
+    stray.rename(stray.with_name("renamed" + stray.suffix))
+    other = runner.invoke(main, ["train", "--resume", out, "--epochs", "2", "--data", str(moved)])
+    assert other.exit_code == 1 and "holds other images than the run started with" in other.output
+    stray.with_name("renamed" + stray.suffix).rename(stray)
+
+    extended = runner.invoke(main, ["train", "--resume", out, "--epochs", "2", "--fuse", "--data", str(moved)])
     assert extended.exit_code == 0, extended.output
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["data_dir"] == str(moved)
     assert "resuming" in extended.output and "wrote " + os.path.join(out, "deploy.safetensors") in extended.output
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2]
