@@ -17,8 +17,8 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, EquivalenceError, first_line
 from .layers.refconv import RefConvNd
-from .model_info import device_and_dtype, example_inputs as default_inputs
-from .surgery import replace_modules
+from .model_info import device_and_dtype, example_inputs as default_inputs, unwrap
+from .surgery import refconv_layers, replace_modules
 
 Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 VERIFY_BATCH_SIZES = (1, 2)
@@ -72,6 +72,19 @@ class FuseReport:
         else:
             lines.append("NOT verified")
         return "\n".join(lines)
+
+
+STAGES = ("plain", "refconv", "fused")
+
+
+def model_stage(model: nn.Module) -> str:
+    """`refconv` while RefConv layers are in the model, `fused` after `fuse`, `plain` otherwise."""
+    model = unwrap(model)
+    if refconv_layers(model):
+        return "refconv"
+    if isinstance(getattr(model, "fuse_report", None), FuseReport):
+        return "fused"
+    return "plain"
 
 
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:

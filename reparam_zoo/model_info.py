@@ -1,4 +1,5 @@
-"""What a model says about itself: its timm config (input size, architecture) and its floating dtype."""
+"""What a model says about itself: its timm config (input size, architecture), its floating dtype, and the
+model inside a training wrapper."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -8,7 +9,19 @@ import torch.nn as nn
 
 from .errors import ReparamError
 
-__all__ = ["timm_cfg", "cfg_input_size", "device_and_dtype", "example_inputs"]
+__all__ = ["timm_cfg", "cfg_input_size", "device_and_dtype", "example_inputs", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / torch.compile wrappers, whose state_dict keys are the model's."""
+    for _ in range(3):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
 
 
 def timm_cfg(model: nn.Module) -> dict:

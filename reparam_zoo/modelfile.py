@@ -42,9 +42,10 @@ import torch.nn as nn
 from .checkpoint import (check_compatible, check_readable, checkpoint_head_size, checkpoint_in_chans,
                          deployment_artifact_kind,
                          load_checkpoint, read_state_dict, unwrap_state_dict, _is_safetensors)
-from .deploy import FuseReport, apply_fuse_structure
+from .deploy import STAGES, FuseReport, apply_fuse_structure, model_stage
 from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line, preview
 from .surgery import convert, refconv_layers
+from .model_info import unwrap as _unwrap
 from . import torchvision_models
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
 
 FORMAT = "reparam-zoo"
 FORMAT_VERSION = 1
-STAGES = ("plain", "refconv", "fused")
 # The architecture tag lives on the module as a plain dict attribute: deepcopy (convert/fold/fuse
 # all copy) carries it along, and it pickles with the module.
 ARCH_ATTR = "reparam_arch"
@@ -244,15 +244,6 @@ def _build_architecture(arch: Dict[str, Any], source: str) -> nn.Module:
 
 
 # -- stages and metadata --------------------------------------------------------------------------------
-
-def model_stage(model: nn.Module) -> str:
-    """`refconv` while RefConv layers are in the model, `fused` after `fuse`, `plain` otherwise."""
-    model = _unwrap(model)
-    if refconv_layers(model):
-        return "refconv"
-    if isinstance(getattr(model, "fuse_report", None), FuseReport):
-        return "fused"
-    return "plain"
 
 
 def model_metadata(model: nn.Module, *, extra_metadata: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
@@ -790,17 +781,6 @@ def _looks_like_path(spec: str) -> bool:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / torch.compile wrappers, whose state_dict keys are the model's."""
-    for _ in range(3):
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
 
 
 def _dumps(value: Any) -> str:

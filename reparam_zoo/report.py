@@ -36,6 +36,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 import torch.nn as nn
 
+from .deploy import STAGES, model_stage
 from .errors import ReparamError, first_line, preview
 from .layers.refconv import RefConvNd
 from .memory import MEASURE_BATCH, tensor_bytes, training_memory
@@ -47,7 +48,6 @@ __all__ = [
     "STAGES", "FORMATS", "MACS_TOLERANCE", "UNIT",
 ]
 
-STAGES = ("plain", "refconv", "fused")
 FORMATS = ("table", "markdown", "json", "csv")
 MACS_TOLERANCE = 0.02
 UNIT = "MACs (multiply-accumulates per image, batch 1): one fused multiply-add = 1, as fvcore's 'flop'"
@@ -631,11 +631,10 @@ def _check_input_size(model: nn.Module, input_size) -> Tuple[int, ...]:
 
 
 def _check_stage(model: nn.Module, stage: Optional[str]) -> str:
-    has_refconv = any(isinstance(m, RefConvNd) for m in model.modules())
+    detected = model_stage(model)
     if stage is None:
-        if has_refconv:
-            return "refconv"
-        return "fused" if getattr(model, "fuse_report", None) is not None else "plain"
+        return detected
+    has_refconv = detected == "refconv"
     if stage not in STAGES:
         raise ReparamError(f"unknown stage '{stage}', expected one of {', '.join(STAGES)}")
     if (stage == "refconv") != has_refconv:

@@ -249,7 +249,7 @@ def test_fused_model_has_bn_folded_away():
 def test_stage_detection_and_override():
     model = Tiny()
     assert report(model, (3, 8, 8), depth=0, stage="fused").stage == "fused"
-    model.fuse_report = object()  # what the CLI's file loader sets for a fused file
+    model.fuse_report = reparam_zoo.deploy.FuseReport()  # what loading a fused model file sets
     assert report(model, (3, 8, 8), depth=0).stage == "fused"
     with pytest.raises(ReparamError, match="stage 'refconv' does not fit the model: it has no RefConv layers"):
         report(model, (3, 8, 8), stage="refconv")
