@@ -187,6 +187,11 @@ def fit_state_dict(model: nn.Module, state_dict: StateDict) -> Tuple[StateDict, 
     return state_dict, notes
 
 
+def pretrained_filter(state_dict, model: nn.Module) -> StateDict:
+    """timm's `pretrained_filter_fn` for the zoo: the weights out of their container, in `model`'s layout."""
+    return fit_state_dict(model, unwrap_state_dict(state_dict))[0]
+
+
 def load_checkpoint(
     model: nn.Module,
     checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]],

@@ -259,7 +259,9 @@ def test_official_layout_file_with_wrapper_and_prefix_loads(tmp_path, model):
 
 def test_filter_fn_passes_official_layout_through(model):
     sd = model.state_dict()
-    assert checkpoint_filter_fn(sd, ReXNetV1()) is sd
+    for wrapped in (sd, {"state_dict": {"module." + k: v for k, v in sd.items()}}):  # timm's pretrained path too
+        out = checkpoint_filter_fn(wrapped, ReXNetV1())
+        assert list(out) == list(sd) and all(out[k] is sd[k] for k in sd)
 
 
 # --- (5) mismatched checkpoints ------------------------------------------------------------------

@@ -24,7 +24,7 @@ from timm.layers import DropPath, LayerNorm, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..checkpoint import register_checkpoint_adapter, unwrap_state_dict, strip_prefixes
+from ..checkpoint import pretrained_filter as checkpoint_filter_fn, register_checkpoint_adapter
 from .reversible import ReversibleColumn, clamp_magnitude_, run_columns
 
 __all__ = ["RevCol", "RevColSupervisionLoss", "REVCOL_VARIANTS"]
@@ -567,12 +567,6 @@ def adapt_revcol_checkpoint(state_dict: Dict[str, torch.Tensor], model: nn.Modul
     return state_dict, notes
 
 
-def checkpoint_filter_fn(state_dict, model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm `pretrained_filter_fn`: unwrap the authors' file format and adapt it (see above)."""
-    state_dict = unwrap_state_dict(state_dict)
-    state_dict, _ = strip_prefixes(state_dict, model.state_dict().keys())
-    state_dict, _ = adapt_revcol_checkpoint(state_dict, model)
-    return state_dict
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from timm.models._efficientnet_builder import efficientnet_init_weights
 from timm.models._features import feature_take_indices
 from timm.models.rexnet import RexNet  # only as the reference for timm's key order
 
-from ..checkpoint import register_checkpoint_adapter
+from ..checkpoint import pretrained_filter as checkpoint_filter_fn, register_checkpoint_adapter
 from ..errors import CheckpointError, preview
 
 __all__ = ["ReXNetV1", "BlockConfig", "rexnet_block_configs", "checkpoint_filter_fn"]
@@ -418,11 +418,6 @@ def convert_timm_state_dict(
     return converted, notes
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ReXNetV1) -> Dict[str, torch.Tensor]:
-    """timm `pretrained_filter_fn`: timm-layout weights -> release layout; release layout passes through."""
-    if _is_timm_layout(state_dict):
-        state_dict, _ = convert_timm_state_dict(state_dict, model)
-    return state_dict
 
 
 @register_checkpoint_adapter(ReXNetV1)
