@@ -7,11 +7,11 @@ timm ships the same networks as `rexnet_*`, but with its own module names. This 
 mirrors the official release instead (`features.{0..20}`, blocks as `features.{i}.out.{j}`, classifier
 `output.1` as a 1x1 conv), so the official checkpoints load without renaming and a RefConv-converted
 model folds back into exactly that layout. timm-layout weights (`stem.conv`, `features.0.conv_dw`,
-`head.fc`, ...) are translated on load by `checkpoint_filter_fn`, which timm uses for `pretrained=True`
-and `reparam_zoo.checkpoint.load_checkpoint` uses through the registered adapter.
+`head.fc`, ...) are translated on load by the registered checkpoint adapter, which both timm's
+`pretrained=True` (through `checkpoint_filter_fn`) and `reparam_zoo.checkpoint.load_checkpoint` use.
 
-Registered with timm as `rexnetv1_100/130/150/200/300`; any other width or depth through kwargs,
-e.g. `timm.create_model('rexnetv1_100', width_mult=0.9)`.
+Registered with timm as `rexnetv1_090/100/130/150/200/300`; any other width or depth through kwargs,
+e.g. `timm.create_model('rexnetv1_100', width_mult=1.2)`.
 """
 from __future__ import annotations
 
