@@ -104,8 +104,11 @@ def _quiet_warnings(debug: bool) -> None:
 
 # -- options ------------------------------------------------------------------------------------------------
 
-def model_options(f):
-    """--arch, --checkpoint, --num-classes, --pretrained, --trust-pickle: how MODEL becomes a model."""
+def model_options(f=None, *, num_classes: bool = True):
+    """--arch, --checkpoint, --num-classes, --pretrained, --trust-pickle: how MODEL becomes a model
+    (`num_classes=False` for a command whose --num-classes means something else)."""
+    if f is None:
+        return lambda g: model_options(g, num_classes=num_classes)
     options = [
         click.option("--arch", metavar="NAME",
                      help="Architecture (timm or zoo name, or torchvision:NAME) of a MODEL checkpoint file that does not "
@@ -122,6 +125,8 @@ def model_options(f):
                      help="Allow MODEL to be a whole pickled nn.Module (torch.save(model)). Unpickling runs code "
                           "from the file: only for files you trust."),
     ]
+    if not num_classes:
+        del options[2]
     for option in reversed(options):
         f = option(f)
     return f

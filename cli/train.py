@@ -7,7 +7,7 @@ import click
 
 from reparam_zoo.train import OPTIMIZERS, TrainConfig
 
-from .common import TRAIN_SCOPES, check_map_k, input_size_option, output_option
+from .common import TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
 
 # the library's defaults, so the two cannot drift apart
 DEFAULTS = TrainConfig(model="", data_dir="")
@@ -70,11 +70,7 @@ def _check_device(ctx, param, value):
 @click.option("--fuse", is_flag=True,
               help="Also write the best model fused for deployment, verified: OUTDIR/deploy.safetensors "
                    "(OUTDIR/deploy.pt for a pickled MODEL).")
-@click.option("--arch", metavar="NAME", help="Architecture of a MODEL checkpoint file that does not say its own.")
-@click.option("--checkpoint", metavar="PATH", help="Weights for a MODEL given as an architecture name.")
-@click.option("--pretrained", is_flag=True, help="Download the architecture's pretrained weights (needs internet).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow MODEL to be a whole pickled nn.Module (unpickling runs code: trusted files only).")
+@model_options(num_classes=False)
 @click.option("--device", metavar="DEV", callback=_check_device,
               help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines (OUTDIR/train.log has them).")
