@@ -5,8 +5,10 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -20,7 +22,7 @@ from reparam_zoo import export as export_module
 from reparam_zoo.checkpoint import read_state_dict
 from reparam_zoo import convert, fuse
 from reparam_zoo import modelfile as mf
-from reparam_zoo.cli.main import main
+from reparam_cli.main import main
 from reparam_zoo.layers.refconv import RefConvNd
 
 from test_modelfile import TinyRepNet, randomize_bn, randomize_transforms, tiny  # also registers tiny_reptest
@@ -467,6 +469,16 @@ def test_internal_errors_are_one_line_unless_debug(files, monkeypatch):
 
 
 # -- the installed console script ------------------------------------------------------------------------------
+
+def test_ctrl_c_while_the_console_script_starts_is_one_line():
+    # importing torch and timm takes seconds: an interrupt then must end like one during a command
+    script = os.path.join(os.path.dirname(sys.executable), "reparam")
+    proc = subprocess.Popen([script, "report", "resnet18"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err, out) == (130, "error: interrupted\n", "")
+
 
 def test_console_script_end_to_end(files):
     """Every kind of bad input once more through the real entry point as a subprocess: one line on stderr,

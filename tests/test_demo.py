@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import reparam_zoo
-from reparam_zoo.cli.main import main
+from reparam_cli.main import main
 from reparam_zoo.demo import PATTERNS, make_pattern_dataset, run_demo
 
 

@@ -304,7 +304,7 @@ def test_fused_converted_and_fused_again_rebuilds_the_whole_history(tmp_path):
 
 def test_cli_fuse_convert_fuse_writes_a_file_that_loads(tmp_path):
     from click.testing import CliRunner
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     def run(*args):
         result = CliRunner().invoke(main, [str(a) for a in args], prog_name="reparam")

@@ -12,7 +12,7 @@ import reparam_zoo
 from reparam_zoo import CheckpointError
 from reparam_zoo import modelfile as mf
 from reparam_zoo import torchvision_models
-from reparam_zoo.cli.main import main
+from reparam_cli.main import main
 from reparam_zoo.surgery import refconv_layers
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -409,7 +409,7 @@ if os.environ.get("STOP_AT"):
         return step_seed(seed, epoch, step, rank)
 
     train_module._step_seed = interrupting_step_seed
-from reparam_zoo.cli.main import main
+from reparam_cli.main import main
 main(sys.argv[1:])
 """
 
@@ -448,7 +448,7 @@ def test_two_process_ddp_interrupted_mid_epoch_resumes_bit_identical(data_dir, t
 # -- CLI --------------------------------------------------------------------------------------------------------
 
 def test_cli_train_resume_extend_and_fuse(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     runner = CliRunner()
     out = str(tmp_path / "run")
@@ -496,7 +496,7 @@ def test_cli_train_resume_extend_and_fuse(data_dir, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     result = CliRunner().invoke(main, ["train", "test_resnet", "--data", str(tmp_path / "missing"), "-o",
                                        str(tmp_path / "out")])
@@ -561,7 +561,7 @@ def test_converted_model_trains_in_its_own_scope_unless_one_is_given(data_dir, t
 
 
 def test_cli_keeps_the_scope_a_converted_file_was_saved_with_also_when_resumed(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     torch.manual_seed(0)
     path = str(tmp_path / "m.safetensors")  # what `reparam convert test_resnet --refconv --train-scope ...` writes
@@ -607,7 +607,7 @@ def test_default_warmup_is_one_epoch_only_when_there_are_two(data_dir, tmp_path)
 
 
 def test_cli_default_warmup_explicit_bad_warmup_and_too_few_epochs_to_extend(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     model = str(tmp_path / "whole.pt")
     torch.save(tiny_net(), model)
@@ -636,7 +636,7 @@ def test_cli_default_warmup_explicit_bad_warmup_and_too_few_epochs_to_extend(dat
 
 
 def test_cli_pickled_model_writes_readable_pickles_and_resumes_exactly(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     runner = CliRunner()
     settings = ["--trust-pickle", "--data", data_dir, "--num-classes", "3", "--epochs", "2", "--lr", "0.5", "--fuse",
@@ -693,7 +693,7 @@ def test_log_counts_training_params_as_report_does(trained):
 
 
 def test_data_given_as_a_file_says_so(tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     script = tmp_path / "somefile.py"
     script.write_text("print('not data')\n")
@@ -757,7 +757,7 @@ def test_images_are_labelled_by_their_class_folder_at_any_depth(tmp_path):
 
 
 def test_cli_trains_a_weights_only_checkpoint_whose_head_is_not_the_default(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     torch.manual_seed(0)
     source = reparam_zoo.create_model("test_resnet", num_classes=3)
@@ -805,7 +805,7 @@ def test_a_run_that_never_beats_its_start_says_so(data_dir, tmp_path):
 
 
 def test_momentum_with_adamw_is_a_usage_error(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     result = CliRunner().invoke(main, ["train", "test_resnet", "--data", data_dir, "--optimizer", "adamw",
                                        "--momentum", "0.5", "-o", str(tmp_path / "run")])
@@ -847,7 +847,7 @@ class PooledBN(TinyNet):
 
 
 def test_cli_batch_of_one_is_a_clear_error_and_the_failed_run_leaves_nothing(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     out = tmp_path / "runs" / "bs1"  # the run makes both folders, and removes both
     args = ["train", "test_resnet", "--num-classes", "3", "--data", data_dir, "--epochs", "1", "--input-size", "32",
@@ -901,7 +901,7 @@ def test_divergence_is_caught_at_the_end_of_its_epoch_and_the_previous_epoch_is_
 
 
 def test_map_k_of_an_already_converted_model_cannot_change_and_config_records_the_real_one(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     converted = reparam_zoo.convert(tiny_net(), map_k=1)
     with pytest.raises(TrainError, match="map_k 5 was asked for, but the model's RefConv layers already have "
@@ -923,7 +923,7 @@ def test_map_k_of_an_already_converted_model_cannot_change_and_config_records_th
 
 
 def test_a_model_without_a_timm_input_size_needs_input_size(data_dir, tmp_path):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     no_size = {k: v for k, v in FAST.items() if k != "input_size"}
@@ -959,7 +959,7 @@ def test_throughput_has_three_significant_digits(trained):
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_cli_interrupted_run_says_how_to_resume_once(data_dir, tmp_path, quiet):
-    from reparam_zoo.cli.main import main
+    from reparam_cli.main import main
 
     torch.save(tiny_net(cls=lambda: SignalAt(at=2)), tmp_path / "m.pt")
     out = str(tmp_path / "run")
