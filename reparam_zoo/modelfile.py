@@ -716,7 +716,8 @@ def resolve_model(
     pretrained: bool = False,
     trust_pickle: bool = False,
 ) -> ResolvedModel:
-    """`load_model`, also saying what the argument turned out to be."""
+    """The model a MODEL argument names (see `load_model` for what it can be), with what the argument turned
+    out to be (`kind`), a one-line description and the load notes, for a caller to show."""
     spec = os.fspath(spec)
     if pretrained and checkpoint is not None:
         raise ArgumentConflictError(_BOTH_WEIGHTS)

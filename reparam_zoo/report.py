@@ -368,7 +368,7 @@ def report(
     overrides the detected stage: "refconv" (has RefConv layers), "fused" (has a `fuse_report`) or
     "plain". The model is left as it was (train/eval mode, requires_grad, BatchNorm statistics).
     """
-    input_size = _check_input_size(model, input_size)
+    input_size = _resolve_input_size(model, input_size)
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
         raise ReparamError(f"depth must be a non-negative integer, got {depth!r}")
     stage = _check_stage(model, stage)
@@ -614,7 +614,7 @@ def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
-def _check_input_size(model: nn.Module, input_size) -> Tuple[int, ...]:
+def _resolve_input_size(model: nn.Module, input_size) -> Tuple[int, ...]:
     if input_size is None:
         input_size = cfg_input_size(model)
         if not input_size:

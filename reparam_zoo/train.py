@@ -316,7 +316,7 @@ class _Run:
         self.sanity: Dict[str, Any] = {}
         self.unreadable: List[str] = []
         self.trainable: List[str] = []
-        self.base_name, self.exact_expected = "input model", True  # what the sanity check compares with
+        self.reference_name, self.exact_expected = "input model", True  # what the sanity check compares with
         self.classes: List[str] = []
         self.images = ""  # digest of the image paths, see data.image_list_digest
         # what this run wrote (rank 0): a fresh run that fails before its first checkpoint removes it again
@@ -368,21 +368,21 @@ class _Run:
             config.world_size = self.procs.world_size
         # checked first, created only once the model and the data have passed their checks: a run that cannot
         # start leaves no folder behind that would block the corrected command
-        self.output_dir = self.procs.on_main(self._check_output_dir)
+        self.output_dir = self.procs.on_main(self._resolve_output_dir)
         if state is not None and config.world_size != self.procs.world_size:
             self.log(f"warning: resuming on {self.procs.world_size} processes, the run used {config.world_size}: "
                      "data order differs, so the result is not bit-identical to an uninterrupted run")
 
         torch.manual_seed(config.seed)  # random inits (a new head) are part of the run
         random.seed(config.seed)
-        base, model = self._build_model(state)
+        reference, model = self._build_model(state)
         low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
                       if p.is_floating_point() and p.dtype != torch.float32})
         if low:
             # the optimizer and BatchNorm statistics need float32 weights; --amp computes in low precision
             model.float()
-            if base is not None:
-                base.float()
+            if reference is not None:
+                reference.float()
             self.log(f"note: the model's weights are {', '.join(low)}; training in float32 (--amp for mixed precision)")
         self.model = model.to(self.procs.device)
         if config.channels_last:
@@ -403,8 +403,8 @@ class _Run:
             self._restore_rank_state(state)  # after DDP's start, which copies rank 0's buffers to every rank
         self._describe_start()
         if state is None:
-            self._sanity_check(base)
-        del base
+            self._sanity_check(reference)
+        del reference
         # only a run that could start gets its folder (and the log lines so far)
         self.procs.on_main(self._create_output_dir)
         if self.procs.is_main:
@@ -423,7 +423,7 @@ class _Run:
             unreadable_images=self.unreadable, notes=self.notes,
         )
 
-    def _check_output_dir(self) -> str:
+    def _resolve_output_dir(self) -> str:
         out = self.output_dir
         if self.resuming:
             return out
@@ -475,11 +475,11 @@ class _Run:
                 )
             # no architecture in the file (a pickled MODEL): rebuild the model as the run did, then load the
             # last weights into it
-        base = self._load_input_model()
-        self._build_data(base)
-        head = self._fit_head(base)
-        if refconv_layers(base):
-            model = base
+        reference = self._load_input_model()
+        self._build_data(reference)
+        head = self._fit_head(reference)
+        if refconv_layers(reference):
+            model = reference
             summary = getattr(model, "refconv_summary", None)
             own = getattr(summary, "train_scope", None)
             own = own if own in TRAIN_SCOPES else None
@@ -499,14 +499,14 @@ class _Run:
             if state is None:
                 # its plain form is what it has to agree with: exactly while the transforms are still zero
                 self.exact_expected = all(not bool(m.transform_weight.any()) for _, m in refconv_layers(model))
-                base = fold(model)
-                self.base_name = "folded model"
+                reference = fold(model)
+                self.reference_name = "folded model"
         else:
             if config.train_scope is None:
                 config.train_scope = "transforms"
             if config.map_k is None:
                 config.map_k = DEFAULT_MAP_K
-            model = convert(base, map_k=config.map_k, train_scope=config.train_scope)
+            model = convert(reference, map_k=config.map_k, train_scope=config.train_scope)
             self.log(f"converted with default settings (map_k={config.map_k}, zero init): "
                      + str(model.refconv_summary).splitlines()[0].removeprefix("RefConv: "))
         for name, p in model.named_parameters():
@@ -522,7 +522,7 @@ class _Run:
             self._set_trainable(model, state["trainable"])
             self._load_weights(model, last, state)
             return None, model
-        return base, model
+        return reference, model
 
     def _adopt_map_k(self, model: nn.Module, state) -> None:
         """An already converted model trains with its own transform kernel, and config.json records that one."""
@@ -848,32 +848,32 @@ class _Run:
                             "val_images": int(count)})
         return metrics, max_diff, scale
 
-    def _sanity_check(self, base: nn.Module) -> None:
+    def _sanity_check(self, reference: nn.Module) -> None:
         """Validate once before training: the converted model must score what its plain form scores, exactly
         for a zero-init conversion (`fold` computes kernels in float64, so trained transforms agree closely)."""
-        base.to(self.procs.device)
+        reference.to(self.procs.device)
         if self.config.channels_last:
-            base.to(memory_format=torch.channels_last)
-        (before, after), diff, scale = self._evaluate([base, self.model])
-        base.cpu()
+            reference.to(memory_format=torch.channels_last)
+        (before, after), diff, scale = self._evaluate([reference, self.model])
+        reference.cpu()
         if self.exact_expected:
             equal = before == after and diff == 0.0
         else:
             equal = before["val_acc"] == after["val_acc"] and diff <= 1e-4 * max(1.0, scale)
-        self.sanity = {"checked": True, "equal": equal, "exact": self.exact_expected, "compared_with": self.base_name,
+        self.sanity = {"checked": True, "equal": equal, "exact": self.exact_expected, "compared_with": self.reference_name,
                        "max_abs_logit_diff": diff, "input": before, "converted": after}
-        line = (f"sanity: {self.base_name} val loss {before['val_loss']:.6f} acc {100 * before['val_acc']:.2f}% | "
+        line = (f"sanity: {self.reference_name} val loss {before['val_loss']:.6f} acc {100 * before['val_acc']:.2f}% | "
                 f"converted val loss {after['val_loss']:.6f} acc {100 * after['val_acc']:.2f}% | "
                 f"max |logit diff| {diff:.3g}")
         if equal:
             self.log(line + (" -> identical" if self.exact_expected else " -> consistent"))
         else:
             self.log("!" * 100)
-            self.log(f"WARNING: the converted model does not score what the {self.base_name} scores:")
+            self.log(f"WARNING: the converted model does not score what the {self.reference_name} scores:")
             self.log(line)
             self.log("WARNING: the conversion is not an exact re-parameterization here; check the init and the model")
             self.log("!" * 100)
-            self.notes.append(f"sanity check failed: the converted model differs from the {self.base_name}")
+            self.notes.append(f"sanity check failed: the converted model differs from the {self.reference_name}")
         self.history = [{"epoch": 0, **after}]
         self.best = {"epoch": 0, **after}
 

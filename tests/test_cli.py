@@ -470,14 +470,22 @@ def test_internal_errors_are_one_line_unless_debug(files, monkeypatch):
 
 # -- the installed console script ------------------------------------------------------------------------------
 
+def _sigint_as_in_a_terminal():
+    # a runner that starts the tests in the background hands them SIGINT ignored (or blocked), and a child
+    # inherits both
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_while_the_console_script_starts_is_one_line():
     # importing torch and timm takes seconds: an interrupt then must end like one during a command
     script = os.path.join(os.path.dirname(sys.executable), "reparam")
-    proc = subprocess.Popen([script, "report", "resnet18"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    proc = subprocess.Popen([script, "report", "resnet18"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
+    time.sleep(1.5)  # past Python's own start-up, well before torch and timm have imported
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert (proc.returncode, err, out) == (130, "error: interrupted\n", "")
+    assert (proc.returncode, err, out) == (130, "error: interrupted\n", ""), err
 
 
 def test_console_script_end_to_end(files):
