@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, EquivalenceError, first_line
 from .layers.refconv import RefConvNd
-from .model_info import device_and_dtype, example_inputs as default_inputs, unwrap
+from .model_info import device_and_dtype, example_inputs as default_inputs, require_module, unwrap
 from .surgery import refconv_layers, replace_modules
 
 Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -90,8 +90,12 @@ def model_stage(model: nn.Module) -> str:
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Turn every RefConv back into a plain conv holding its refocused kernel (computed in float64).
 
-    The result has the original model's state_dict keys and shapes.
+    The result has the original model's state_dict keys and shapes, and the requires_grad flags the
+    model had before `convert` froze it. A training wrapper (DDP, DataParallel, torch.compile) is looked
+    through: the result is the plain model.
     """
+    require_module(model, "fold")
+    model = unwrap(model)
     if not inplace:
         model = copy.deepcopy(model)
     summary = model.__dict__.pop("refconv_summary", None)
@@ -116,43 +120,56 @@ def fuse(
 ) -> nn.Module:
     """Fold RefConvs, re-parameterize Rep blocks, fuse conv+BatchNorm, in eval mode; verify by default.
 
+    The result is a fused copy; `model` is left as it was (its train/eval modes too). With `inplace` the
+    model itself is changed, also when verification then fails (it saves a copy's memory; keep your own
+    copy if you need one). `example_inputs` shape the random verification inputs (default: one image of
+    the model's timm config size). Verification (`verify_equivalence`) runs float64 copies of both models at
+    batch 1 and 2 and passes when the max abs error is at most `atol + rtol * max|output|`.
     `fold_only` stops after folding: the result has the original model's structure and state_dict keys
     (loadable into the unconverted architecture), verified the same way. Raises `EquivalenceError` when
     verification fails; `result.fuse_report` says what was done.
     """
+    require_module(model, "fuse")
+    model = unwrap(model)
     if model.training:
-        warnings.warn("fuse: the model was in train mode; switched to eval mode", stacklevel=2)
+        warnings.warn("fuse: the model was in train mode; it is fused in eval mode", stacklevel=2)
+    modes = [(m, m.training) for m in model.modules()]
     original = model.eval()
-    inputs = _as_tuple(example_inputs) if example_inputs is not None else default_inputs(model)
-    reference = copy.deepcopy(original) if (inplace and verify) else original
-    model = original if inplace else copy.deepcopy(original)
-    previous = getattr(original, "fuse_report", None)
-    previous = previous if isinstance(previous, FuseReport) else None
-    report = FuseReport(rtol=rtol, atol=atol, fold_only=fold_only)
+    try:
+        inputs = _as_tuple(example_inputs) if example_inputs is not None else default_inputs(model)
+        reference = copy.deepcopy(original) if (inplace and verify) else original
+        model = original if inplace else copy.deepcopy(original)
+        previous = getattr(original, "fuse_report", None)
+        previous = previous if isinstance(previous, FuseReport) else None
+        report = FuseReport(rtol=rtol, atol=atol, fold_only=fold_only)
 
-    report.folded = [n for n, m in model.named_modules() if isinstance(m, RefConvNd)]
-    model = fold(model, inplace=True)
-    fused: List[Tuple[str, str]] = []
-    if fold_only:
-        _check_runs(model, inputs)
-    else:
-        # blocks an earlier fuse re-parameterized are merged already: their methods must not run again
-        report.reparameterized = _reparameterize_blocks(
-            model, skip=set(previous.reparameterized) if previous is not None else None)
-        fused, report.left_alone = fuse_conv_bn(model, inputs)
-        report.fused = fused
-    if previous is not None:
-        report = _with_history(previous, report)
-    model.eval()
+        report.folded = [n for n, m in model.named_modules() if isinstance(m, RefConvNd)]
+        model = fold(model, inplace=True)
+        fused: List[Tuple[str, str]] = []
+        if fold_only:
+            _check_runs(model, inputs)
+        else:
+            # blocks an earlier fuse re-parameterized are merged already: their methods must not run again
+            report.reparameterized = _reparameterize_blocks(
+                model, skip=set(previous.reparameterized) if previous is not None else None)
+            fused, report.left_alone = fuse_conv_bn(model, inputs)
+            report.fused = fused
+        if previous is not None:
+            report = _with_history(previous, report)
+        model.eval()
 
-    if verify:
-        report.max_abs_error, report.max_rel_error, report.input_shapes = verify_equivalence(
-            reference, model, inputs, rtol=rtol, atol=atol, absorbed=dict(fused)
-        )
-        report.verified = True
-    model.__dict__.pop("fuse_report", None)
-    model.fuse_report = report
-    return model
+        if verify:
+            report.max_abs_error, report.max_rel_error, report.input_shapes = verify_equivalence(
+                reference, model, inputs, rtol=rtol, atol=atol, absorbed=dict(fused)
+            )
+            report.verified = True
+        model.__dict__.pop("fuse_report", None)
+        model.fuse_report = report
+        return model
+    finally:
+        if not inplace:  # the caller's model is left as it was, also when verification fails
+            for module, training in modes:
+                module.training = training
 
 
 def _with_history(previous: FuseReport, latest: FuseReport) -> FuseReport:

@@ -2,6 +2,7 @@
 model inside a training wrapper."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -9,7 +10,15 @@ import torch.nn as nn
 
 from .errors import ReparamError
 
-__all__ = ["timm_cfg", "cfg_input_size", "device_and_dtype", "example_inputs", "unwrap"]
+__all__ = ["timm_cfg", "cfg_input_size", "device_and_dtype", "example_inputs", "require_module", "unwrap"]
+
+
+def require_module(model, function: str) -> None:
+    """A clear error when a name or path is passed where a built model is expected."""
+    if not isinstance(model, nn.Module):
+        hint = (f"; build it first with reparam_zoo.load_model({model!r})" if isinstance(model, (str, os.PathLike))
+                else "")
+        raise ReparamError(f"{function}() takes an nn.Module, got {type(model).__name__}{hint}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

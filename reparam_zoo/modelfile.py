@@ -45,7 +45,7 @@ from .checkpoint import (check_compatible, check_readable, checkpoint_head_size,
 from .deploy import STAGES, FuseReport, apply_fuse_structure, model_stage
 from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line, preview
 from .surgery import convert, refconv_layers
-from .model_info import unwrap as _unwrap
+from .model_info import require_module, unwrap as _unwrap
 from . import torchvision_models
 
 __all__ = [
@@ -406,6 +406,7 @@ def save(
     tensors load into strictly. A model without a rebuildable architecture is pickled whole
     (`torch.save(model)`) only with `trust_pickle=True`.
     """
+    require_module(model, "save")
     path = os.fspath(path)
     model = _unwrap(model)
     check_output_path(path)

@@ -40,7 +40,7 @@ from .deploy import STAGES, model_stage
 from .errors import ReparamError, first_line, preview
 from .layers.refconv import RefConvNd
 from .memory import MEASURE_BATCH, tensor_bytes, training_memory
-from .model_info import cfg_input_size, device_and_dtype, timm_cfg
+from .model_info import cfg_input_size, device_and_dtype, require_module, timm_cfg, unwrap
 from .surgery import refconv_layers
 
 __all__ = [
@@ -368,6 +368,8 @@ def report(
     overrides the detected stage: "refconv" (has RefConv layers), "fused" (has a `fuse_report`) or
     "plain". The model is left as it was (train/eval mode, requires_grad, BatchNorm statistics).
     """
+    require_module(model, "report")
+    model = unwrap(model)
     input_size = _resolve_input_size(model, input_size)
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
         raise ReparamError(f"depth must be a non-negative integer, got {depth!r}")
@@ -418,7 +420,8 @@ def compare(
     *,
     names: Sequence[str] = ("A", "B"),
 ) -> Comparison:
-    """Side-by-side report of two models (or two existing reports), with B - A and B / A."""
+    """Side-by-side report of two models (or two existing reports), with B - A and B / A, counted at
+    `input_size` (C, H, W); `names` label the two columns."""
     names = tuple(names)
     if len(names) != 2 or not all(isinstance(n, str) and n for n in names):
         raise ReparamError(f"names must be two non-empty strings, got {names!r}")

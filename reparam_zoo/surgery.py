@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .errors import ConversionError
+from .errors import ConversionError, preview
 from .layers.refconv import INITS, RefConvNd, check_map_k, unsupported_reason
+from .model_info import require_module
 
 TRAIN_SCOPES = ("transforms", "transforms+norm", "all-but-base")
 _NORM_TYPES = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -80,8 +82,11 @@ def convert(
 
     `include`/`exclude` are glob patterns on qualified module names (e.g. "stem.*", "layer4.*.conv2").
     The summary is available as `model.refconv_summary`. With zero init the result computes exactly
-    what the input model computes.
+    what the input model computes. `init`: one of INITS ("zero", "xavier", "kaiming"); `train_scope`: one
+    of TRAIN_SCOPES ("transforms", "transforms+norm", "all-but-base"). The result is a converted copy;
+    with `inplace` the model itself is converted (saves a copy's memory).
     """
+    require_module(model, "convert")
     check_map_k(map_k)
     if init not in INITS:
         raise ConversionError(f"unknown init '{init}', expected one of {', '.join(INITS)}")
@@ -117,6 +122,10 @@ def convert(
             name=name, kind=_describe(refconv),
             transform_params=refconv.transform_weight.numel(),
         ))
+    hooked = [name for name, conv in convs if id(conv) in replacements and _has_hooks(conv)]
+    if hooked:
+        warnings.warn(f"hooks registered on {preview(hooked)} stay on the original convs: register them on the "
+                      "RefConv layers (and again on the folded convs) if they are still needed", stacklevel=2)
     if not replacements:
         reasons = "; ".join(f"{r}: {len(ns)}" for r, ns in summary.skipped_by_reason().items()) or "no convs"
         raise ConversionError(f"no conv layer selected for RefConv conversion ({reasons})")
@@ -198,6 +207,11 @@ def _skip_reason(name, conv, map_k, include, exclude) -> Optional[str]:
     if any(fnmatch.fnmatchcase(name, p) for p in exclude):
         return "excluded"
     return unsupported_reason(conv, map_k)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
 
 
 def _describe(refconv: RefConvNd) -> str:

@@ -134,7 +134,8 @@ class TrainResult:
     sanity: Dict[str, Any]
     files: Dict[str, str]
     classes: List[str]
-    model: Optional[nn.Module] = field(default=None, repr=False)  # the trained RefConv model (rank 0)
+    # the RefConv model after the last epoch (rank 0); the best epoch's is the file files["best"]
+    model: Optional[nn.Module] = field(default=None, repr=False)
     interrupted: bool = False
     unreadable_images: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
@@ -328,13 +329,17 @@ class _Run:
     def run(self) -> TrainResult:
         self.procs = Processes.from_env(self.device_arg)
         self.log = _Log(self.procs, self.verbose)
+        devices = [self.procs.device] if self.procs.device.type == "cuda" else []
+        python_rng = random.getstate()
         try:
-            with StopRequest() as self.stop:
+            # the run seeds the global generators (exact resumption); the caller's streams go on afterwards
+            with torch.random.fork_rng(devices=devices), StopRequest() as self.stop:
                 return self._run()
         except BaseException:  # a graceful stop returns, with a checkpoint; anything else lands here
             self._remove_unresumable_outputs()
             raise
         finally:
+            random.setstate(python_rng)
             self.procs.close()
 
     def _writes(self, path: str) -> str:

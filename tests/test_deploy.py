@@ -370,3 +370,32 @@ def test_an_unfused_refconv_model_can_be_traced_and_exported():
         for captured in (traced, exported):
             torch.testing.assert_close(captured(x), expected, rtol=0, atol=0)
 
+
+
+def test_fuse_leaves_the_callers_model_as_it_was_and_looks_through_wrappers():
+    torch.manual_seed(0)
+    converted = randomize_transforms(convert(randomize_bn(timm.create_model("test_resnet", num_classes=4))))
+    converted.train()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="fused in eval mode"):
+        fused = fuse(converted, example_inputs=x)
+    assert converted.training and all(m.training for m in converted.modules())
+    with pytest.raises(EquivalenceError), pytest.warns(UserWarning):
+        fuse(converted, example_inputs=x, rtol=0.0)
+    assert converted.training  # also when verification fails
+    wrapped = fuse(nn.DataParallel(converted.eval()), example_inputs=x)
+    assert not isinstance(wrapped, nn.DataParallel) and wrapped.fuse_report.fused == fused.fuse_report.fused
+    folded = fold(nn.DataParallel(converted))
+    assert not refconv_layers(folded) and all(p.requires_grad for p in folded.parameters())
+    with pytest.raises(ReparamError, match=r"fuse\(\) takes an nn.Module, got str; build it first with "
+                                           r"reparam_zoo.load_model\('resnet18'\)"):
+        fuse("resnet18")
+    with pytest.raises(ReparamError, match=r"convert\(\) takes an nn.Module"):
+        convert("resnet18")
+
+
+def test_convert_warns_that_hooks_stay_on_the_original_convs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    model[0].register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"hooks registered on 0 stay on the original convs"):
+        convert(model)

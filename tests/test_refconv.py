@@ -236,3 +236,71 @@ def test_inference_mode_builds_runs_and_does_not_leak_into_autograd():
 def test_a_refconv_takes_the_mode_of_its_conv():
     assert not RefConvNd.from_conv(nn.Conv2d(3, 3, 3).eval()).training
     assert RefConvNd.from_conv(nn.Conv2d(3, 3, 3)).training
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_cache_is_keyed_by_tensor_identity_not_address(groups):
+    # functional_call with temporaries: a freed tensor's address is reused by the next one, same version
+    torch.manual_seed(0)
+    layer = RefConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False), init="kaiming").eval()
+    start = layer.transform_weight.detach().clone()
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        for scale in (0.0, 0.5, 1.0):
+            transform = start * scale
+            out = torch.func.functional_call(layer, {"transform_weight": transform}, (x,))
+            kernel = refconv_module.refocus_kernel(layer.weight_base, transform)
+            expected = nn.functional.conv2d(x, kernel, padding=1, groups=groups)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            del transform, out
+
+
+def test_kernel_cached_under_autocast_is_the_layers_own_dtype():
+    torch.manual_seed(0)
+    layer = RefConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1, groups=8), init="kaiming").eval()
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        refconv_module.clear_kernel_caches(layer)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+def test_export_and_compile_capture_grouped_transforms_without_caches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    from reparam_zoo import convert
+
+    converted = convert(model, init="kaiming").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = converted(x)
+    program = torch.export.export(converted, (x,))
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.explain(converted)(x).graph_break_count == 0
+
+
+def test_constructor_checks_and_copies_without_caches():
+    import copy
+
+    with pytest.raises(ConversionError, match="RefConvNd is the shared base class"):
+        RefConvNd(nn.Conv2d(2, 2, 3))
+    with pytest.raises(ConversionError, match="map_k must be a positive odd integer, got True"):
+        RefConv2d.from_conv(nn.Conv2d(2, 2, 3), map_k=True)
+    layer = RefConv2d.from_conv(nn.Conv2d(4, 4, 3), init="kaiming")
+    with pytest.raises(ConversionError, match="unknown init 'Zero'"):
+        layer.reset_transform("Zero")
+    layer.reset_transform("zero")
+    assert layer.init == "zero" and not layer.transform_weight.any()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 4, 8, 8))
+    assert layer._kernel_cache is not None
+    assert copy.deepcopy(layer)._kernel_cache is None  # copies carry weights, not derived kernels
+
+
+def test_folded_conv_takes_the_layers_current_mode():
+    layer = RefConv2d.from_conv(nn.Conv2d(4, 4, 3).eval())
+    assert not layer.training
+    assert layer.train().to_conv().training and not layer.eval().to_conv().training

@@ -968,3 +968,16 @@ def test_cli_interrupted_run_says_how_to_resume_once(data_dir, tmp_path, quiet):
                                        "-o", out] + (["-q"] if quiet else []))
     assert result.exit_code == 130, result.output
     assert result.output.count(f"reparam train --resume {out}") == 1, result.output
+
+
+def test_training_leaves_the_callers_random_streams_alone(data_dir, tmp_path):
+    import random
+
+    torch.manual_seed(123)
+    random.seed(123)
+    expected = (torch.rand(1).item(), random.random())
+    torch.manual_seed(123)
+    random.seed(123)
+    train("test_resnet", data_dir, output_dir=str(tmp_path / "run"), num_classes=3, input_size=32, epochs=1,
+          batch_size=8, workers=0, verbose=False)
+    assert (torch.rand(1).item(), random.random()) == expected

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 import math
 from typing import List, Optional, Tuple
 
@@ -113,6 +114,9 @@ class RefConvNd(nn.Module):
 
     def __init__(self, conv: nn.modules.conv._ConvNd, map_k: int = 3, init: str = "zero"):
         super().__init__()
+        if not self.dims:
+            raise ConversionError("RefConvNd is the shared base class: build a layer with "
+                                  "RefConvNd.from_conv(conv), or RefConv1d/2d/3d")
         check_convertible(conv, map_k, expected_dims=self.dims)
         if init not in INITS:
             raise ConversionError(f"unknown init '{init}', expected one of {', '.join(INITS)}")
@@ -138,6 +142,9 @@ class RefConvNd(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, map_k: int = 3, init: str = "zero") -> "RefConvNd":
+        """The RefConv of `conv` (of its dimensionality when called on RefConvNd): `conv`'s weight becomes
+        the frozen base, a `map_k` transform starts with `init` ("zero": exactly `conv`). `conv` is not
+        changed."""
         if cls is RefConvNd:
             cls = refconv_class_for(conv)
         return cls(conv, map_k=map_k, init=init)
@@ -158,6 +165,11 @@ class RefConvNd(nn.Module):
 
     # -- math ---------------------------------------------------------------------------------------
     def reset_transform(self, init: str = "zero") -> None:
+        """Re-initialise the transform: "zero" (the layer computes exactly its base conv), "xavier", or
+        "kaiming" (PyTorch's default conv init, as in the authors' script)."""
+        if init not in INITS:
+            raise ConversionError(f"unknown init '{init}', expected one of {', '.join(INITS)}")
+        self.init = init
         with torch.no_grad():
             if init == "zero":
                 self.transform_weight.zero_()
@@ -168,18 +180,20 @@ class RefConvNd(nn.Module):
         self._kernel_cache = None
 
     def refocused_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """`W_b + T(W_b)`, computed in `dtype` (default: the layer's dtype)."""
+        """`W_b + T(W_b)`, computed in `dtype` (default: the layer's dtype, also under autocast: the conv
+        that uses the kernel is what autocast lowers, and a cached kernel must not depend on it)."""
         base, transform = self.weight_base, self.transform_weight
-        if dtype is not None and dtype != base.dtype:
-            return refocus_kernel(base.to(dtype), transform.to(dtype))
-        return refocus_kernel(base, transform, self._patches())
+        with torch.autocast(base.device.type, enabled=False):
+            if dtype is not None and dtype != base.dtype:
+                return refocus_kernel(base.to(dtype), transform.to(dtype))
+            return refocus_kernel(base, transform, self._patches())
 
     def _patches(self) -> Optional[torch.Tensor]:
         g = self.transform_weight.shape[1]
         if g == 1:
             return None
-        key = _tensor_key(self.weight_base)
-        if key is None or self._patch_cache is None or self._patch_cache[0] != key:
+        key = None if _capturing() else _tensor_key(self.weight_base)
+        if key is None or self._patch_cache is None or not _same_key(self._patch_cache[0], key):
             with torch.no_grad():
                 patches = kernel_patches(self.weight_base, self.transform_weight.shape[2:], g)
             if key is None:
@@ -205,7 +219,7 @@ class RefConvNd(nn.Module):
         if torch.is_grad_enabled() and transform.requires_grad:
             self._kernel_cache = None
             return self.refocused_weight()
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if _capturing():
             return self.refocused_weight()  # a captured graph computes the kernel, it does not bake in a cache
         # Without autograd the kernel only changes when the transform or the base does. A kernel made in
         # inference mode is an inference tensor, which autograd outside that mode must not see.
@@ -214,7 +228,7 @@ class RefConvNd(nn.Module):
             with torch.no_grad():
                 return self.refocused_weight()
         key = (transform_key, base_key, torch.is_inference_mode_enabled())
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
+        if self._kernel_cache is None or not _same_key(self._kernel_cache[0], key):
             with torch.no_grad():
                 self._kernel_cache = (key, self.refocused_weight())
         return self._kernel_cache[1]
@@ -237,7 +251,13 @@ class RefConvNd(nn.Module):
         conv.weight = nn.Parameter(weight)
         if self.bias is not None:
             conv.bias = nn.Parameter(self.bias.detach().clone())
-        return conv
+        return conv.train(self.training)
+
+    def __getstate__(self):
+        # copies and pickles carry the weights, not kernels derived from them (as large again)
+        state = self.__dict__.copy()
+        state["_kernel_cache"] = state["_patch_cache"] = None
+        return state
 
     def transform_macs(self) -> int:
         """Multiply-accumulates of one transform evaluation (per step, independent of the batch)."""
@@ -309,7 +329,7 @@ def unsupported_reason(conv: nn.Module, map_k: int) -> Optional[str]:
 
 
 def check_map_k(map_k: int) -> None:
-    if not isinstance(map_k, int) or map_k < 1 or map_k % 2 == 0:
+    if not isinstance(map_k, int) or isinstance(map_k, bool) or map_k < 1 or map_k % 2 == 0:
         raise ConversionError(f"map_k must be a positive odd integer, got {map_k!r}")
 
 
@@ -353,8 +373,24 @@ def clear_kernel_caches(model: nn.Module) -> None:
             module.clear_cache()
 
 
+def _capturing() -> bool:
+    """Inside jit tracing, torch.compile or torch.export: what runs is recorded, so nothing may come from a
+    cache (and fake tensors have no data pointer to key one by)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _same_key(a, b) -> bool:
+    """Key equality, with tensors compared by identity (weak references: a freed tensor's address can be
+    reused by a new one, with the same version and shape)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_key(x, y) for x, y in zip(a, b))
+    if isinstance(a, weakref.ref) or isinstance(b, weakref.ref):
+        return isinstance(a, weakref.ref) and isinstance(b, weakref.ref) and a() is not None and a() is b()
+    return a == b
+
+
 def _tensor_key(t: torch.Tensor) -> Optional[tuple]:
     """What identifies `t`'s current values, or None for an inference tensor (no version counter)."""
     if t.is_inference():
         return None
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+    return (weakref.ref(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
