@@ -388,7 +388,7 @@ class _Run:
             model.float()
             if reference is not None:
                 reference.float()
-            self.log(f"note: the model's weights are {', '.join(low)}; training in float32 (--amp for mixed precision)")
+            self.log(f"note: the model's weights are {', '.join(low)}; training in float32 (--amp / amp=True for mixed precision)")
         self.model = model.to(self.procs.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -654,7 +654,7 @@ class _Run:
         if self.steps_per_epoch == 0:
             raise TrainError(
                 f"{config.data_dir}/train has {len(self.data.train)} images, fewer than one batch of "
-                f"{config.batch_size} per process; lower --batch-size"
+                f"{config.batch_size} per process; lower --batch-size / batch_size="
             )
         pin = procs.device.type == "cuda"
         self.train_loader = make_loader(self.data.train, self.train_sampler, batch_size=config.batch_size,
@@ -703,10 +703,10 @@ class _Run:
                           if self.config.fuse else "")
                 raise TrainError(
                     f"{self.output_dir}: the run already finished its {state['epoch']} epochs; pass a larger "
-                    f"--epochs to train on{deploy}"
+                    f"--epochs / epochs= to train on{deploy}"
                 )
             raise TrainError(
-                f"{self.output_dir}: the run already trained {state['epoch']} epochs; --epochs must be more than "
+                f"{self.output_dir}: the run already trained {state['epoch']} epochs; --epochs / epochs= must be more than "
                 f"that to extend it, got {epochs}"
             )
         if state["epoch"] >= epochs:
@@ -994,7 +994,7 @@ class _Run:
             if "Expected more than 1 value per channel" not in str(e):
                 raise
             raise TrainError("a batch of 1 image per process cannot train BatchNorm (it needs more than 1 value per "
-                             "channel); use --batch-size 2 or more") from None
+                             "channel); use --batch-size / batch_size= 2 or more") from None
 
     def _check_finite(self) -> None:
         """Stop a diverged run before it saves anything: NaN/Inf weights or BatchNorm statistics can come with a
@@ -1008,9 +1008,9 @@ class _Run:
     def _diverged(self, what: str) -> TrainError:
         # every epoch ends with a checkpoint, and a resumed run started from one
         if self.resuming or self.epoch > 0:
-            return TrainError(f"{what}; the last good checkpoint is kept, but --lr cannot change on resume: start a "
-                              "new run with a lower --lr")
-        return TrainError(f"{what}; nothing was kept: run again with a lower --lr")
+            return TrainError(f"{what}; the last good checkpoint is kept, but the learning rate cannot change on resume: "
+                              "start a new run with a lower --lr / lr=")
+        return TrainError(f"{what}; nothing was kept: run again with a lower --lr / lr=")
 
     def _end_epoch(self, elapsed: float, images_seen: int, unreadable: List[int]) -> None:
         if self.procs.distributed:
@@ -1080,7 +1080,7 @@ class _Run:
             if self.best["epoch"] == 0:
                 self.log("warning: no epoch beat the model as it started, so the best model"
                          + (" (and the deploy model)" if self.config.fuse else "")
-                         + " is the input model; try a lower --lr or more epochs")
+                         + " is the input model; try a lower --lr / lr= or more epochs")
         return files
 
     def _plot(self) -> None:
@@ -1151,7 +1151,7 @@ def _num_outputs(model: nn.Module, input_size: Tuple[int, ...]) -> int:
             out = model.eval()(torch.zeros(1, *input_size))
     except Exception as e:
         raise TrainError(f"{type(model).__name__} fails on a {'x'.join(map(str, input_size))} input "
-                         f"({first_line(e)}); check --input-size") from None
+                         f"({first_line(e)}); check --input-size / input_size=") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

@@ -333,7 +333,7 @@ def test_non_empty_output_folder_is_refused_and_left_alone(data_dir, tmp_path):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(epochs=2, warmup_epochs=2), r"warmup-epochs must be in \[0, epochs=2\)"),
-    (dict(batch_size=100), "fewer than one batch of 100 per process; lower --batch-size"),
+    (dict(batch_size=100), "fewer than one batch of 100 per process; lower --batch-size / batch_size="),
     (dict(optimizer="lion"), "unknown optimizer 'lion', expected one of sgd, adamw"),
     (dict(train_scope="everything"), "unknown train-scope 'everything'"),
 ])
@@ -629,9 +629,9 @@ def test_cli_default_warmup_explicit_bad_warmup_and_too_few_epochs_to_extend(dat
     assert two.exit_code == 0, two.output
     shorter = runner.invoke(main, ["train", "--resume", out, "--epochs", "1"])
     assert shorter.exit_code == 1
-    assert shorter.output.strip() == (f"error: {out}: the run already trained 2 epochs; --epochs must be more than "
+    assert shorter.output.strip() == (f"error: {out}: the run already trained 2 epochs; --epochs / epochs= must be more than "
                                       "that to extend it, got 1")
-    with pytest.raises(TrainError, match="already finished its 2 epochs; pass a larger --epochs"):
+    with pytest.raises(TrainError, match="already finished its 2 epochs; pass a larger --epochs / epochs="):
         resume(out, verbose=False)
 
 
@@ -723,7 +723,7 @@ def test_a_model_that_cannot_train_leaves_no_folder_and_half_precision_trains_in
     assert {p.dtype for p in result.model.parameters()} == {torch.float32}
     assert result.sanity["exact"] and result.sanity["equal"]
     log = (tmp_path / "half" / "train.log").read_text()
-    assert "note: the model's weights are float16; training in float32 (--amp for mixed precision)" in log
+    assert "note: the model's weights are float16; training in float32 (--amp / amp=True for mixed precision)" in log
     assert log.index("sanity:") < log.index("epoch 1/1")  # lines logged before the folder existed are kept
 
 
@@ -801,7 +801,7 @@ def test_a_run_that_never_beats_its_start_says_so(data_dir, tmp_path):
     result = train(CannotLearn(), data_dir, output_dir=str(tmp_path / "run"), epochs=2, fuse=True, **FAST)
     assert result.best["epoch"] == 0
     assert ("warning: no epoch beat the model as it started, so the best model (and the deploy model) is the "
-            "input model; try a lower --lr or more epochs") in _log(tmp_path / "run")
+            "input model; try a lower --lr / lr= or more epochs") in _log(tmp_path / "run")
 
 
 def test_momentum_with_adamw_is_a_usage_error(data_dir, tmp_path):
@@ -855,7 +855,7 @@ def test_cli_batch_of_one_is_a_clear_error_and_the_failed_run_leaves_nothing(dat
     failed = CliRunner().invoke(main, [*args, "--batch-size", "1"])
     assert failed.exit_code == 1
     assert failed.output.strip() == ("error: a batch of 1 image per process cannot train BatchNorm (it needs more "
-                                     "than 1 value per channel); use --batch-size 2 or more")
+                                     "than 1 value per channel); use --batch-size / batch_size= 2 or more")
     assert not os.path.exists(tmp_path / "runs")
     rerun = CliRunner().invoke(main, [*args, "--batch-size", "8", "--lr", "0.05"])  # the corrected command works
     assert rerun.exit_code == 0, rerun.output
@@ -865,7 +865,7 @@ def test_a_failed_run_removes_only_its_own_files_and_keeps_a_folder_it_did_not_m
     out = tmp_path / "given"
     out.mkdir()
     with pytest.raises(TrainError, match=r"training diverged in epoch 1: non-finite \(NaN/Inf\) values in "
-                                         r"bn1.running_var; nothing was kept: run again with a lower --lr$"):
+                                         r"bn1.running_var; nothing was kept: run again with a lower --lr / lr=$"):
         train(tiny_net(cls=lambda: PoisonAt(at=2)), data_dir, output_dir=str(out), epochs=1, lr=0.1, **FAST)
     assert out.is_dir() and os.listdir(out) == []
     with pytest.raises(TrainError, match="a batch of 1 image per process cannot train BatchNorm"):
@@ -887,8 +887,8 @@ def test_divergence_is_caught_at_the_end_of_its_epoch_and_the_previous_epoch_is_
     with pytest.raises(TrainError) as error:
         train(model, data_dir, output_dir=out, epochs=2, lr=0.5, **FAST)
     assert str(error.value) == ("training diverged in epoch 2: non-finite (NaN/Inf) values in bn1.running_var; the "
-                                "last good checkpoint is kept, but --lr cannot change on resume: start a new run with "
-                                "a lower --lr")
+                                "last good checkpoint is kept, but the learning rate cannot change on resume: start a "
+                                "new run with a lower --lr / lr=")
     assert sorted(os.listdir(out)) == sorted(["config.json", "train.log", "metrics.jsonl", "best.safetensors",
                                               "last.safetensors", "train_state.pt"])
     state = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
