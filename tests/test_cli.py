@@ -25,7 +25,8 @@ from reparam_zoo import modelfile as mf
 from reparam_cli.main import main
 from reparam_zoo.layers.refconv import RefConvNd
 
-from test_modelfile import TinyRepNet, randomize_bn, randomize_transforms, tiny  # also registers tiny_reptest
+from helpers import randomize_bn
+from test_modelfile import TinyRepNet, randomize_transforms, tiny  # also registers tiny_reptest
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -477,12 +478,24 @@ def _sigint_as_in_a_terminal():
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def _wait_until_importing_torch(pid: int, timeout: float = 120) -> None:
+    """Past Python's own start-up (where an interrupt is Python's to report): torch's library is loading."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/maps") as f:
+            if "libtorch" in f.read():
+                return
+        time.sleep(0.02)
+    raise AssertionError("the console script never started importing torch")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
 def test_ctrl_c_while_the_console_script_starts_is_one_line():
     # importing torch and timm takes seconds: an interrupt then must end like one during a command
     script = os.path.join(os.path.dirname(sys.executable), "reparam")
     proc = subprocess.Popen([script, "report", "resnet18"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_sigint_as_in_a_terminal)
-    time.sleep(1.5)  # past Python's own start-up, well before torch and timm have imported
+    _wait_until_importing_torch(proc.pid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert (proc.returncode, err, out) == (130, "error: interrupted\n", ""), err

@@ -12,6 +12,8 @@ from reparam_zoo.deploy import verify_equivalence
 from reparam_zoo.model_info import example_inputs
 from reparam_zoo.surgery import refconv_layers
 
+from helpers import randomize_bn
+
 
 def randomize_transforms(model, scale=0.1, seed=0):
     torch.manual_seed(seed)
@@ -20,17 +22,6 @@ def randomize_transforms(model, scale=0.1, seed=0):
         layer.transform_weight.data.mul_(scale)
     return model
 
-
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            if m.weight is not None:
-                m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
 
 
 MODELS = ["resnet18", "mobilenetv3_small_100", "efficientnet_b0", "convnext_atto", "regnetx_002", "repvgg_a0"]

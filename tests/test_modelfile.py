@@ -22,6 +22,8 @@ from reparam_zoo import ArgumentConflictError, CheckpointError, ReparamError, co
 from reparam_zoo import modelfile as mf
 from reparam_zoo.surgery import refconv_layers
 
+from helpers import outputs, randomize_bn
+
 
 # -- a tiny registered architecture -----------------------------------------------------------------------
 
@@ -89,16 +91,6 @@ def tiny_reptest(pretrained=False, **kwargs):
     return build_model_with_cfg(TinyRepNet, "tiny_reptest", pretrained, **kwargs)
 
 
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
-
 
 def randomize_transforms(model, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -112,10 +104,6 @@ def tiny(**kwargs):
     torch.manual_seed(0)
     return randomize_bn(mf.create_model("tiny_reptest", **kwargs))
 
-
-def outputs(model, x):
-    with torch.no_grad():
-        return model.eval()(x)
 
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
