@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, first_line, preview
+from .model_info import timm_cfg
 
 StateDict = Dict[str, torch.Tensor]
 # An adapter gets the unwrapped state_dict and the target model and returns the state_dict in the
@@ -100,7 +101,7 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
         refused = re.search(r"GLOBAL (\S+)", str(e))
         if refused or "Unsupported global" in str(e):
             if trust_pickle:
-                return unwrap_state_dict(_unpickle(path), source=path), {}
+                return unwrap_state_dict(unpickle(path), source=path), {}
             what = f"pickled Python objects ({refused.group(1)})" if refused else "pickled Python objects"
             raise CheckpointError(
                 f"{path}: contains {what}; loading it would run arbitrary code, refused (pass --trust-pickle / "
@@ -113,11 +114,16 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
     return unwrap_state_dict(obj, source=path), {}
 
 
-def _unpickle(path: str):
+def unpickle(path: str):
+    """A trusted pickle's object, fully unpickled (this runs the file's code): only after the user said so."""
+    if deployment_artifact_kind(path) is not None:
+        read_state_dict(path)  # raises the deployment-artifact error
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # code the pickle needs may be missing here
-        raise CheckpointError(f"{path}: cannot unpickle ({type(e).__name__}: {first_line(e)})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated file ({first_line(e)})") from None
+    except (AttributeError, ModuleNotFoundError, ImportError) as e:
+        raise CheckpointError(f"{path}: the pickle needs code that is not importable here ({first_line(e)})") from None
 
 
 def deployment_artifact_kind(path: str) -> Optional[str]:
@@ -268,8 +274,7 @@ def checkpoint_head_size(model: nn.Module, state_dict: StateDict) -> Optional[in
 def checkpoint_in_chans(model: nn.Module, state_dict: StateDict) -> Optional[int]:
     """The input channel count of a checkpoint whose first conv (timm's `first_conv`) takes another
     number of channels than `model`'s, or None."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    first = cfg.get("first_conv")
+    first = timm_cfg(model).get("first_conv")
     if not isinstance(first, str):
         return None
     key = first + ".weight"

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from .errors import EquivalenceError, ReparamError, first_line
-from .modelfile import _atomic_write, _unwrap, architecture_of, check_finite, check_output_path, save
+from .model_info import unwrap
+from .modelfile import _atomic_write, architecture_of, check_finite, check_output_path, save
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "FORMAT_NAMES", "ExportResult", "export", "format_of_path"]
 
@@ -68,7 +69,7 @@ def export(
     if fmt not in EXPORT_FORMATS:
         raise ReparamError(f"unknown format '{fmt}', expected one of {', '.join(EXPORT_FORMATS)}")
     path = os.fspath(path)
-    model = _unwrap(model)
+    model = unwrap(model)
     if fmt == "safetensors":
         written = "safetensors" if architecture_of(model) is not None else "pickle"
         return ExportResult(save(model, path, extra_metadata=extra_metadata, trust_pickle=trust_pickle), written)

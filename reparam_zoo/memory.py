@@ -45,8 +45,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def training_memory(model: nn.Module, input_size: Sequence[int]) -> TrainingMemory:
-    caches = [t for m in model.modules() if isinstance(m, RefConvNd) for t in m.step_invariant_tensors()]
-    weights = tensor_bytes(list(model.parameters()) + list(model.buffers()) + caches)
+    weights = tensor_bytes(_held(model))
     gradients = tensor_bytes(p for p in model.parameters() if p.requires_grad)
     try:
         saved = _saved_bytes(model, (MEASURE_BATCH,) + tuple(input_size))
@@ -59,10 +58,14 @@ def training_memory(model: nn.Module, input_size: Sequence[int]) -> TrainingMemo
     return TrainingMemory(weights, gradients, max(saved - per_step, 0) // MEASURE_BATCH)
 
 
+def _held(model: nn.Module) -> list:
+    """What the model holds from step to step: parameters, buffers and RefConv's step-invariant caches."""
+    caches = [t for m in model.modules() if isinstance(m, RefConvNd) for t in m.step_invariant_tensors()]
+    return list(model.parameters()) + list(model.buffers()) + caches
+
+
 def _saved_bytes(model: nn.Module, shape: Sequence[int]) -> int:
-    held = list(model.parameters()) + list(model.buffers())
-    held += [t for m in model.modules() if isinstance(m, RefConvNd) for t in m.step_invariant_tensors()]
-    own = {t.untyped_storage().data_ptr() for t in held}
+    own = {t.untyped_storage().data_ptr() for t in _held(model)}
     storages = {}
 
     def pack(t: torch.Tensor):

@@ -30,9 +30,7 @@ import difflib
 import glob
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -40,8 +38,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import (check_compatible, check_readable, checkpoint_head_size, checkpoint_in_chans,
-                         deployment_artifact_kind,
-                         load_checkpoint, read_state_dict, unwrap_state_dict, _is_safetensors)
+                         load_checkpoint, read_state_dict, unpickle, unwrap_state_dict, _is_safetensors)
 from .deploy import STAGES, FuseReport, apply_fuse_structure, model_stage
 from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line, preview
 from .surgery import convert, refconv_layers
@@ -466,9 +463,14 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def non_finite(state: Dict[str, torch.Tensor]) -> List[str]:
+    """The names of the floating tensors in `state` that hold a NaN or Inf."""
+    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def check_finite(state: Dict[str, torch.Tensor], action: str = "save them") -> None:
     """Refuse NaN/Inf weights: a file holding them would silently poison whatever loads it."""
-    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = non_finite(state)
     if bad:
         raise ReparamError(f"non-finite (NaN/Inf) weights in {preview(bad, 3)}; refusing to {action}")
 
@@ -647,7 +649,7 @@ def _bare_state_dict_message(path: str) -> str:
 
 def _unpickled_module(path: str) -> nn.Module:
     """The nn.Module in a trusted pickle: the file itself, or a training checkpoint's `model`/`module`/... entry."""
-    obj = _unpickle(path)
+    obj = unpickle(path)
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, dict):
@@ -658,16 +660,6 @@ def _unpickled_module(path: str) -> nn.Module:
             raise ArchitectureUnknownError(_bare_state_dict_message(path))
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, neither a model nor a state_dict")
 
-
-def _unpickle(path: str) -> Any:
-    if deployment_artifact_kind(path) is not None:
-        read_state_dict(path)  # raises the deployment-artifact error
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated file ({first_line(e)})") from None
-    except (AttributeError, ModuleNotFoundError, ImportError) as e:
-        raise CheckpointError(f"{path}: the pickled model needs code that is not importable here ({first_line(e)})") from None
 
 
 # -- what a MODEL argument is -------------------------------------------------------------------------------

@@ -477,7 +477,7 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
             by_op = analysis.by_operator()
             unsupported = dict(sorted(analysis.unsupported_ops().items()))
             uncalled = _outermost_with_weights(model, analysis.uncalled_modules())
-            with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+            with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
                 model(x)
     except Exception as e:  # the user's model failed to run: one line, not a traceback
         raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
@@ -513,9 +513,6 @@ def _cpu_attention_flops():
 
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     return {} if op is None else {op: formula}
-
-
-_CPU_ATTENTION_FLOPS = _cpu_attention_flops()
 
 
 def _fvcore_analysis():

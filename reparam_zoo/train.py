@@ -999,8 +999,9 @@ class _Run:
     def _check_finite(self) -> None:
         """Stop a diverged run before it saves anything: NaN/Inf weights or BatchNorm statistics can come with a
         finite loss, and would otherwise fail every later save and every resume."""
-        bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
-        bad = self.procs.union(bad)  # every rank stops, or the others would wait forever
+        from .modelfile import non_finite
+
+        bad = self.procs.union(non_finite(self.model.state_dict()))  # every rank stops, or the others would wait forever
         if bad:
             raise self._diverged(f"training diverged in epoch {self.epoch + 1}: non-finite (NaN/Inf) values in "
                                  f"{preview(bad, 3)}")

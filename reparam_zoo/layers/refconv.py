@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-import weakref
 import math
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
