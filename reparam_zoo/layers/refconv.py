@@ -192,13 +192,14 @@ class RefConvNd(nn.Module):
         g = self.transform_weight.shape[1]
         if g == 1:
             return None
-        key = None if _capturing() else _tensor_key(self.weight_base)
-        if key is None or self._patch_cache is None or not _same_key(self._patch_cache[0], key):
+        base = self.weight_base
+        cacheable = not _capturing() and not base.is_inference()
+        if not cacheable or self._patch_cache is None or not _unchanged(self._patch_cache[0], base):
             with torch.no_grad():
-                patches = kernel_patches(self.weight_base, self.transform_weight.shape[2:], g)
-            if key is None:
+                patches = kernel_patches(base, self.transform_weight.shape[2:], g)
+            if not cacheable:
                 return patches
-            self._patch_cache = (key, patches)
+            self._patch_cache = (_version_key(base), patches)
         return self._patch_cache[1]
 
     def step_invariant_tensors(self) -> List[torch.Tensor]:
@@ -223,14 +224,16 @@ class RefConvNd(nn.Module):
             return self.refocused_weight()  # a captured graph computes the kernel, it does not bake in a cache
         # Without autograd the kernel only changes when the transform or the base does. A kernel made in
         # inference mode is an inference tensor, which autograd outside that mode must not see.
-        transform_key, base_key = _tensor_key(transform), _tensor_key(base)
-        if transform_key is None or base_key is None:  # inference tensors have no version counter
+        if transform.is_inference() or base.is_inference():  # inference tensors have no version counter
             with torch.no_grad():
                 return self.refocused_weight()
-        key = (transform_key, base_key, torch.is_inference_mode_enabled())
-        if self._kernel_cache is None or not _same_key(self._kernel_cache[0], key):
+        inference = torch.is_inference_mode_enabled()
+        cache = self._kernel_cache
+        if (cache is None or cache[0][2] != inference or not _unchanged(cache[0][0], transform)
+                or not _unchanged(cache[0][1], base)):
             with torch.no_grad():
-                self._kernel_cache = (key, self.refocused_weight())
+                self._kernel_cache = ((_version_key(transform), _version_key(base), inference),
+                                      self.refocused_weight())
         return self._kernel_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -379,18 +382,11 @@ def _capturing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
-def _same_key(a, b) -> bool:
-    """Key equality, with tensors compared by identity (weak references: a freed tensor's address can be
-    reused by a new one, with the same version and shape)."""
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same_key(x, y) for x, y in zip(a, b))
-    if isinstance(a, weakref.ref) or isinstance(b, weakref.ref):
-        return isinstance(a, weakref.ref) and isinstance(b, weakref.ref) and a() is not None and a() is b()
-    return a == b
+def _version_key(t: torch.Tensor) -> tuple:
+    """What identifies `t`'s current values: the tensor itself (a weak reference: a freed tensor's address
+    can be reused by a new one, with the same version) and its version counter."""
+    return weakref.ref(t), t._version
 
 
-def _tensor_key(t: torch.Tensor) -> Optional[tuple]:
-    """What identifies `t`'s current values, or None for an inference tensor (no version counter)."""
-    if t.is_inference():
-        return None
-    return (weakref.ref(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+def _unchanged(key: tuple, t: torch.Tensor) -> bool:
+    return key[0]() is t and key[1] == t._version
