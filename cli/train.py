@@ -156,5 +156,6 @@ def _given(ctx: click.Context, name: str) -> bool:
 
 
 def _same_path(a, b) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and \
-        os.path.samefile(a, b)
+    from reparam_zoo.modelfile import same_file
+
+    return isinstance(a, str) and isinstance(b, str) and same_file(a, b)

@@ -80,7 +80,7 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
         try:
             with safe_open(path, framework="pt") as f:
                 metadata = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
         return tensors, metadata
@@ -285,6 +285,16 @@ def checkpoint_in_chans(model: nn.Module, state_dict: StateDict) -> Optional[int
     if theirs.shape[1] == ours.shape[1] or theirs.shape[0] != ours.shape[0] or theirs.shape[2:] != ours.shape[2:]:
         return None
     return int(theirs.shape[1])
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` in memory aligned as PyTorch allocates it. safetensors hands out tensors at their offset in the file
+    (8-byte aligned at best), and MKL's matmuls round differently on such memory: a loaded model would not
+    compute bit for bit what the saved one did."""
+    return t if t.data_ptr() % _ALIGNMENT == 0 else t.clone()
+
+
+_ALIGNMENT = 64  # bytes: c10's CPU allocator, an AVX-512 vector
 
 
 def _is_safetensors(path: str) -> bool:

@@ -51,7 +51,7 @@ __all__ = [
     "create_model", "set_num_classes", "architecture_of", "is_architecture", "ArchitectureUnknownError",
     "model_stage", "model_metadata", "parse_metadata", "read_info",
     "save", "load", "load_model", "resolve_model",
-    "check_output_path", "check_finite", "atomic_write",
+    "check_output_path", "check_finite", "atomic_write", "same_file",
 ]
 
 FORMAT = "reparam-zoo"
@@ -453,11 +453,12 @@ def check_output_path(path: PathLike, inputs: Sequence[PathLike] = ()) -> None:
     if not os.access(folder, os.W_OK):
         raise ReparamError(f"folder '{folder}' is not writable")
     for source in inputs:
-        if _same_file(path, os.fspath(source)):
+        if same_file(path, os.fspath(source)):
             raise ReparamError(f"'{path}' is an input; refusing to overwrite it")
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file or folder (the same path, when either does not exist yet)."""
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
     return os.path.realpath(a) == os.path.realpath(b)

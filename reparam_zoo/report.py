@@ -101,6 +101,7 @@ class ModuleRow:
     transform_macs: int
     inference_params: int
     macs: int
+    inference_buffers: int = 0  # reports written before this field counted none
 
 
 class LayerParams(NamedTuple):
@@ -260,7 +261,7 @@ class Report:
                          t["buffers"], t["transform_macs"], i["params"], i["buffers"], i["macs"]])
         for r in self.modules:
             writer.writerow([r.name, r.type, r.training_params, r.trainable_params, r.frozen_params, r.buffers,
-                             r.transform_macs, r.inference_params, "", r.macs])
+                             r.transform_macs, r.inference_params, r.inference_buffers, r.macs])
         return out.getvalue()
 
     def render(self, fmt: str = "table") -> str:
@@ -573,6 +574,7 @@ def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], de
     buffers = _by_module(((n, b) for n, b in model.named_buffers() if id(b) not in base_ids), depth)
     transform = _by_module(((_join(n, "transform_weight"), m.transform_macs()) for n, m in refconvs), depth)
     deployed_params = params if deployed is model else _by_module(deployed.named_parameters(), depth)
+    deployed_buffers = buffers if deployed is model else _by_module(deployed.named_buffers(), depth)
     rows = []
     for name, module in model.named_modules():
         if not name or name.count(".") >= depth:
@@ -582,7 +584,7 @@ def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], de
             name=name, type=type(module).__name__, training_params=total, trainable_params=trainable.get(name, 0),
             frozen_params=total - trainable.get(name, 0), buffers=buffers.get(name, 0),
             transform_macs=transform.get(name, 0), inference_params=deployed_params.get(name, 0),
-            macs=macs.get(name, 0),
+            macs=macs.get(name, 0), inference_buffers=deployed_buffers.get(name, 0),
         )
         if row.training_params or row.buffers or row.macs or row.inference_params:
             rows.append(row)

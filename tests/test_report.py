@@ -327,6 +327,9 @@ def test_table_markdown_csv_contain_the_numbers():
     assert int(total["inference_params"]) == r.inference["params"] and int(total["macs"]) == r.inference["macs"]
     assert [row["module"] for row in rows[1:]] == [m.name for m in r.modules]
     assert {row["module"]: int(row["macs"]) for row in rows[1:]}["fc"] == 30
+    assert int(total["inference_buffers"]) == r.inference["buffers"] == 17  # BN's mean, var and step count
+    assert sum(int(row["inference_buffers"]) for row in rows[1:]) == 17
+    assert {row["module"]: int(row["inference_buffers"]) for row in rows[1:]}["bn"] == 17
     with pytest.raises(ReparamError, match="unknown format 'yaml', expected one of table, markdown, json, csv"):
         r.render("yaml")
 
