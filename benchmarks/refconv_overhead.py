@@ -2,7 +2,8 @@
 straightforward RefConv formulation, on CPU.
 
     python benchmarks/refconv_overhead.py [--models resnet18 mobilenetv2_100 rexnetv1_100] [--batch 32]
-        [--size 224] [--reps 3] [--max-reps 15] [--budget-s 360] [--threads 1] [--profile] [--no-readme]
+        [--size 224] [--reps 3] [--max-reps 15] [--budget-s 360] [--threads 1] [--profile] [--default-malloc]
+        [--no-readme]
 
 Three variants of the same randomly initialised timm model (`pretrained=False`; the weights' values do
 not change the cost), side by side in one process:
@@ -53,6 +54,7 @@ import timm  # noqa: E402
 
 import reparam_zoo  # noqa: E402  (also registers rexnetv1_* with timm)
 from reparam_zoo.surgery import refconv_layers, replace_modules  # noqa: E402
+from reparam_zoo.processes import keep_freed_memory  # noqa: E402
 
 from benchmarks import _common  # noqa: E402
 
@@ -310,7 +312,9 @@ def readme_block(results: dict) -> str:
         "```", results["command"], "```", "",
         f"{_common.facts_line(env)} (at end "
         f"{', '.join(f'{x:.1f}' for x in env['load_average_at_end'])}); batch {results['batch']}, "
-        f"{results['resolution']}x{results['resolution']}, one training step = forward + backward + SGD step. "
+        f"{results['resolution']}x{results['resolution']}, one training step = forward + backward + SGD step"
+        + (", freed memory kept for reuse as `reparam train` keeps it (`keep_freed_memory`). "
+           if results.get("keep_freed_memory") else ", glibc's default allocator settings. ") +
         "The three variants run interleaved; ratios are medians over rounds of the per-round ratio of process "
         "CPU time (the primary measure: a single-threaded process's CPU time is its own work, while its wall "
         "time on this shared machine mostly measures the other jobs; wall-time ratio in square brackets, "
@@ -354,8 +358,11 @@ def main(argv=None) -> dict:
                              "are added while a model's share of it lasts")
     parser.add_argument("--transform-reps", type=int, default=15)
     parser.add_argument("--profile", action="store_true", help="also store a torch.profiler table per variant")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (default: keep freed memory, as `reparam train` does)")
     _common.add_run_options(parser, "refconv_overhead.json")
     args = _common.parse_run_options(parser, argv)
+    keeps_freed_memory = False if args.default_malloc else keep_freed_memory()
 
     results = {
         "command": _common.command_line("refconv_overhead.py", argv),
@@ -363,6 +370,7 @@ def main(argv=None) -> dict:
         "batch": args.batch, "resolution": args.size, "min_reps": args.reps, "max_reps": args.max_reps,
         "budget_s": args.budget_s, "transform_reps": args.transform_reps,
         "optimizer": "SGD(lr=1e-4, momentum=0.9) over the trainable parameters; zero_grad(set_to_none=True)",
+        "keep_freed_memory": keeps_freed_memory,
         "what_is_measured": __doc__.split("Memory (what is measured): ")[1].strip(),
         "goals": GOALS,
         "models": {},

@@ -17,6 +17,8 @@ def demo_command(output_dir, seed, quiet):
     model and prints the training-vs-inference table.
     """
     from reparam_zoo.demo import run_demo
+    from reparam_zoo.processes import keep_freed_memory
 
+    keep_freed_memory()  # as `reparam train` does
     result = run_demo(output_dir, seed=seed, verbose=not quiet, echo=click.echo)
     click.echo(f"\ndone in {result.seconds:.0f} s; artifacts in {result.output_dir}")

@@ -91,7 +91,10 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     Under torchrun (e.g. `torchrun --nproc_per_node 4 --no-python reparam train MODEL --data DIR`) it trains with
     DistributedDataParallel, gloo on CPU and nccl on GPU; --batch-size is per process.
     """
+    from reparam_zoo.processes import keep_freed_memory
     from reparam_zoo.train import RESUMABLE_OVERRIDES, read_config, resume as resume_run, train
+
+    keep_freed_memory()  # this process only trains: reuse freed blocks instead of faulting them in every step
 
     if input_size is not None:
         if input_size[0] != 3 or input_size[1] != input_size[2]:

@@ -109,6 +109,20 @@ def test_gradient_reaches_only_the_transform(dims, kwargs):
     torch.testing.assert_close(layer.transform_weight.grad.double(), grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dims,groups", [(2, 4), (2, 8), (1, 6), (3, 2)], ids=["2d-g4", "2d-dw", "1d-dw", "3d-g2"])
+def test_grouped_transform_gradients_match_autograd_to_second_order(dims, groups):
+    # grouped and depthwise layers back-propagate through their own Function (the GEMM orientation): its
+    # first and second derivatives against finite differences, with cached neighbourhoods as in training
+    torch.manual_seed(0)
+    conv = CONV[dims](8 if groups != 6 else 6, 8 if groups != 6 else 6, 3, groups=groups).double()
+    layer = RefConvNd.from_conv(conv, init="kaiming")
+    patches = layer._patches()
+    torch.autograd.gradcheck(lambda t: refconv_module.refocus_kernel(layer.weight_base, t, patches),
+                             (layer.transform_weight.detach().clone().requires_grad_(),))
+    torch.autograd.gradgradcheck(lambda t: refconv_module.refocus_kernel(layer.weight_base, t, patches).square(),
+                                 (layer.transform_weight.detach().clone().requires_grad_(),))
+
+
 def test_map_k_five_on_seven_kernel():
     conv, x = make(2, dict(in_channels=3, out_channels=4, kernel_size=7, padding=3))
     layer = RefConv2d.from_conv(conv, map_k=5, init="xavier")

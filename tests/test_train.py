@@ -447,15 +447,19 @@ def test_two_process_ddp_interrupted_mid_epoch_resumes_bit_identical(data_dir, t
 
 # -- CLI --------------------------------------------------------------------------------------------------------
 
-def test_cli_train_resume_extend_and_fuse(data_dir, tmp_path):
+def test_cli_train_resume_extend_and_fuse(data_dir, tmp_path, monkeypatch):
     from reparam_cli.main import main
+    from reparam_zoo import processes
 
+    kept = []
+    monkeypatch.setattr(processes, "keep_freed_memory", lambda: kept.append(1) or True)
     runner = CliRunner()
     out = str(tmp_path / "run")
     args = ["train", "test_resnet", "--data", data_dir, "--num-classes", "3", "--input-size", "32", "--epochs", "1",
             "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0", "--lr", "0.05", "-o", out, "-q"]
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
+    assert kept == [1]  # the command's process keeps freed memory for the next step
     assert os.path.exists(os.path.join(out, "last.safetensors")) and not os.path.exists(os.path.join(out, "deploy.safetensors"))
 
     again = runner.invoke(main, args)  # same OUTDIR without --resume: refused, in one line
@@ -981,3 +985,31 @@ def test_training_leaves_the_callers_random_streams_alone(data_dir, tmp_path):
     train("test_resnet", data_dir, output_dir=str(tmp_path / "run"), num_classes=3, input_size=32, epochs=1,
           batch_size=8, workers=0, verbose=False)
     assert (torch.rand(1).item(), random.random()) == expected
+
+
+REFAULT_PROBE = """
+import resource, sys, torch
+from reparam_zoo.processes import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults_of_a_step():  # a 64 MiB tensor made, written and freed, as activations are every step
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 << 20).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_step()
+print(applied, min(faults_of_a_step() for _ in range(3)))
+"""
+
+
+def test_keep_freed_memory_stops_every_step_from_faulting_its_pages_in_again():
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", REFAULT_PROBE, mode], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        applied, faults = out.stdout.split()
+        return applied, int(faults)
+
+    _, default_faults = probe("default")
+    applied, kept_faults = probe("keep")
+    if applied != "True":
+        pytest.skip("not glibc: mallopt is not available")
+    assert default_faults > 8000  # 16384 pages of 4 KiB: glibc maps a fresh block each time
+    assert kept_faults < 100

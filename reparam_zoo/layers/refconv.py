@@ -36,8 +36,8 @@ def refocus_kernel(base: torch.Tensor, transform_weight: torch.Tensor, patches: 
     the shape: a dense layer's transform (g == 1) is depthwise over the N slices, a grouped conv when a
     gradient is needed and a sum of shifted copies otherwise (PyTorch's grouped conv is very slow in
     float64, where folding happens); for grouped and depthwise layers each of the N/g groups is a small
-    dense mix, one batched matmul over the base kernel's neighbourhoods (`patches`, cacheable because
-    the base is frozen).
+    dense mix, one batched matmul over the base kernel's neighbourhoods (`patches`, see `kernel_patches`;
+    cacheable because the base is frozen).
     """
     n, g = transform_weight.shape[:2]
     map_k = transform_weight.shape[2:]
@@ -53,8 +53,34 @@ def refocus_kernel(base: torch.Tensor, transform_weight: torch.Tensor, patches: 
         patches = kernel_patches(base, map_k, g)
     groups = n // g
     mix = transform_weight.reshape(groups, g, g * math.prod(map_k))
-    mixed = torch.bmm(mix, patches)  # (groups, g, prod(K))
+    if torch.is_grad_enabled() and mix.requires_grad and not _capturing():
+        mixed = _MixNeighbourhoods.apply(mix, patches)
+    else:
+        mixed = _mix_neighbourhoods(mix, patches)
     return base + mixed.reshape(base.shape)
+
+
+def _mix_neighbourhoods(mix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """`mix @ patches^T`, (groups, g, prod(K)), computed as `(patches @ mix^T)^T`: with a few kernel
+    positions against thousands of slice offsets this orientation is the one MKL's GEMM runs fast (4x on
+    a depthwise layer's 960 x 8640 mix)."""
+    return torch.bmm(patches, mix.transpose(1, 2)).transpose(1, 2)
+
+
+class _MixNeighbourhoods(torch.autograd.Function):
+    """`_mix_neighbourhoods` with the gradient as `grad @ patches`, contiguous in the transform's layout:
+    autograd's own backward of the transposed product is several times slower (a transposed GEMM output
+    plus a strided copy into the transform's gradient)."""
+
+    @staticmethod
+    def forward(ctx, mix, patches):
+        ctx.save_for_backward(patches)
+        return _mix_neighbourhoods(mix, patches)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (patches,) = ctx.saved_tensors
+        return torch.bmm(grad, patches), None
 
 
 @torch.no_grad()
@@ -77,8 +103,8 @@ def _shifted_sum(base: torch.Tensor, transform_weight: torch.Tensor) -> torch.Te
 def kernel_patches(base: torch.Tensor, map_k: Tuple[int, ...], g: int) -> torch.Tensor:
     """Zero-padded neighbourhoods of every kernel position, laid out for `refocus_kernel`'s matmul.
 
-    Returns `(N/g, g*prod(map_k), prod(K))` with row index `j*prod(map_k) + q` for slice j of the group and
-    transform offset q (the same order as a conv weight `(N, g, *map_k)` flattened).
+    Returns `(N/g, prod(K), g*prod(map_k))`: for each group, kernel position p and column `j*prod(map_k) + q`
+    (slice j of the group, transform offset q: the order of a conv weight `(N, g, *map_k)` flattened).
     """
     n = base.shape[0] * base.shape[1]
     kernel = base.shape[2:]
@@ -88,7 +114,7 @@ def kernel_patches(base: torch.Tensor, map_k: Tuple[int, ...], g: int) -> torch.
         index = tuple(slice(o, o + k) for o, k in zip(offset, kernel))
         shifts.append(padded[(slice(None),) + index])
     stacked = torch.stack(shifts, dim=1)  # (N, M, *K)
-    return stacked.reshape(n // g, g * math.prod(map_k), math.prod(kernel))
+    return stacked.reshape(n // g, g * math.prod(map_k), math.prod(kernel)).transpose(1, 2).contiguous()
 
 
 def _same_padding(map_k) -> list:
