@@ -28,7 +28,7 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same large tensors every time (activations, gradients,
     refocused kernels). By default glibc serves such blocks with fresh mmaps and returns them on free, so
-    every step page-faults all of them in again: on a 2-core CPU that was 25-40% of a step's CPU time
+    every step page-faults all of them in again: on a 2-core CPU steps took 8-42% more CPU time that way
     (see benchmarks/README.md). The price is that the process's memory does not shrink after its peak,
     which a training process reaches again every step anyway. Process-wide and permanent: `reparam train`
     calls it for its own process; in your own program call it where the same holds (or use jemalloc or
