@@ -5,7 +5,7 @@ import os
 
 import click
 
-from reparam_zoo.train import OPTIMIZERS, TrainConfig
+from reparam_zoo.train.config import OPTIMIZERS, SGD_MOMENTUM, TrainConfig
 
 from .common import TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
 
@@ -38,8 +38,8 @@ def _check_device(ctx, param, value):
               help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=DEFAULTS.optimizer, show_default=True,
               help="sgd: momentum SGD (the RefConv recipe); adamw.")
-@click.option("--momentum", type=click.FloatRange(min=0, max=1), default=DEFAULTS.momentum, show_default=True,
-              help="SGD momentum.")
+@click.option("--momentum", type=click.FloatRange(min=0, max=1),
+              help=f"SGD momentum (--optimizer sgd only).  [default: {SGD_MOMENTUM}]")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=DEFAULTS.weight_decay, show_default=True,
               help="On the transforms (and a new head); never on biases and norms.")
 @click.option("--warmup-epochs", type=click.IntRange(min=0),
@@ -92,7 +92,9 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     DistributedDataParallel, gloo on CPU and nccl on GPU; --batch-size is per process.
     """
     from reparam_zoo.processes import keep_freed_memory
-    from reparam_zoo.train import RESUMABLE_OVERRIDES, read_config, resume as resume_run, train
+    from reparam_zoo.train import resume as resume_run, train
+    from reparam_zoo.train.config import SettingError, check_momentum, check_resume_overrides, check_warmup
+    from reparam_zoo.train.run_dir import CONFIG_FILE, read_config
 
     keep_freed_memory()  # this process only trains: reuse freed blocks instead of faulting them in every step
 
@@ -104,32 +106,30 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     ctx = click.get_current_context()
     given = {name for name in settings if _given(ctx, name)} | ({"model"} if model else set()) | (
         {"data_dir"} if data_dir else set())
-    if "momentum" in given and settings.get("optimizer") != "sgd":
-        raise click.UsageError(f"--momentum applies to --optimizer sgd, not {settings.get('optimizer')}")
+
+    try:  # the library's rules about settings, before anything heavy is loaded; flags in the messages
+        check_momentum(settings["optimizer"], settings["momentum"])
+        if resume:
+            if output and os.path.abspath(output) != os.path.abspath(resume):
+                raise click.UsageError("--resume OUTDIR continues in OUTDIR; leave out -o/--output")
+            requested = {**settings, "model": model, "data_dir": data_dir}
+            overrides = check_resume_overrides(read_config(resume), {n: requested[n] for n in given},
+                                               os.path.join(resume, CONFIG_FILE))
+        else:
+            if not model:
+                raise click.UsageError("missing MODEL (or --resume OUTDIR)")
+            if not data_dir:
+                raise click.UsageError("missing --data DIR")
+            if settings["warmup_epochs"] is not None:
+                check_warmup(settings["warmup_epochs"], settings["epochs"])
+    except SettingError as e:
+        if e.setting == "warmup_epochs":
+            raise click.BadParameter(e.problem(_flag), param_hint=_flag(e.setting)) from None
+        raise click.UsageError(e.render(_flag)) from None
 
     if resume:
-        if output and os.path.abspath(output) != os.path.abspath(resume):
-            raise click.UsageError("--resume OUTDIR continues in OUTDIR; leave out -o/--output")
-        config = read_config(resume)
-        saved = vars(config)
-        requested = {**settings, "model": model, "data_dir": data_dir}
-        for name in sorted(given - set(RESUMABLE_OVERRIDES)):
-            if requested[name] != saved.get(name) and not _same_path(requested[name], saved.get(name)):
-                raise click.UsageError(
-                    f"{_flag(name)} {requested[name]} differs from the run's {saved.get(name)} "
-                    f"({resume}/config.json); only {', '.join(map(_flag, RESUMABLE_OVERRIDES))} may change"
-                )
-        overrides = {name: requested[name] for name in RESUMABLE_OVERRIDES if name in given}
         result = resume_run(resume, device=device, verbose=not quiet, **overrides)
     else:
-        if not model:
-            raise click.UsageError("missing MODEL (or --resume OUTDIR)")
-        if not data_dir:
-            raise click.UsageError("missing --data DIR")
-        warmup, epochs = settings["warmup_epochs"], settings["epochs"]
-        if warmup is not None and warmup >= epochs:
-            raise click.BadParameter(f"must be less than --epochs ({epochs}), got {warmup}",
-                                     param_hint="--warmup-epochs")
         result = train(model, data_dir, output_dir=output, device=device, verbose=not quiet, **settings)
 
     if result.interrupted:
@@ -156,9 +156,3 @@ def _flag(name: str) -> str:
 def _given(ctx: click.Context, name: str) -> bool:
     source = ctx.get_parameter_source(name)
     return source is not None and source != click.core.ParameterSource.DEFAULT
-
-
-def _same_path(a, b) -> bool:
-    from reparam_zoo.modelfile import same_file
-
-    return isinstance(a, str) and isinstance(b, str) and same_file(a, b)

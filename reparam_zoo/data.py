@@ -264,8 +264,9 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset, sampler, *, batch_size: int, workers: int, drop_last: bool, pin_memory: bool = False):
+def make_loader(dataset, sampler, *, batch_size: int, workers: int, drop_last: bool, pin_memory: bool = False,
+                collate_fn=collate):
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_ignore_sigint if workers else None,
     )

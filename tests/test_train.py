@@ -186,7 +186,7 @@ def test_sanity_check_matches_an_independent_evaluation_of_the_input_model(train
 
 
 def test_sanity_check_warns_loudly_when_conversion_is_not_exact(data_dir, tmp_path, monkeypatch):
-    train_module = importlib.import_module("reparam_zoo.train")  # the module (reparam_zoo.train is the function)
+    train_module = importlib.import_module("reparam_zoo.train.setup")  # where the model is converted
 
     real_convert = train_module.convert
     monkeypatch.setattr(train_module, "convert", lambda m, **kw: real_convert(m, init="xavier", **{
@@ -398,17 +398,17 @@ def test_two_process_ddp_under_torchrun(data_dir, tmp_path):
 DDP_DRIVER = """
 import os, signal, sys
 import reparam_zoo
-train_module = sys.modules["reparam_zoo.train"]
+train_module = sys.modules["reparam_zoo.train.loop"]
 if os.environ.get("STOP_AT"):
     stop_epoch, stop_step = map(int, os.environ["STOP_AT"].split(","))
-    step_seed = train_module._step_seed
+    step_seed = train_module.step_seed
 
     def interrupting_step_seed(seed, epoch, step, rank):
         if (epoch, step) == (stop_epoch, stop_step):  # every rank, like Ctrl-C in a torchrun terminal
             os.kill(os.getpid(), signal.SIGINT)
         return step_seed(seed, epoch, step, rank)
 
-    train_module._step_seed = interrupting_step_seed
+    train_module.step_seed = interrupting_step_seed
 from reparam_cli.main import main
 main(sys.argv[1:])
 """
@@ -951,7 +951,7 @@ def test_model_files_and_the_log_record_the_class_names(trained):
 
 
 def test_throughput_has_three_significant_digits(trained):
-    from reparam_zoo.train import _sig3
+    from reparam_zoo.train.run_dir import sig3 as _sig3
 
     assert [_sig3(v) for v in (0.36, 0.0042, 12.345, 491.2, 5123.4, 0.0)] == ["0.360", "0.00420", "12.3", "491",
                                                                                "5123", "0"]
