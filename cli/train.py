@@ -66,7 +66,8 @@ def _check_device(ctx, param, value):
 @click.option("--resume", metavar="OUTDIR", type=click.Path(),
               help="Continue the run in OUTDIR from its last checkpoint with its saved settings (MODEL, --data "
                    "and the rest may be left out; --epochs, --workers, --fuse may change, and --data may follow "
-                   "the same images to a new place).")
+                   "the same images to a new place). A run that wrote pickles (.pt) resumes only with "
+                   "--trust-pickle given again.")
 @click.option("--fuse", is_flag=True,
               help="Also write the best model fused for deployment, verified: OUTDIR/deploy.safetensors "
                    "(OUTDIR/deploy.pt for a pickled MODEL).")
@@ -87,13 +88,15 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     last.pt and deploy.pt (read them with --trust-pickle, e.g. `reparam report OUTDIR/best.pt
     --trust-pickle`).
 
-    Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with --resume OUTDIR.
+    Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; continue with --resume OUTDIR. One
+    run at a time per OUTDIR: a second one into the same folder is refused.
     Under torchrun (e.g. `torchrun --nproc_per_node 4 --no-python reparam train MODEL --data DIR`) it trains with
     DistributedDataParallel, gloo on CPU and nccl on GPU; --batch-size is per process.
     """
     from reparam_zoo.processes import keep_freed_memory
     from reparam_zoo.train import resume as resume_run, train
-    from reparam_zoo.train.config import SettingError, check_momentum, check_resume_overrides, check_warmup
+    from reparam_zoo.train.config import (RunStopped, SettingError, check_momentum, check_resume_overrides,
+                                          check_warmup)
     from reparam_zoo.train.run_dir import CONFIG_FILE, read_config
 
     keep_freed_memory()  # this process only trains: reuse freed blocks instead of faulting them in every step
@@ -127,16 +130,21 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
             raise click.BadParameter(e.problem(_flag), param_hint=_flag(e.setting)) from None
         raise click.UsageError(e.render(_flag)) from None
 
-    if resume:
-        result = resume_run(resume, device=device, verbose=not quiet, **overrides)
-    else:
-        result = train(model, data_dir, output_dir=output, device=device, verbose=not quiet, **settings)
+    try:
+        if resume:
+            result = resume_run(resume, device=device, verbose=not quiet, trust_pickle=settings["trust_pickle"],
+                                **overrides)
+        else:
+            result = train(model, data_dir, output_dir=output, device=device, verbose=not quiet, **settings)
+    except RunStopped as e:  # a signal before the first checkpoint: as an interrupted command ends
+        click.echo(f"interrupted: {e}", err=True)
+        raise click.exceptions.Exit(130) from None
 
     if result.interrupted:
         # without -q the run's own log line has said it already; rank 0 speaks for all
         if quiet and result.model is not None:
-            click.echo(f"interrupted: checkpoint in {result.output_dir}; continue with: "
-                       f"reparam train --resume {result.output_dir}", err=True)
+            click.echo(f"interrupted: checkpoint in {result.output_dir}; continue with: {result.resume_command}",
+                       err=True)
         raise click.exceptions.Exit(130)
     if result.model is None:  # not rank 0: rank 0 reports
         return

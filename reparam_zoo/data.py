@@ -12,12 +12,16 @@ import hashlib
 import os
 import random
 import signal
+import stat
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
 from timm.data import ImageDataset, create_transform, resolve_data_config
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.readers.reader import Reader
+from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 
 from .errors import ReparamError, preview
@@ -57,23 +61,143 @@ def _seeded_rng(seed: int):
         random.setstate(py_state)
 
 
+class ImageFolderReader(Reader):
+    """timm's image-folder reader, made safe for data folders that are not what they seem.
+
+    A data folder is data: walking it must end, and reading it must not block. The walk follows a link to a
+    folder only into a folder not visited yet (a link loop would repeat images forever, or never end), reads
+    only regular files (a FIFO would block the read, a device could be endless), and leaves out hidden
+    folders and files (`.ipynb_checkpoints`). What it leaves out besides hidden names is in `skipped`.
+    Every image is labelled by the class folder right under the split folder, however deep it lies
+    (`train/cat/2024/x.jpg` is a cat; timm's reader would make a class "2024"); classes and files are
+    ordered as timm orders them.
+    """
+
+    def __init__(self, root: str):
+        super().__init__()
+        self.root = root
+        scan = scan_image_folder(root)
+        self.skipped = scan.skipped
+        self.class_folders = scan.class_folders
+        if scan.loose:
+            raise DataError(f"{root}: {len(scan.loose)} image(s) directly in the split folder; images go in {root}/<class>/")
+        if not scan.files:
+            raise DataError(f"{root}: no images found (expected {root}/<class>/<image files>)")
+        labels = {path: os.path.relpath(path, root).split(os.sep)[0] for path in scan.files}
+        classes = sorted(set(labels.values()), key=natural_key)
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.samples = [(path, self.class_to_idx[labels[path]])
+                        for path in sorted(scan.files, key=natural_key)]
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        return open_regular_file(path), target
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _filename(self, index, basename=False, absolute=False):
+        filename = self.samples[index][0]
+        if basename:
+            return os.path.basename(filename)
+        return filename if absolute else os.path.relpath(filename, self.root)
+
+
+@dataclass
+class FolderScan:
+    files: List[str]  # image files in class folders, as paths under the root (through the links followed)
+    loose: List[str]  # image files directly in the root
+    class_folders: List[str]  # the folders (or links to folders) right under the root that were walked
+    skipped: List[str]  # one warning per kind of thing left out
+
+
+def scan_image_folder(root: str) -> FolderScan:
+    """Walk `root` without entering a folder twice (by device and inode, so through any link) and without
+    opening anything: only names and `stat`."""
+    extensions = get_img_extensions(as_set=True)
+    files, loose, class_folders = [], [], []
+    repeated, special, broken, unreadable = [], [], [], []
+    visited = {_identity(os.stat(root))}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            unreadable.append(os.path.relpath(folder, root))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = os.path.relpath(entry.path, root)
+            try:
+                info = os.stat(entry.path)  # through a link: what it points to
+            except OSError:
+                broken.append(rel)  # a dangling link, or a file gone since the listing
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if _identity(info) in visited:
+                    repeated.append(rel)
+                    continue
+                visited.add(_identity(info))
+                stack.append(entry.path)
+                if folder == root:
+                    class_folders.append(entry.name)
+            elif not stat.S_ISREG(info.st_mode):
+                special.append(rel)
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
+                (loose if folder == root else files).append(entry.path)
+    skipped = []
+    for items, what in ((repeated, "link(s) to a folder already read (a link loop, or a second link to one folder)"),
+                        (special, "non-regular file(s) (FIFOs, sockets, devices are never read)"),
+                        (broken, "broken link(s)"), (unreadable, "folder(s) that cannot be listed")):
+        if items:
+            skipped.append(f"{root}: skipped {len(items)} {what}: {preview(sorted(items), 3)}")
+    return FolderScan(files=files, loose=loose, class_folders=sorted(class_folders), skipped=skipped)
+
+
+def _identity(info: os.stat_result) -> Tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def open_regular_file(path: str):
+    """`open(path, "rb")` for a regular file only, without blocking on anything else (a FIFO put in place of
+    an image after the folder was listed): OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if hasattr(os, "O_NONBLOCK"):  # no effect on regular files; cleared so the file behaves as open() gives it
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class ImageFolderSplit(ImageDataset):
     """One split (`DIR/train` or `DIR/val`) of an image-folder data set.
 
     Items are `(image, target, unreadable_indices)`. Index the dataset with `(index, seed)` (what
     `EpochSampler` yields) to augment with a fixed seed. An unreadable training image is replaced by the
     next readable one (the batch keeps its size, all ranks keep stepping together); an unreadable
-    validation image yields a blank image with the ignored target, so it does not count.
+    validation image yields a blank image with the ignored target, so it does not count. A class folder
+    with no readable image at all is an error (its class could never be learnt or scored).
     """
 
     def __init__(self, root: str, transform, *, substitute_unreadable: bool):
-        try:
-            super().__init__(root, transform=transform)
-        except RuntimeError:  # timm's reader: "Found 0 images in subfolders of ..."
-            raise DataError(f"{root}: no images found (expected {root}/<class>/<image files>)") from None
-        _label_by_class_folder(self.reader, root)
+        super().__init__(root, reader=ImageFolderReader(root), transform=transform)
+        empty = sorted(set(self.reader.class_folders) - set(self.reader.class_to_idx))
+        if empty:
+            raise DataError(f"{root}: class folder(s) without images: {', '.join(empty)} (add images or remove them)")
         self.substitute_unreadable = substitute_unreadable
         self._blank: Optional[torch.Tensor] = None
+        self._check_every_class_readable()
+
+    @property
+    def skipped(self) -> List[str]:
+        """Warnings about what the folder walk left out."""
+        return self.reader.skipped
 
     @property
     def class_to_idx(self) -> Dict[str, int]:
@@ -82,6 +206,20 @@ class ImageFolderSplit(ImageDataset):
     @property
     def classes(self) -> List[str]:
         return sorted(self.class_to_idx, key=self.class_to_idx.get)
+
+    def _check_every_class_readable(self) -> None:
+        """Decode images of each class until one works (one per class when the data is sound)."""
+        pending = dict.fromkeys(range(len(self.class_to_idx)))
+        first: Dict[int, int] = {}
+        for index, (_, target) in enumerate(self.reader.samples):
+            if target not in pending:
+                continue
+            first.setdefault(target, index)
+            if self._load(index)[0] is not None:
+                del pending[target]
+        if pending:
+            names = [f"{self.classes[t]} (e.g. {os.path.basename(self.filename(first[t]))})" for t in sorted(pending)]
+            raise DataError(f"{self.reader.root}: no readable image in class folder(s) {preview(names, 3)}")
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
@@ -124,35 +262,6 @@ class ImageFolderSplit(ImageDataset):
         return self._blank
 
 
-def _label_by_class_folder(reader, root: str) -> None:
-    """Label every image by the class folder right under the split folder, however deep it lies
-    (`train/cat/2024/x.jpg` is a cat; timm's reader would make a class "2024"), and leave out hidden
-    folders and files (`.ipynb_checkpoints`). Classes are ordered as timm orders them."""
-    from timm.utils.misc import natural_key
-
-    kept, loose = [], 0
-    for path, _ in reader.samples:
-        parts = os.path.relpath(path, root).split(os.sep)
-        if any(part.startswith(".") for part in parts):
-            continue
-        if len(parts) < 2:
-            loose += 1
-            continue
-        kept.append((path, parts[0]))
-    if loose:
-        raise DataError(f"{root}: {loose} image(s) directly in the split folder; images go in {root}/<class>/")
-    if not kept:
-        raise DataError(f"{root}: no images found (expected {root}/<class>/<image files>)")
-    found = {label for _, label in kept}
-    empty = sorted(d for d in os.listdir(root)
-                   if not d.startswith(".") and os.path.isdir(os.path.join(root, d)) and d not in found)
-    if empty:
-        raise DataError(f"{root}: class folder(s) without images: {', '.join(empty)} (add images or remove them)")
-    classes = sorted({label for _, label in kept}, key=natural_key)
-    reader.class_to_idx = {c: i for i, c in enumerate(classes)}
-    reader.samples = [(path, reader.class_to_idx[label]) for path, label in kept]
-
-
 @dataclass
 class DataSplits:
     train: ImageFolderSplit
@@ -162,6 +271,11 @@ class DataSplits:
     @property
     def classes(self) -> List[str]:
         return self.train.classes
+
+    @property
+    def skipped(self) -> List[str]:
+        """Warnings about what walking the folders left out (see `ImageFolderReader`)."""
+        return self.train.skipped + self.val.skipped
 
 
 def build_datasets(data_dir: str, model: torch.nn.Module, input_size: Optional[int] = None) -> DataSplits:
@@ -258,15 +372,42 @@ def collate(batch):
     return images, targets, [i for b in batch for i in b[2]]
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: the training process finishes its step, checkpoints and shuts
-    # the workers down; a worker that died of it first would instead fail the batch being waited for.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group, and so does a SIGTERM sent to it (`kill -- -PGID`, a job
+    # scheduler): the training process finishes its step, checkpoints and shuts the workers down; a worker
+    # that died of the signal first would instead fail the batch being waited for. A worker whose training
+    # process is gone exits by itself (PyTorch's worker watchdog). The signals were blocked since the fork
+    # (see `StopSafeLoader`): one that came meanwhile is pending, and is ignored once unblocked here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers never die of a stop signal meant for the training process.
+
+    A worker runs PyTorch's own set-up before `worker_init_fn` can ignore SIGINT/SIGTERM; a signal to the
+    process group in that window would kill it. So the signals are blocked while the workers are forked
+    (the mask is inherited) and unblocked in the worker once ignored, and in this process right after (a
+    signal that came meanwhile is then handled here as usual).
+    """
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def make_loader(dataset, sampler, *, batch_size: int, workers: int, drop_last: bool, pin_memory: bool = False,
                 collate_fn=collate):
-    return DataLoader(
+    return StopSafeLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-        drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_ignore_sigint if workers else None,
+        drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals if workers else None,
     )

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .errors import ReparamError
 
-__all__ = ["Processes", "StopRequest", "check_device", "keep_freed_memory"]
+__all__ = ["Processes", "StopRequest", "STOP_GRACE_S", "check_device", "keep_freed_memory"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -147,15 +147,29 @@ class Processes:
             dist.destroy_process_group()
 
 
+STOP_GRACE_S = 10.0  # seconds a stop request waits for the run to reach a stop point, on top of 3 slowest steps
+
+
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (with a checkpoint); a second signal acts as
-    usual (KeyboardInterrupt / termination)."""
+    """SIGINT/SIGTERM ask the loop to stop at its next stop point (after the current step, or the current
+    validation batch), with a checkpoint; a second signal acts as usual (KeyboardInterrupt / termination).
+
+    One signal must be enough to stop, also when the run is stuck where it cannot look at the request (a
+    read that blocks, a step that never ends): if the run has not acknowledged the request within
+    `grace_s` plus three times its slowest step so far, a watchdog calls `on_expire` (which may tidy up and
+    returns the line to print) and ends the process with the signal's exit status. Files are written
+    atomically, so the last checkpoint stays whole and the run can be resumed from it.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, grace_s: Optional[float] = None, on_expire: Optional[Callable[[int], str]] = None):
         self.signal: Optional[int] = None
+        self.grace_s = STOP_GRACE_S if grace_s is None else grace_s
+        self.on_expire = on_expire
+        self.slowest_step_s = 0.0
         self._previous: Dict[int, Any] = {}
+        self._watchdog: Optional[threading.Timer] = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers only live there
@@ -166,6 +180,34 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal = signum
         self._restore()
+        self._watchdog = threading.Timer(self.deadline_s, self._expire, args=(signum,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    @property
+    def deadline_s(self) -> float:
+        return self.grace_s + 3 * self.slowest_step_s
+
+    def step_took(self, seconds: float) -> None:
+        """A step's (or a validation batch's) duration: the watchdog waits longer for a slow run."""
+        self.slowest_step_s = max(self.slowest_step_s, seconds)
+
+    def acknowledge(self) -> None:
+        """The run reached a stop point and is stopping: no need for the watchdog any more."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def _expire(self, signum: int) -> None:
+        message = ""
+        try:
+            if self.on_expire is not None:
+                message = self.on_expire(signum)
+        except BaseException:  # stopping matters more than tidying up
+            pass
+        name = signal.Signals(signum).name
+        os.write(2, (f"error: {name}: the run did not reach a stop point within {self.deadline_s:.0f} s (blocked in "
+                     f"a read or a step?); stopped without a new checkpoint{'; ' + message if message else ''}\n").encode())
+        os._exit(128 + signum)
 
     def _restore(self):
         for sig, handler in self._previous.items():
@@ -173,6 +215,7 @@ class StopRequest:
         self._previous = {}
 
     def __exit__(self, *exc):
+        self.acknowledge()
         self._restore()
         return False
 

@@ -629,7 +629,7 @@ def test_cli_default_warmup_explicit_bad_warmup_and_too_few_epochs_to_extend(dat
     one = runner.invoke(main, ["train", *common, "--epochs", "1", "-o", out])
     assert one.exit_code == 0, one.output
     assert _config(out)["warmup_epochs"] == 0
-    two = runner.invoke(main, ["train", "--resume", out, "--epochs", "2"])
+    two = runner.invoke(main, ["train", "--resume", out, "--epochs", "2", "--trust-pickle"])
     assert two.exit_code == 0, two.output
     shorter = runner.invoke(main, ["train", "--resume", out, "--epochs", "1"])
     assert shorter.exit_code == 1
@@ -677,7 +677,8 @@ def test_cli_pickled_model_writes_readable_pickles_and_resumes_exactly(data_dir,
     stopped = str(tmp_path / "stopped")
     first = runner.invoke(main, ["train", str(tmp_path / "stopped.pt"), *settings, "-o", stopped])
     assert first.exit_code == 130, first.output
-    resumed = runner.invoke(main, ["train", "--resume", stopped])  # the CLI user has no model to pass
+    assert runner.invoke(main, ["train", "--resume", stopped]).exit_code == 1  # pickles: only with --trust-pickle
+    resumed = runner.invoke(main, ["train", "--resume", stopped, "--trust-pickle"])  # the CLI user has no model to pass
     assert resumed.exit_code == 0, resumed.output
     a = reparam_zoo.load(os.path.join(straight, "last.pt"), trust_pickle=True).state_dict()
     b = reparam_zoo.load(os.path.join(stopped, "last.pt"), trust_pickle=True).state_dict()

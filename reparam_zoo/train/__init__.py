@@ -29,6 +29,11 @@ classification task builds on it. Nothing here reads code from a run folder or a
 is JSON, train_state.pt is read with `weights_only=True`, and a pickled model file of a run is read only
 when the caller passes `trust_pickle`.
 
+One run per folder: rank 0 holds an flock on the run folder while it runs (`RunDir.lock`), so a second run
+into it is refused at once. One SIGINT/SIGTERM stops a run at its next stop point (a training step, a
+validation batch, the end of set-up) with a checkpoint; a run stuck where it cannot look (a hung read) is
+ended by the stop's watchdog a few seconds later, its last checkpoint intact (`processes.StopRequest`).
+
 Importing this package imports no torch until one of the names below is used (`config` never does).
 """
 from __future__ import annotations

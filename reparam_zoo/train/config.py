@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from ..errors import ReparamError
 
-__all__ = ["TrainConfig", "TrainError", "SettingError", "OPTIMIZERS", "MODEL_FILES", "RESUMABLE_OVERRIDES",
-           "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup", "check_momentum",
+__all__ = ["TrainConfig", "TrainError", "RunStopped", "SettingError", "OPTIMIZERS", "MODEL_FILES", "RESUMABLE_OVERRIDES",
+           "PERMISSIONS", "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup", "check_momentum",
            "check_resume_overrides", "keyword_name"]
 
 OPTIMIZERS = {"sgd": "momentum", "adamw": "adamw"}  # our name -> timm's (timm's "sgd" is Nesterov)
@@ -27,12 +27,19 @@ MODEL_FILES = ("safetensors", "pickle")
 # Settings a resumed run may change: none changes what it computes (workers, fuse), the change is the point
 # (more epochs), or it follows the same images to a new place (data_dir).
 RESUMABLE_OVERRIDES = ("epochs", "workers", "fuse", "data_dir")
+# Permissions rather than settings: given by the caller every time, never taken from a run folder (a run
+# folder is data; what it says cannot grant itself the right to be unpickled).
+PERMISSIONS = ("trust_pickle",)
 DEFAULT_MAP_K = 3  # the transform kernel of a model converted here when map_k is not given
 _NAME = re.compile(r"<(\w+)>")
 
 
 class TrainError(ReparamError):
     """Training cannot start or go on (bad settings, head/data mismatch, output folder in use, ...)."""
+
+
+class RunStopped(TrainError):
+    """A stop signal arrived before the run could make its first checkpoint: nothing was kept."""
 
 
 class SettingError(TrainError):
@@ -150,10 +157,11 @@ def check_momentum(optimizer: str, momentum: Optional[float]) -> float:
 
 def check_resume_overrides(saved: TrainConfig, requested: Mapping[str, Any], source: str) -> Dict[str, Any]:
     """The settings given to continue a run, checked against the run's (`source`: its config.json): only
-    RESUMABLE_OVERRIDES may differ (a path naming the same file counts as the same). Returns those."""
+    RESUMABLE_OVERRIDES may differ (a path naming the same file counts as the same), and PERMISSIONS are the
+    caller's. Returns the overrides."""
     current = saved.as_dict()
     for name in sorted(requested):
-        if name in RESUMABLE_OVERRIDES:
+        if name in RESUMABLE_OVERRIDES or name in PERMISSIONS:
             continue
         value, before = requested[name], current.get(name)
         if value != before and not _same_path(value, before):

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from ..errors import preview
-from .config import TrainConfig, TrainError
+from .config import RunStopped, TrainConfig, TrainError
 from .run_dir import BEST_FILE, Log, RunDir, sig3
 from .setup import Loaders, Optimization, Reference
 from .state import Progress, rank_states, save_checkpoint, save_model, step_seed
@@ -34,16 +34,21 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, models: Sequence[nn.Module]) -> Tuple[List[Dict[str, float]], float, float]:
+    def evaluate(self, models: Sequence[nn.Module]) -> Optional[Tuple[List[Dict[str, float]], float, float]]:
         """The task's validation metrics of each model over the whole val split (all ranks), the largest output
-        difference between the first two and the largest output magnitude of the first."""
+        difference between the first two and the largest output magnitude of the first. None when a stop was
+        requested meanwhile (on any rank: every rank then returns None)."""
         evaluators = [self.task.evaluator() for _ in models]
         max_diff = scale = 0.0
         unreadable: List[int] = []
         was_training = [m.training for m in models]
         for m in models:
             m.eval()
+        started = time.perf_counter()
         for inputs, targets, bad in self.loaders.val:
+            self.stop.step_took(time.perf_counter() - started)
+            if self.stop.requested:  # a stop point; ranks agree below (their shards differ in batch count)
+                break
             unreadable += bad
             inputs, targets = self.task.to_device(inputs, targets, self.procs.device, self.config.channels_last)
             outputs = [self.task.predict(m, inputs, self.opt.autocast) for m in models]
@@ -53,8 +58,12 @@ class Trainer:
             scale = max(scale, magnitude)
             if len(outputs) > 1:
                 max_diff = max(max_diff, diff)
+            started = time.perf_counter()
         for m, mode in zip(models, was_training):
             m.train(mode)
+        if self.procs.max([float(self.stop.requested)])[0]:
+            self.stop.acknowledge()
+            return None
         metrics = [evaluator.result(self.procs) for evaluator in evaluators]
         max_diff, scale = self.procs.max([max_diff, scale])
         self.note_unreadable(self.data.val, unreadable)
@@ -66,8 +75,11 @@ class Trainer:
         ref = reference.model.to(self.procs.device)
         if self.config.channels_last:
             ref.to(memory_format=torch.channels_last)
-        (before, after), diff, scale = self.evaluate([ref, self.model])
+        evaluated = self.evaluate([ref, self.model])
         ref.cpu()
+        if evaluated is None:
+            raise RunStopped(f"stopped by {self.stop_name()} before training started; nothing was kept")
+        (before, after), diff, scale = evaluated
         equal = self.task.sanity_equal(before, after, diff, scale, reference.exact)
         p = self.progress
         p.sanity = {"checked": True, "equal": equal, "exact": reference.exact, "compared_with": reference.name,
@@ -98,6 +110,7 @@ class Trainer:
             bar = tqdm(total=steps, initial=p.step, disable=None if show else True, leave=False,
                        desc=f"epoch {p.epoch + 1}/{config.epochs}", dynamic_ncols=True)
             start, images_seen = time.perf_counter(), 0
+            step_start = start
             unreadable: List[int] = []
             for inputs, targets, bad in self.loaders.train:
                 unreadable += bad
@@ -112,6 +125,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(**self.task.progress(p.partial),
                                 img_s=sig3(images_seen / max(time.perf_counter() - start, 1e-9)))
+                self.stop.step_took(time.perf_counter() - step_start)
                 stop, nonfinite = self.procs.max([float(self.stop.requested), float(not math.isfinite(loss_value))])
                 if nonfinite:
                     bar.close()
@@ -119,19 +133,21 @@ class Trainer:
                     raise self.diverged(f"the loss became {value} in epoch {p.epoch + 1}, step {p.step}")
                 if stop and p.step < steps:
                     bar.close()
+                    self.stop.acknowledge()
                     self.note_unreadable(self.data.train, unreadable)
                     self.check_finite()
-                    ranks = rank_states(self.procs, self.model, p)  # collective
-                    self.procs.on_main(lambda: self.save_checkpoint(ranks))
-                    self.log(f"interrupted at epoch {p.epoch + 1}, step {p.step}: checkpoint saved; "
-                             f"continue with: reparam train --resume {self.run_dir.path}")
+                    self.save_interrupted(f"at epoch {p.epoch + 1}, step {p.step}")
                     return True
+                step_start = time.perf_counter()
             bar.close()
-            self.end_epoch(time.perf_counter() - start, images_seen, unreadable)
+            if not self.end_epoch(time.perf_counter() - start, images_seen, unreadable):
+                self.save_interrupted(f"in the validation of epoch {p.epoch + 1}")
+                return True
             # all ranks must agree, or one would wait forever in the next epoch's collectives
             if self.procs.max([float(self.stop.requested)])[0] and p.epoch < config.epochs:
+                self.stop.acknowledge()
                 self.log(f"interrupted after epoch {p.epoch}: checkpoint saved; "
-                         f"continue with: reparam train --resume {self.run_dir.path}")
+                         f"continue with: {self.run_dir.resume_command()}")
                 return True
         return False
 
@@ -172,7 +188,20 @@ class Trainer:
                               "resume: start a new run with a lower --lr / lr=")
         return TrainError(f"{what}; nothing was kept: run again with a lower --lr / lr=")
 
-    def end_epoch(self, elapsed: float, images_seen: int, unreadable: List[int]) -> None:
+    def save_interrupted(self, where: str) -> None:
+        """A checkpoint of the epoch in progress (every rank's own partial sums and buffers with it)."""
+        ranks = rank_states(self.procs, self.model, self.progress)  # collective
+        self.procs.on_main(lambda: self.save_checkpoint(ranks))
+        self.log(f"interrupted {where}: checkpoint saved; continue with: {self.run_dir.resume_command()}")
+
+    def stop_name(self) -> str:
+        import signal
+
+        return signal.Signals(self.stop.signal).name if self.stop.signal else "a stop request on another process"
+
+    def end_epoch(self, elapsed: float, images_seen: int, unreadable: List[int]) -> bool:
+        """Validate, record and checkpoint the epoch just trained; False when a stop request cut the validation
+        short (the epoch's training is then checkpointed as complete, its validation runs on resume)."""
         p = self.progress
         if self.procs.distributed:
             from timm.utils import distribute_bn
@@ -183,7 +212,10 @@ class Trainer:
         sums = dict(zip(keys, self.procs.sum([p.partial[k] for k in keys])))
         rate = self.procs.sum([images_seen / max(elapsed, 1e-9)])[0]
         self.note_unreadable(self.data.train, unreadable)
-        (val,), _, _ = self.evaluate([self.model])
+        evaluated = self.evaluate([self.model])
+        if evaluated is None:
+            return False
+        (val,), _, _ = evaluated
         row = {"epoch": p.epoch + 1, **self.task.train_metrics(sums), **val,
                "lr": self.opt.optimizer.param_groups[0]["lr"], "images_per_s": rate, "epoch_time_s": elapsed,
                "unreadable_images": len(p.unreadable)}
@@ -198,6 +230,7 @@ class Trainer:
             self.procs.on_main(lambda: self.save_best({"epoch": row["epoch"], **val}))
         self.procs.on_main(self.save_checkpoint)
         self.procs.on_main(lambda: self.run_dir.write_metrics(p.history))
+        return True
 
     def note_unreadable(self, dataset, indices: List[int]) -> None:
         names = [self.task.sample_name(dataset, i) for i in set(indices)]

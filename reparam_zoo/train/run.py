@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 from ..data import check_data_dir
 from ..deploy import fuse as fuse_model
 from ..processes import Processes, StopRequest
-from .config import TrainConfig, TrainError, check_momentum, default_warmup_epochs
+from .config import RunStopped, TrainConfig, TrainError, check_momentum, default_warmup_epochs
 from .loop import Trainer
 from .run_dir import BEST_FILE, DEPLOY_FILE, LAST_FILE, LOG_FILE, Log, RunDir, default_output_dir, read_config
 from .setup import (Reference, build_loaders, build_optimizer, describe_start, float32, load_input_model,
@@ -41,6 +42,7 @@ class TrainResult:
     interrupted: bool = False
     unreadable_images: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    resume_command: str = ""  # the command line that continues the run
 
     @property
     def final(self) -> Dict[str, Any]:
@@ -122,6 +124,7 @@ def resume(
     workers: Optional[int] = None,
     fuse: Optional[bool] = None,
     data_dir: Optional[Union[str, os.PathLike]] = None,
+    trust_pickle: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     verbose: bool = True,
 ) -> TrainResult:
@@ -130,9 +133,10 @@ def resume(
     On CPU with the same number of processes the result is bit-identical to an uninterrupted run. `epochs`
     extends (or shortens) the run; `model` is needed only when the run trained an in-memory model whose
     architecture cannot be rebuilt from its files (pass the same model as to `train`). A run of a model
-    without an architecture tag (a trusted pickle) re-loads its MODEL as the run did, with its saved
-    `trust_pickle`, and then the last checkpoint's weights. `data_dir` follows a data set that moved: it
-    must hold the same images (the same paths within it) as the run's.
+    without an architecture tag (a trusted pickle) re-loads its MODEL as the run did and then the last
+    checkpoint's weights, both pickles: that needs `trust_pickle=True` here, every time (a run folder is
+    data, its config.json cannot grant that). `data_dir` follows a data set that moved: it must hold the same
+    images (the same paths within it) as the run's. train_state.pt is read with `weights_only=True`.
     """
     output_dir = os.fspath(output_dir)
     config = read_config(output_dir)
@@ -141,6 +145,7 @@ def resume(
             setattr(config, name, value)
     if data_dir is not None:
         config.data_dir = os.path.abspath(data_dir)
+    config.trust_pickle = bool(trust_pickle)  # the caller's permission, whatever the folder says
     return _Run(config, output_dir, model, resuming=True, device=device, verbose=verbose).run()
 
 
@@ -162,7 +167,7 @@ class _Run:
         python_rng = random.getstate()
         try:
             # the run seeds the global generators (exact resumption); the caller's streams go on afterwards
-            with torch.random.fork_rng(devices=devices), StopRequest() as stop:
+            with torch.random.fork_rng(devices=devices), StopRequest(on_expire=self._abandon) as stop:
                 return self._run(stop)
         except BaseException:  # a graceful stop returns, with a checkpoint; anything else lands here
             if self.procs.is_main:
@@ -171,13 +176,31 @@ class _Run:
             raise
         finally:
             random.setstate(python_rng)
+            self.run_dir.unlock()
             self.procs.close()
+
+    def _abandon(self, signum: int) -> str:
+        """The stop watchdog's last act before the process ends: what a fresh run wrote goes (nothing could
+        resume it), and the line says what is left."""
+        if not self.procs.is_main:
+            return ""
+        self.log.close()
+        self.run_dir.remove_unresumable()
+        if self.run_dir.checkpointed or self.resuming:
+            return f"continue from the last checkpoint with: {self.run_dir.resume_command()}"
+        return "nothing was kept"
 
     def _run(self, stop) -> TrainResult:
         config, procs, run_dir = self.config, self.procs, self.run_dir
         # resuming: the epochs already trained first, they explain a too small --epochs better than the
         # warmup check would
+        if self.resuming:  # refused at once when another run is using the folder
+            procs.on_main(run_dir.lock)
         state = self._read_state() if self.resuming else None
+        if state is not None and config.model_files == "pickle" and not config.trust_pickle:
+            raise TrainError(f"{run_dir.path}: the run wrote whole-module pickles ({os.path.basename(run_dir.file(LAST_FILE))}, ...); "
+                             "resuming unpickles them, which runs code from the run folder: pass --trust-pickle / "
+                             "trust_pickle=True to resume it, only if you trust it")
         config.check()
         self.task = get_task(config.task)
         check_data_dir(config.data_dir)  # before loading what may be a large model
@@ -193,6 +216,12 @@ class _Run:
         torch.manual_seed(config.seed)  # random inits (a new head) are part of the run
         random.seed(config.seed)
         reference, model, data = self._build_model(state)
+        for warning in data.warnings:
+            self.log(f"warning: {warning}")
+        if procs.max([float(stop.requested)])[0]:  # a stop point: set up, nothing trained, nothing written
+            stop.acknowledge()
+            raise RunStopped(f"stopped by {signal.Signals(stop.signal).name if stop.signal else 'a signal'} before "
+                             "training started; nothing was kept")
         float32(model, None if reference is None else reference.model, self.log)
         model = model.to(procs.device)
         if config.channels_last:
@@ -237,12 +266,12 @@ class _Run:
 
         interrupted = trainer.train_epochs()
         model.eval()
-        files = procs.on_main(lambda: self._finish(model, data, progress, interrupted))
+        files = procs.on_main(lambda: self._finish(model, data, progress, interrupted, stop))
         procs.barrier()
         return TrainResult(
             output_dir=run_dir.path, history=progress.history, best=progress.best, sanity=progress.sanity,
             files=files, classes=data.classes, model=model if procs.is_main else None, interrupted=interrupted,
-            unreadable_images=progress.unreadable, notes=self.notes,
+            unreadable_images=progress.unreadable, notes=self.notes, resume_command=run_dir.resume_command(),
         )
 
     def _read_state(self) -> Dict[str, Any]:
@@ -259,6 +288,7 @@ class _Run:
         if not self.run_dir.path:
             self.run_dir.path = default_output_dir(self.config.model)
         self.run_dir.check_new()
+        self.run_dir.lock()  # an existing (empty) folder: claimed now; a new one when it is made
         return self.run_dir.path
 
     def _build_model(self, state) -> Tuple[Optional[Reference], nn.Module, TaskData]:
@@ -301,12 +331,17 @@ class _Run:
         load_weights(model, last, state, config.model_files, config.trust_pickle)
         return None, model, data
 
-    def _finish(self, model: nn.Module, data: TaskData, progress: Progress, interrupted: bool) -> Dict[str, str]:
+    def _finish(self, model: nn.Module, data: TaskData, progress: Progress, interrupted: bool, stop) -> Dict[str, str]:
         """The plot and (with `fuse`) the deploy model, on rank 0; returns the files of the run."""
         config, best = self.config, progress.best
         self.run_dir.plot(progress.history, self.task.plot_panels, f"refocus training: {config.model}", self.log)
         if config.fuse and not interrupted:
-            self._write_deploy_model(model, data, best)
+            if stop.requested:  # training is complete and saved; fusing could outlast the stop's grace
+                stop.acknowledge()
+                self.log(f"stopped before writing the deploy model; write it with: reparam fuse "
+                         f"{self.run_dir.file(BEST_FILE)}")
+            else:
+                self._write_deploy_model(model, data, best)
         if not interrupted:
             self.log(f"done: best {self.task.headline(best)} at epoch {best['epoch']}; outputs in {self.run_dir.path}")
             if best["epoch"] == 0:

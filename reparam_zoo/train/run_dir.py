@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -74,12 +75,41 @@ class RunDir:
         self.written: List[str] = []
         self.made_dirs: List[str] = []  # the folder and the parents it needed, deepest first
         self.checkpointed = False  # train_state.pt written: from then on the folder can be resumed
+        self.lock_fd: Optional[int] = None  # held while this run uses the folder (see `lock`)
+
+    def lock(self) -> None:
+        """Claim the folder for this run: an exclusive flock on the folder itself, so a second run into it
+        (a fresh one or a resume) is refused at once instead of interleaving its files with this one's. The
+        lock lives as long as this process holds it open (`unlock`, or its death: nothing stale after a
+        crash), and leaves no file behind."""
+        if self.lock_fd is not None or not os.path.isdir(self.path):
+            return
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TrainError(f"{self.path}: another run is using this folder (a reparam train still running?); wait "
+                             "for it to end, or choose another folder") from None
+        except OSError:  # a file system without flock (some network mounts): run, unguarded
+            os.close(fd)
+            return
+        self.lock_fd = fd
+
+    def unlock(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def file(self, name: str) -> str:
         """The run's file `name`, as this run writes it (model files: safetensors or pickles)."""
         if self.model_files == "pickle":
             name = PICKLE_FILES.get(name, name)
         return os.path.join(self.path, name)
+
+    def resume_command(self) -> str:
+        """The command that continues this run (a pickle run's files are read only with --trust-pickle)."""
+        return f"reparam train --resume {self.path}" + (" --trust-pickle" if self.model_files == "pickle" else "")
 
     def writes(self, path: str) -> str:
         """`path`, noted as written by this run (see `remove_unresumable`)."""
@@ -109,7 +139,10 @@ class RunDir:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise TrainError(f"{self.path}: cannot create output folder ({first_line(e)})") from None
+        self.lock()  # before claiming the folders made: a folder another run holds is not this run's to remove
         self.made_dirs = missing
+        if not self.resuming:
+            self.check_new()  # another run may have made the folder its own since this run checked it
         write_json(self.writes(os.path.join(self.path, CONFIG_FILE)), config.as_dict())
 
     def remove_unresumable(self) -> None:

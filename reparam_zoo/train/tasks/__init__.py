@@ -45,7 +45,7 @@ class TaskData:
     input_size: Tuple[int, int, int]  # (C, H, W) the model sees
     digest: str  # identifies the files (their paths within the data folder), not where the folder lives
     collate: Callable  # list of dataset items -> (inputs, targets, unreadable indices)
-    describe: Dict[str, Any] = field(default_factory=dict)  # extra facts for the start line
+    warnings: List[str] = field(default_factory=list)  # what was left out of the data, one line each
 
 
 class Evaluator(abc.ABC):

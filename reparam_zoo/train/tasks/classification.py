@@ -30,7 +30,7 @@ class ClassificationTask(Task):
         splits = build_datasets(data_dir, model, input_size)
         return TaskData(train=splits.train, val=splits.val, classes=splits.classes,
                         input_size=tuple(splits.data_config["input_size"]), digest=image_list_digest(splits),
-                        collate=collate)
+                        collate=collate, warnings=splits.skipped)
 
     def sample_name(self, dataset, index: int) -> str:
         return os.path.join(os.path.basename(dataset.reader.root), dataset.filename(index))
