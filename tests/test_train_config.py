@@ -1,10 +1,13 @@
-"""The training settings' rules (reparam_zoo.train.config): torch-free, keyword messages the CLI respells."""
+"""The training settings' rules (reparam_zoo.train.config): torch-free, keyword messages the CLI respells; and
+a task as a pluggable piece of the loop."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from reparam_zoo.checkpoint import read_state_dict
 from reparam_zoo.train import SettingError, TrainConfig, TrainError
 from reparam_zoo.train.config import (RESUMABLE_OVERRIDES, SGD_MOMENTUM, check_momentum, check_resume_overrides,
                                       check_warmup, default_warmup_epochs)
@@ -93,3 +96,41 @@ def test_library_refuses_momentum_with_adamw_before_any_work(tmp_path):
         train(nn.Linear(2, 2), str(tmp_path / "no-data"), output_dir=str(tmp_path / "out"), optimizer="adamw",
               momentum=0.5, verbose=False)
     assert os.listdir(tmp_path) == []
+
+
+# -- a task is a pluggable piece ---------------------------------------------------------------------------------
+
+from reparam_zoo.train.tasks.classification import ClassificationTask  # noqa: E402
+
+
+class WorstModelTask(ClassificationTask):
+    """Classification whose "best" model is the one classification would rank last: whatever the loop saves as
+    best can only come from the task's criterion."""
+
+    name = "worst-model"
+
+    def best_key(self, metrics):
+        return -metrics["val_acc"], metrics["val_loss"]
+
+
+def test_a_new_task_plugs_into_the_loop_resume_and_files(tmp_path, monkeypatch):
+    from reparam_zoo.train import tasks
+    from test_train import FAST, SignalAt, make_dataset, tiny_net
+
+    monkeypatch.setitem(tasks.TASKS, "worst-model", f"{__name__}:WorstModelTask")
+    root = make_dataset(tmp_path / "d", train_per_class=8, val_per_class=4)
+    model = tiny_net(cls=lambda: SignalAt(at=3 + 2))  # 3 steps per epoch: stopped in epoch 2
+    from reparam_zoo import resume, train
+
+    stopped = train(model, root, output_dir=str(tmp_path / "run"), epochs=3, lr=2.0, task="worst-model", **FAST)
+    assert stopped.interrupted
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["task"] == "worst-model"
+    model.at = None
+    done = resume(stopped.output_dir, model=model, verbose=False)
+    worst = min(done.history, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    best = max(done.history, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert worst["epoch"] != best["epoch"]  # the two criteria disagree in this run
+    assert done.best["epoch"] == worst["epoch"] and done.best["val_loss"] == worst["val_loss"]
+    _, meta = read_state_dict(done.files["best"])
+    assert json.loads(meta["extra"])["train"]["epoch"] == worst["epoch"]

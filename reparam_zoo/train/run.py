@@ -74,6 +74,7 @@ def train(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     pretrained: bool = False,
     trust_pickle: bool = False,
+    task: str = "classification",
     device: Optional[Union[str, torch.device]] = None,
     verbose: bool = True,
 ) -> TrainResult:
@@ -97,7 +98,8 @@ def train(
     anyway), else as bare safetensors state_dicts. The model files record the class names in output index
     order (`read_info(path).extra["classes"]`, `reparam_extra["classes"]` of a loaded model). Ctrl-C / SIGTERM
     stops after the current step with a checkpoint; `resume(output_dir)` continues it. A run that fails
-    before its first checkpoint removes the files it wrote (and the folder it made).
+    before its first checkpoint removes the files it wrote (and the folder it made). `task` names what is
+    learnt (`reparam_zoo.train.tasks.TASKS`): its data, loss, metrics and sanity check.
     """
     spec = model if isinstance(model, nn.Module) else _absolute_if_file(model)
     if warmup_epochs is None:
@@ -109,7 +111,7 @@ def train(
         input_size=input_size, num_classes=num_classes, train_scope=train_scope, map_k=map_k, amp=amp,
         channels_last=channels_last, workers=workers, seed=seed, fuse=fuse, arch=arch,
         checkpoint=None if checkpoint is None else _absolute_if_file(checkpoint), pretrained=pretrained,
-        trust_pickle=trust_pickle,
+        trust_pickle=trust_pickle, task=task,
     )
     given = spec if isinstance(spec, nn.Module) else None
     return _Run(config, None if output_dir is None else os.fspath(output_dir), given, resuming=False,
@@ -154,7 +156,7 @@ class _Run:
 
     def __init__(self, config: TrainConfig, output_dir: Optional[str], given: Optional[nn.Module], *, resuming: bool,
                  device, verbose: bool):
-        self.config, self.output_dir, self.given, self.resuming = config, output_dir, given, resuming
+        self.config, self.given, self.resuming = config, given, resuming
         self.verbose = verbose
         self.task: Optional[Task] = None  # known once the settings are checked
         self.procs = Processes.from_env(device)
@@ -192,15 +194,16 @@ class _Run:
 
     def _run(self, stop) -> TrainResult:
         config, procs, run_dir = self.config, self.procs, self.run_dir
-        # resuming: the epochs already trained first, they explain a too small --epochs better than the
-        # warmup check would
         if self.resuming:  # refused at once when another run is using the folder
             procs.on_main(run_dir.lock)
+        # resuming: the epochs already trained first, they explain a too small --epochs better than the
+        # warmup check would
         state = self._read_state() if self.resuming else None
         if state is not None and config.model_files == "pickle" and not config.trust_pickle:
-            raise TrainError(f"{run_dir.path}: the run wrote whole-module pickles ({os.path.basename(run_dir.file(LAST_FILE))}, ...); "
-                             "resuming unpickles them, which runs code from the run folder: pass --trust-pickle / "
-                             "trust_pickle=True to resume it, only if you trust it")
+            last = os.path.basename(run_dir.file(LAST_FILE))
+            raise TrainError(f"{run_dir.path}: the run wrote whole-module pickles ({last}, ...); resuming unpickles "
+                             "them, which runs code from the run folder: pass --trust-pickle / trust_pickle=True to "
+                             "resume it, only if you trust it")
         config.check()
         self.task = get_task(config.task)
         check_data_dir(config.data_dir)  # before loading what may be a large model
