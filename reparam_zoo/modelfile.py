@@ -82,7 +82,7 @@ def is_architecture(name: str) -> bool:
     tv_name = torchvision_models.split_name(name)
     if tv_name is not None:
         return torchvision_models.is_classifier(tv_name)
-    if _dense().is_dense_name(name):
+    if _is_dense(name):
         return True
     return isinstance(name, str) and bool(name) and timm.is_model(name)
 
@@ -93,6 +93,10 @@ def _dense():
     from .models import dense
 
     return dense
+
+
+def _is_dense(name: Any) -> bool:
+    return isinstance(name, str) and name.endswith("_fpn") and _dense().is_dense_name(name)
 
 
 def create_model(
@@ -124,7 +128,7 @@ def create_model(
         kwargs["num_classes"] = num_classes
     _check_json("constructor arguments", kwargs)
     tv_name = torchvision_models.split_name(name)
-    dense = _dense().is_dense_name(name)
+    dense = _is_dense(name)
     try:
         if tv_name is not None:
             model = torchvision_models.create(tv_name, pretrained=pretrained, **kwargs)
@@ -231,7 +235,7 @@ def _source_of(name: str) -> str:
 
     if torchvision_models.split_name(name) is not None:
         return "torchvision"
-    if _dense().is_dense_name(name):
+    if _is_dense(name):
         return "zoo-dense"
     module = getattr(timm.models.model_entrypoint(name.split(".")[0]), "__module__", "") or ""
     return "zoo" if module.startswith(__package__ + ".") else "timm"
