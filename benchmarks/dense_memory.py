@@ -17,9 +17,8 @@ classification); the whole detector's figures stand beside it, with the share FP
 (they are not reversible).
 
 Peak RSS: each mode in a fresh process (this script with --child MODE): resident memory after building
-the model and the peak resident memory (ru_maxrss) after its first training step; the difference is
-what a step adds at its peak: saved activations, gradients, backward temporaries (Linux reports
-ru_maxrss in KiB).
+the model and the peak resident memory (VmHWM) after its first training step; the difference is
+what a step adds at its peak: saved activations, gradients, backward temporaries.
 
 Step time: forward + backward of the summed detector losses, the two modes interleaved in rotating
 order for `--reps` rounds after one warm-up step each; medians of wall and process CPU time, ratios as
@@ -30,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -125,8 +123,17 @@ def child(args) -> None:
     with open("/proc/self/statm") as f:
         rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     step(model, images, targets)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"rss_after_build_mib": rss_before / MIB, "peak_rss_mib": peak / MIB}))
+    print(json.dumps({"rss_after_build_mib": rss_before / MIB, "peak_rss_mib": _high_water_mark() / MIB}))
+
+
+def _high_water_mark() -> int:
+    """Peak resident bytes of this process's memory (VmHWM). Not ru_maxrss: Linux carries that across
+    exec, so a child started by a large parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def peak_rss(args, mode: str) -> dict:
@@ -138,6 +145,7 @@ def peak_rss(args, mode: str) -> dict:
 
 
 def measure(args) -> dict:
+    rss = {mode: peak_rss(args, mode) for mode in ("ordinary", "reversible")}
     model = build(args.model, args.size, args.trainable_layers)
     body = model.backbone.body
     images, targets = example(args.batch, args.size)
@@ -158,7 +166,6 @@ def measure(args) -> dict:
     mib = {mode: {r: b / MIB for r, b in regions.items()} for mode, regions in saved.items()}
     for mode in mib:
         mib[mode]["total"] = sum(saved[mode].values()) / MIB
-    rss = {mode: peak_rss(args, mode) for mode in ("ordinary", "reversible")}
     return {
         "saved_mib": mib,
         "rng_snapshot_bytes_in_reversible_backbone": rng,

@@ -156,10 +156,19 @@ def test_detectors_train_and_predict(head):
     model = modelfile.create_model(f"{head}_rexnetv1_100_fpn", num_classes=4, trainable_layers=2, min_size=SIZE,
                                    max_size=SIZE)
     _small_sampling(model)
-    frozen_bn = [m for m in model.backbone.body.modules() if isinstance(m, FrozenBatchNorm2d)]
-    assert frozen_bn  # frozen stages keep their statistics
+    body = model.backbone.body
+    # ReXNetV1 (SPEC): blocks per stage 1,2,2,3,3,5, block i is features.{3+i}; the stride-16 maps start at
+    # block 5 = features.8, so trainable_layers=2 (strides 16 and 32) freezes features.0-7
+    layer = lambda name: int(name.split(".")[1])  # noqa: E731
+    assert {layer(n) for n, p in body.named_parameters() if not p.requires_grad} == {0, 3, 4, 5, 6, 7}
+    assert min(layer(n) for n, p in body.named_parameters() if p.requires_grad) == 8
+    frozen_bn = {n for n, m in body.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert frozen_bn and all(layer(n) <= 7 for n in frozen_bn)  # frozen stages keep their statistics
+    statistics = {k: v.clone() for k, v in body.state_dict().items() if "running_mean" in k}
     model.train()
     losses = model(_images(2), _targets(2, masks=head == "maskrcnn"))
+    changed = {layer(k) for k, v in body.state_dict().items() if "running_mean" in k and not torch.equal(v, statistics[k])}
+    assert changed and min(changed) >= 8
     expected = {"maskrcnn": {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"},
                 "retinanet": {"classification", "bbox_regression"},
                 "fcos": {"classification", "bbox_regression", "bbox_ctrness"}}[head]

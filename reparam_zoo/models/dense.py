@@ -50,8 +50,8 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from ..checkpoint import StateDict, check_compatible, fit_state_dict, register_checkpoint_adapter
 
 __all__ = [
-    "HEADS", "BACKBONE_FAMILIES", "NUM_STAGES", "ZooBackboneWithFPN", "DenseModel", "FasterRCNN", "MaskRCNN", "RetinaNet", "FCOS", "FPNSegmenter",
-    "split_name", "is_dense_name", "dense_names", "backbone_names", "create", "dense_config",
+    "HEADS", "BACKBONE_FAMILIES", "NUM_STAGES", "ZooBackboneWithFPN", "DenseModel",
+    "FasterRCNN", "MaskRCNN", "RetinaNet", "FCOS", "FPNSegmenter", "split_name", "is_dense_name", "dense_names", "backbone_names", "create", "dense_config",
 ]
 
 NUM_STAGES = 5  # stem + the stages ending at strides 4, 8, 16, 32 (torchvision's trainable_backbone_layers range)
@@ -254,6 +254,9 @@ class FPNSegmenter(DenseModel, DeepLabV3):
         return OrderedDict(out=logits[..., :height, :width])
 
 
+_BUILDERS = {cls.__name__: cls for cls in (FasterRCNN, MaskRCNN, RetinaNet, FCOS, FPNSegmenter)}
+
+
 def _extra_blocks(kind: Optional[str]) -> Optional[nn.Module]:
     if kind == "maxpool":
         return LastLevelMaxPool()
@@ -296,7 +299,7 @@ def create(name: str, *, pretrained: bool = False, num_classes: Optional[int] = 
     body.prune_intermediate_layers(indices, prune_head=True)
     _freeze_stages(body, _family(backbone_name), trainable_layers)
     backbone = ZooBackboneWithFPN(body, indices, extra_blocks=_extra_blocks(head.extra_levels))
-    cls = globals()[head.builder]
+    cls = _BUILDERS[head.builder]
     if head.task == "detection":
         model = cls(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size)
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # images in [0, 1]: the detector normalises them itself
