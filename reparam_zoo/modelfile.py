@@ -186,7 +186,8 @@ def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, tor
         kwargs["in_chans"] = in_chans
         with torch.device("meta"):
             skeleton = create_model(name, num_classes=num_classes, **kwargs)
-    head = checkpoint_head_size(skeleton, state)
+    head = (_dense().checkpoint_num_classes(skeleton, state) if _is_dense(name)
+            else checkpoint_head_size(skeleton, state))
     if head is not None:
         built = (getattr(skeleton, "num_classes", None)
                  or (getattr(skeleton, "pretrained_cfg", None) or {}).get("num_classes"))

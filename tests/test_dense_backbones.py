@@ -304,3 +304,20 @@ def test_classification_checkpoint_loads_into_the_backbone(tmp_path, revcol_tiny
     body = resolved.model.backbone.body.state_dict()
     assert body.keys() == revcol_tiny_source.keys()
     assert all(torch.equal(body[k], v) for k, v in revcol_tiny_source.items())
+
+
+@pytest.mark.parametrize("name", ["retinanet_rexnetv1_090_fpn", "deeplabv3_rexnetv1_090_fpn"])
+def test_own_layout_checkpoint_sizes_the_head(tmp_path, name):
+    # a fine-tuned model's state_dict (torchvision's reference scripts: {"model": ..., "epoch": ...})
+    torch.manual_seed(0)
+    trained = modelfile.create_model(name, num_classes=3)
+    path = tmp_path / "fine_tuned.pth"
+    torch.save({"model": trained.state_dict(), "epoch": 12}, path)
+    resolved = modelfile.resolve_model(name, checkpoint=path)
+    default = dense.HEADS[dense.split_name(name)[0]].default_classes
+    assert f"head sized from the checkpoint: 3 classes (not {default})" in resolved.notes
+    assert modelfile.architecture_of(resolved.model)["kwargs"]["num_classes"] == 3
+    own = resolved.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in trained.state_dict().items())
+    with pytest.raises(modelfile.ArgumentConflictError, match="has a 3-class head"):
+        modelfile.resolve_model(name, checkpoint=path, num_classes=5)

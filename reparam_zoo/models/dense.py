@@ -74,6 +74,7 @@ class HeadSpec:
     default_classes: int
     task: str  # "detection" | "segmentation"
     class_modules: Tuple[str, ...]  # the modules whose shape depends on num_classes
+    class_count_key: str  # the tensor whose first dimension is num_classes (times anchors per location)
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,16 @@ BACKBONE_FAMILIES: Dict[str, BackboneFamily] = {
 
 HEADS: Dict[str, HeadSpec] = {
     "fasterrcnn": HeadSpec("FasterRCNN", (4, 8, 16, 32), "maxpool", 91, "detection",
-                           ("roi_heads.box_predictor",)),
+                           ("roi_heads.box_predictor",), "roi_heads.box_predictor.cls_score.weight"),
     "maskrcnn": HeadSpec("MaskRCNN", (4, 8, 16, 32), "maxpool", 91, "detection",
-                         ("roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits")),
+                         ("roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits"),
+                         "roi_heads.box_predictor.cls_score.weight"),
     "retinanet": HeadSpec("RetinaNet", (8, 16, 32), "p6p7", 91, "detection",
-                          ("head.classification_head.cls_logits",)),
-    "fcos": HeadSpec("FCOS", (8, 16, 32), "p6p7", 91, "detection", ("head.classification_head.cls_logits",)),
-    "deeplabv3": HeadSpec("FPNSegmenter", (4, 8, 16, 32), None, 21, "segmentation", ("classifier.4",)),
+                          ("head.classification_head.cls_logits",), "head.classification_head.cls_logits.weight"),
+    "fcos": HeadSpec("FCOS", (8, 16, 32), "p6p7", 91, "detection", ("head.classification_head.cls_logits",),
+                     "head.classification_head.cls_logits.weight"),
+    "deeplabv3": HeadSpec("FPNSegmenter", (4, 8, 16, 32), None, 21, "segmentation", ("classifier.4",),
+                          "classifier.4.weight"),
 }
 
 _NAME = re.compile(r"^(?P<head>[a-z0-9]+?)_(?P<backbone>.+)_fpn$")
@@ -344,6 +348,22 @@ def set_num_classes(model: nn.Module, fresh: nn.Module, name: str) -> None:
             holder.num_classes = fresh.get_submodule(parent).num_classes
     model.dense_config = {**model.dense_config, "num_classes": fresh.dense_config["num_classes"]}
     model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": fresh.dense_config["num_classes"]}
+
+
+def checkpoint_num_classes(model: nn.Module, state_dict: StateDict) -> Optional[int]:
+    """The class count of a checkpoint in `model`'s own layout whose heads are sized for another number of
+    classes, else None (torchvision's heads: the classifier's rows, divided by the anchors per location
+    for RetinaNet and FCOS; the box regressor and mask logits follow the same count)."""
+    spec = next(h for h in HEADS.values() if h.builder == type(model).__name__)
+    fitted, _ = fit_state_dict(model, dict(state_dict))
+    theirs, ours = fitted.get(spec.class_count_key), model.state_dict()[spec.class_count_key]
+    if theirs is None or theirs.dim() == 0 or theirs.shape[0] == ours.shape[0]:
+        return None
+    per_location = getattr(getattr(model, "head", None), "classification_head", None)
+    per_location = getattr(per_location, "num_anchors", 1)
+    if theirs.shape[0] % per_location:
+        return None
+    return theirs.shape[0] // per_location
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
