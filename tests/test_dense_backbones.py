@@ -65,7 +65,8 @@ _VARIANTS = list(REVCOL_VARIANTS) + ["rexnetv1_100", "rexnetv1_300"]
 
 
 # every RevCol variant (and two ReXNets), each head over several of them
-@pytest.mark.parametrize("backbone,head", [(b, list(dense.HEADS)[i % len(dense.HEADS)]) for i, b in enumerate(_VARIANTS)])
+@pytest.mark.parametrize("backbone,head",
+                         [(b, list(dense.HEADS)[i % len(dense.HEADS)]) for i, b in enumerate(_VARIANTS)])
 def test_every_variant_builds_as_a_backbone_on_meta(backbone, head):
     # the FPN reads the backbone's channels at strides 4..32 (R-CNNs, segmenter) or 8..32 (RetinaNet, FCOS)
     with torch.device("meta"):
@@ -171,7 +172,8 @@ def test_detectors_train_and_predict(head):
     statistics = {k: v.clone() for k, v in body.state_dict().items() if "running_mean" in k}
     model.train()
     losses = model(_images(2), _targets(2, masks=head == "maskrcnn"))
-    changed = {layer(k) for k, v in body.state_dict().items() if "running_mean" in k and not torch.equal(v, statistics[k])}
+    changed = {layer(k) for k, v in body.state_dict().items()
+               if "running_mean" in k and not torch.equal(v, statistics[k])}
     assert changed and min(changed) >= 8
     expected = {"maskrcnn": {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"},
                 "retinanet": {"classification", "bbox_regression"},
@@ -264,7 +266,8 @@ def revcol_tiny_source():
     return {k: v for k, v in body.state_dict().items() if not k.startswith("cls.")}
 
 
-@pytest.mark.parametrize("layout,name", [("mmdet", "fasterrcnn_revcol_tiny_fpn"), ("mmseg", "deeplabv3_revcol_tiny_fpn")])
+@pytest.mark.parametrize("layout,name",
+                         [("mmdet", "fasterrcnn_revcol_tiny_fpn"), ("mmseg", "deeplabv3_revcol_tiny_fpn")])
 def test_official_dense_checkpoint_backbone_loads(tmp_path, revcol_tiny_source, layout, name):
     checkpoint, others = _mm_checkpoint(revcol_tiny_source, layout)
     path = tmp_path / f"revcol_tiny_{layout}.pth"
@@ -287,8 +290,8 @@ def test_dense_checkpoint_of_another_variant_is_refused(tmp_path, revcol_tiny_so
     path = tmp_path / "tiny.pth"
     torch.save(checkpoint, path)
     # RevCol-S has the same levels but 8 columns: subnet4..7 are missing from a T file
-    with pytest.raises(CheckpointError, match=r"the checkpoint's backbone weights does not fit RevCol: \d+ missing keys "
-                                              r"\(subnet4\."):
+    with pytest.raises(CheckpointError,
+                       match=r"the checkpoint's backbone weights does not fit RevCol: \d+ missing keys \(subnet4\."):
         modelfile.create_model("fasterrcnn_revcol_small_fpn", checkpoint=path)
 
 

@@ -51,7 +51,9 @@ from ..checkpoint import StateDict, check_compatible, fit_state_dict, register_c
 
 __all__ = [
     "HEADS", "BACKBONE_FAMILIES", "NUM_STAGES", "ZooBackboneWithFPN", "DenseModel",
-    "FasterRCNN", "MaskRCNN", "RetinaNet", "FCOS", "FPNSegmenter", "split_name", "is_dense_name", "dense_names", "backbone_names", "create", "dense_config",
+    "FasterRCNN", "MaskRCNN", "RetinaNet", "FCOS", "FPNSegmenter",
+    "split_name", "is_dense_name", "dense_names", "backbone_names", "create", "dense_config",
+    "class_modules", "set_num_classes", "checkpoint_num_classes",
 ]
 
 NUM_STAGES = 5  # stem + the stages ending at strides 4, 8, 16, 32 (torchvision's trainable_backbone_layers range)
@@ -402,8 +404,10 @@ def adapt_dense_checkpoint(state_dict: StateDict, model: nn.Module) -> Tuple[Sta
     counters = [k for k in backbone if k.endswith(".num_batches_tracked") and k not in body_keys]
     if counters:
         backbone = {k: v for k, v in backbone.items() if k not in counters}
-        notes.append(f"dropped {len(counters)} BatchNorm batch counters of frozen stages (FrozenBatchNorm2d keeps none)")
+        notes.append(f"dropped {len(counters)} BatchNorm batch counters of frozen stages "
+                     "(FrozenBatchNorm2d keeps none)")
     check_compatible(body, backbone, source="the checkpoint's backbone weights", strict=True)
     rest = {k: v for k, v in own.items() if not k.startswith(_BODY)}
-    notes.append(f"the FPN and heads keep their initialisation ({len(rest)} tensors): the file has backbone weights only")
+    notes.append(f"the FPN and heads keep their initialisation ({len(rest)} tensors): "
+                 "the file has backbone weights only")
     return {**rest, **{_BODY + k: v for k, v in backbone.items()}}, notes
