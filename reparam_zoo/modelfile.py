@@ -82,7 +82,21 @@ def is_architecture(name: str) -> bool:
     tv_name = torchvision_models.split_name(name)
     if tv_name is not None:
         return torchvision_models.is_classifier(tv_name)
+    if _is_dense(name):
+        return True
     return isinstance(name, str) and bool(name) and timm.is_model(name)
+
+
+def _dense():
+    """The zoo's detectors and segmenters (`fasterrcnn_revcol_tiny_fpn`, ...; reparam_zoo/models/dense.py),
+    imported on first use: torchvision's detection code is not needed for classifiers."""
+    from .models import dense
+
+    return dense
+
+
+def _is_dense(name: Any) -> bool:
+    return isinstance(name, str) and name.endswith("_fpn") and _dense().is_dense_name(name)
 
 
 def create_model(
@@ -114,12 +128,19 @@ def create_model(
         kwargs["num_classes"] = num_classes
     _check_json("constructor arguments", kwargs)
     tv_name = torchvision_models.split_name(name)
+    dense = _is_dense(name)
     try:
         if tv_name is not None:
             model = torchvision_models.create(tv_name, pretrained=pretrained, **kwargs)
+        elif dense:
+            model = _dense().create(name, pretrained=pretrained, **kwargs)
         else:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
+        raise ArchitectureError(f"cannot build {name}: {first_line(e)}") from None
+    except ValueError as e:
+        if not dense:
+            raise
         raise ArchitectureError(f"cannot build {name}: {first_line(e)}") from None
     except Exception as e:
         if not pretrained:
@@ -132,6 +153,8 @@ def create_model(
     arch_kwargs = dict(kwargs)
     if tv_name is not None:
         arch_kwargs["num_classes"] = model.pretrained_cfg["num_classes"]
+    elif dense:
+        arch_kwargs.update(_dense().dense_config(model))  # every default resolved, so the file rebuilds it
     else:
         arch_kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
         arch_kwargs.setdefault("in_chans", 3)  # timm's convention for every model
@@ -163,7 +186,8 @@ def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, tor
         kwargs["in_chans"] = in_chans
         with torch.device("meta"):
             skeleton = create_model(name, num_classes=num_classes, **kwargs)
-    head = checkpoint_head_size(skeleton, state)
+    head = (_dense().checkpoint_num_classes(skeleton, state) if _is_dense(name)
+            else checkpoint_head_size(skeleton, state))
     if head is not None:
         built = (getattr(skeleton, "num_classes", None)
                  or (getattr(skeleton, "pretrained_cfg", None) or {}).get("num_classes"))
@@ -191,7 +215,10 @@ def set_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
     step, so the saved file rebuilds the new head."""
     model = _unwrap(model)
     arch = architecture_of(model)
-    if arch is not None and arch.get("source") == "torchvision":
+    if arch is not None and arch.get("source") == "zoo-dense":
+        fresh = _dense().create(arch["name"], **{**arch["kwargs"], "num_classes": num_classes})
+        _dense().set_num_classes(model, fresh, arch["name"])
+    elif arch is not None and arch.get("source") == "torchvision":
         fresh = torchvision_models.create(torchvision_models.split_name(arch["name"]),
                                           **{**arch["kwargs"], "num_classes": num_classes})
         torchvision_models.replace_heads(model, fresh)
@@ -209,6 +236,8 @@ def _source_of(name: str) -> str:
 
     if torchvision_models.split_name(name) is not None:
         return "torchvision"
+    if _is_dense(name):
+        return "zoo-dense"
     module = getattr(timm.models.model_entrypoint(name.split(".")[0]), "__module__", "") or ""
     return "zoo" if module.startswith(__package__ + ".") else "timm"
 
@@ -223,6 +252,9 @@ def _unknown_architecture_message(name: str) -> str:
         return f"unknown architecture '{name}' (not a torchvision classification model){hint}"
     close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.75)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
+    if not hint and isinstance(name, str) and name.endswith("_fpn"):
+        close = difflib.get_close_matches(name, _dense().dense_names(), n=3, cutoff=0.75)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
     return (f"unknown architecture '{name}' (not a timm, reparam-zoo or torchvision:NAME model name, nor an "
             f"existing file){hint}")
 
@@ -235,6 +267,7 @@ def _build_architecture(arch: Dict[str, Any], source: str) -> nn.Module:
         fix = {
             "timm": "a timm model; update timm",
             "torchvision": "a torchvision model; update torchvision",
+            "zoo-dense": "a reparam-zoo detector or segmenter; update reparam-zoo",
         }.get(arch.get("source"), "a reparam-zoo model; import the module that registers it, or update reparam-zoo")
         raise ArchitectureError(f"{source}: architecture '{name}' is not available here ({fix})")
     return create_model(name, **kwargs)
