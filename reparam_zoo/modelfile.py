@@ -43,7 +43,8 @@ from .deploy import STAGES, FuseReport, apply_fuse_structure, model_stage
 from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line, preview
 from .surgery import convert, refconv_layers
 from .model_info import require_module, unwrap as _unwrap
-from . import torchvision_models
+from . import filemeta, torchvision_models
+from .filemeta import register_architecture_kwargs
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STAGES", "ARCH_ATTR",
@@ -51,7 +52,7 @@ __all__ = [
     "create_model", "set_num_classes", "architecture_of", "is_architecture", "ArchitectureUnknownError",
     "model_stage", "model_metadata", "parse_metadata", "read_info",
     "save", "load", "load_model", "resolve_model",
-    "check_output_path", "check_finite", "atomic_write", "same_file",
+    "check_output_path", "check_finite", "atomic_write", "same_file", "register_architecture_kwargs",
 ]
 
 FORMAT = "reparam-zoo"
@@ -228,15 +229,18 @@ def _unknown_architecture_message(name: str) -> str:
 
 
 def _build_architecture(arch: Dict[str, Any], source: str) -> nn.Module:
-    name, kwargs = arch.get("name"), arch.get("kwargs") or {}
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise CheckpointError(f"{source}: malformed architecture metadata {arch!r}")
+    # checked here too: `save` rebuilds through this, so it never writes a file that `load` would refuse
+    filemeta.check_architecture(arch, source)
+    name, kwargs = arch["name"], arch.get("kwargs") or {}
     if not is_architecture(name):
         fix = {
             "timm": "a timm model; update timm",
             "torchvision": "a torchvision model; update torchvision",
         }.get(arch.get("source"), "a reparam-zoo model; import the module that registers it, or update reparam-zoo")
         raise ArchitectureError(f"{source}: architecture '{name}' is not available here ({fix})")
+    if arch.get("source", "timm") != _source_of(name):
+        raise CheckpointError(f"{source}: malformed reparam metadata (architecture {name} is a {_source_of(name)} "
+                              f"model, not {arch.get('source', 'timm')})")
     return create_model(name, **kwargs)
 
 
@@ -320,10 +324,13 @@ def parse_metadata(meta: Dict[str, str], source: str = "<metadata>") -> Optional
     """The `ModelFileInfo` in safetensors metadata, or None when it is not a reparam file."""
     if meta.get("format") != FORMAT:
         return None
+    _no_unknown_fields(meta, source)
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:
         raise CheckpointError(f"{source}: malformed reparam metadata (format_version)") from None
+    if version < 1:
+        raise CheckpointError(f"{source}: malformed reparam metadata (format_version {version}; versions start at 1)")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{source}: written in reparam file format {version}, this reparam-zoo reads up to {FORMAT_VERSION}; "
@@ -331,26 +338,41 @@ def parse_metadata(meta: Dict[str, str], source: str = "<metadata>") -> Optional
         )
     stage = meta.get("stage")
     if stage not in STAGES:
-        raise CheckpointError(f"{source}: malformed reparam metadata (stage {stage!r})")
+        raise CheckpointError(f"{source}: malformed reparam metadata (stage {str(stage)[:40]!r})")
     arch = _loads(meta, "architecture", source)
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
-        raise CheckpointError(f"{source}: malformed reparam metadata (architecture)")
+    filemeta.check_architecture(arch, source)
     refconv = _loads(meta, "refconv", source) if "refconv" in meta else None
-    if refconv is not None and not (
-        isinstance(refconv, dict) and {"map_k", "init", "train_scope", "converted"} <= set(refconv)
-    ):
-        raise CheckpointError(f"{source}: malformed reparam metadata (refconv)")
+    if refconv is not None:
+        filemeta.check_refconv(refconv, source)
     if (stage == "refconv") != (refconv is not None):
         raise CheckpointError(f"{source}: malformed reparam metadata (stage {stage} vs refconv settings)")
-    fuse = _fuse_from_json(_loads(meta, "fuse", source), source) if "fuse" in meta else None
+    fuse = None
+    if "fuse" in meta:
+        fuse_json = _loads(meta, "fuse", source)
+        filemeta.check_fuse(fuse_json, source)
+        fuse = _fuse_from_json(fuse_json, source)
     if stage == "fused" and fuse is None:
         raise CheckpointError(f"{source}: malformed reparam metadata (fused stage without fuse structure)")
     extra = _loads(meta, "extra", source) if "extra" in meta else {}
+    filemeta.check_extra(extra, source)
     return ModelFileInfo(
         stage=stage, architecture=arch, format_version=version, reparam_version=meta.get("reparam_version", ""),
-        torch_version=meta.get("torch_version", ""), refconv=refconv, fuse=fuse,
-        extra=extra if isinstance(extra, dict) else {},
+        torch_version=meta.get("torch_version", ""), refconv=refconv, fuse=fuse, extra=extra,
     )
+
+
+_FIELDS = ("format", "format_version", "reparam_version", "torch_version", "stage", "architecture", "refconv", "fuse",
+           "extra")
+
+
+def _no_unknown_fields(meta: Dict[str, str], source: str) -> None:
+    unknown = [k for k in meta if k not in _FIELDS]
+    if unknown:
+        raise CheckpointError(f"{source}: unknown reparam metadata field {unknown[0][:60]!r}; refused (a model file "
+                              "is data: fields this version does not know are not guessed at)")
+    for key in ("reparam_version", "torch_version"):
+        if len(meta.get(key, "")) > 100:
+            raise CheckpointError(f"{source}: malformed reparam metadata ({key} longer than 100 characters)")
 
 
 def _fuse_to_json(report: FuseReport) -> Dict[str, Any]:
@@ -422,7 +444,12 @@ def save(
         return path
 
     meta = model_metadata(model, extra_metadata=extra_metadata)
-    _check_rebuilds(parse_metadata(meta), state)
+    try:
+        info = parse_metadata(meta, source="model")
+    except CheckpointError as e:  # what load would refuse is never written
+        raise ReparamError(f"cannot save: {e} (a model built with other arguments needs "
+                           "reparam_zoo.filemeta.register_architecture_kwargs in the code that registers it)") from None
+    _check_rebuilds(info, state)
     tensors = _storable(state)
     from safetensors.torch import save_file
 
@@ -783,10 +810,9 @@ def _dumps(value: Any) -> str:
 
 
 def _loads(meta: Dict[str, str], key: str, source: str) -> Any:
-    try:
-        return json.loads(meta[key])
-    except (KeyError, ValueError):
-        raise CheckpointError(f"{source}: malformed reparam metadata ({key})") from None
+    if key not in meta:
+        raise CheckpointError(f"{source}: malformed reparam metadata ({key} missing)")
+    return filemeta.loads_metadata(meta[key], key, source)
 
 
 def _check_json(what: str, value: Any) -> None:

@@ -91,6 +91,11 @@ def tiny_reptest(pretrained=False, **kwargs):
     return build_model_with_cfg(TinyRepNet, "tiny_reptest", pretrained, **kwargs)
 
 
+# the test model's own constructor arguments, allowed in its files (a model file is data: only what is registered)
+mf.register_architecture_kwargs("tiny_reptest", width=lambda v: isinstance(v, int) and 0 < v <= 64,
+                                tie_heads=lambda v: isinstance(v, bool))
+
+
 
 def randomize_transforms(model, seed=0):
     g = torch.Generator().manual_seed(seed)
