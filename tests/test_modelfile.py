@@ -502,7 +502,7 @@ def test_newer_or_malformed_metadata_is_refused(tmp_path):
     good = mf.save(tiny(), tmp_path / "good.safetensors")
     with pytest.raises(CheckpointError, match="format 2, this reparam-zoo reads up to 1; upgrade"):
         mf.load(_rewrite_metadata(good, tmp_path / "v2.safetensors", format_version="2"))
-    with pytest.raises(CheckpointError, match=r"malformed reparam metadata \(architecture\)"):
+    with pytest.raises(CheckpointError, match=r"malformed reparam metadata \(architecture: not valid JSON\)"):
         mf.load(_rewrite_metadata(good, tmp_path / "bad.safetensors", architecture="{not json"))
     with pytest.raises(CheckpointError, match=r"malformed reparam metadata \(stage"):
         mf.load(_rewrite_metadata(good, tmp_path / "stage.safetensors", stage="refconv"))
