@@ -30,14 +30,13 @@ import difflib
 import glob
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import (check_compatible, check_readable, checkpoint_head_size, checkpoint_in_chans,
+from .checkpoint import (check_compatible, check_finite, non_finite, check_readable, checkpoint_head_size, checkpoint_in_chans,
                          load_checkpoint, read_state_dict, unpickle, unwrap_state_dict, _is_safetensors)
 from .deploy import STAGES, FuseReport, apply_fuse_structure, model_stage
 from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line, preview
@@ -45,6 +44,7 @@ from .surgery import convert, refconv_layers
 from .model_info import require_module, unwrap as _unwrap
 from . import filemeta, torchvision_models
 from .filemeta import register_architecture_kwargs
+from .fileio import atomic_write, atomic_write_file, check_output_path, same_file
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STAGES", "ARCH_ATTR",
@@ -440,7 +440,7 @@ def save(
     if not has_architecture:
         if extra_metadata is not None:
             raise ReparamError("extra_metadata needs a safetensors model file (a rebuildable architecture)")
-        _atomic_write(path, lambda tmp: torch.save(model, tmp))
+        atomic_write_file(path, lambda f: torch.save(model, f))
         return path
 
     meta = model_metadata(model, extra_metadata=extra_metadata)
@@ -453,7 +453,7 @@ def save(
     tensors = _storable(state)
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -467,40 +467,6 @@ def model_file_name_problem(path: PathLike, has_architecture: bool) -> Optional[
     if not has_architecture and not lower.endswith((".pt", ".pth")):
         return "a model without a rebuildable architecture is written as a whole-module pickle; name it <name>.pt"
     return None
-
-
-def check_output_path(path: PathLike, inputs: Sequence[PathLike] = ()) -> None:
-    """A clear error, before any work, when `path` cannot be written as a file or is one of `inputs`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ReparamError(f"'{path}' is a directory, expected an output file path")
-    if not os.path.isdir(folder):
-        raise ReparamError(f"folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ReparamError(f"folder '{folder}' is not writable")
-    for source in inputs:
-        if same_file(path, os.fspath(source)):
-            raise ReparamError(f"'{path}' is an input; refusing to overwrite it")
-
-
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths name the same file or folder (the same path, when either does not exist yet)."""
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def non_finite(state: Dict[str, torch.Tensor]) -> List[str]:
-    """The names of the floating tensors in `state` that hold a NaN or Inf."""
-    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-def check_finite(state: Dict[str, torch.Tensor], action: str = "save them") -> None:
-    """Refuse NaN/Inf weights: a file holding them would silently poison whatever loads it."""
-    bad = non_finite(state)
-    if bad:
-        raise ReparamError(f"non-finite (NaN/Inf) weights in {preview(bad, 3)}; refusing to {action}")
 
 
 def _storable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -518,39 +484,6 @@ def _storable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             seen.add(ptr)
         out[key] = t
     return out
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder and rename it over `path` only when complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    # the temporary name keeps the extension: some writers (torch.export) check it
-    suffix = ".tmp" + os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _file_mode(path: str) -> int:
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
-    """Public form of the atomic write used by `save` (for the CLI's export formats)."""
-    path = os.fspath(path)
-    check_output_path(path)
-    _atomic_write(path, write)
-    return path
 
 
 def _check_rebuilds(info: ModelFileInfo, state: Dict[str, torch.Tensor]) -> None:
