@@ -1,4 +1,4 @@
-"""Checking what a model file's metadata asks for: the file is data, never instructions.
+"""A model file's metadata, parsed and checked: the file is data, never instructions.
 
 Every metadata field that `load` turns into behaviour is checked here before anything is built from it:
 the architecture's name and constructor arguments (an allow-list per source, with types and ranges; any
@@ -12,12 +12,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Optional
 
+from .deploy import STAGES, FuseReport
 from .errors import CheckpointError
 
-__all__ = ["register_architecture_kwargs", "check_architecture", "check_refconv", "check_fuse", "check_extra",
+__all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileInfo", "parse_metadata", "fuse_to_json", "register_architecture_kwargs", "check_architecture", "check_refconv", "check_fuse", "check_extra",
            "loads_metadata", "MAX_CLASSES", "MAX_CHANNELS", "MAX_NAMES", "MAX_DEPTH"]
+
+FORMAT = "reparam-zoo"
+FORMAT_VERSION = 1
 
 MAX_CLASSES = 1_000_000  # a head beyond this is no classifier anyone trains; bounds what a file can ask to build
 MAX_CHANNELS = 65_536
@@ -282,3 +287,129 @@ def _short(value: Any, n: int = 80) -> str:
     text = value if isinstance(value, str) and n == 60 else repr(value)
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# -- the parsed metadata ---------------------------------------------------------------------------------------
+
+@dataclass
+class ModelFileInfo:
+    """The parsed metadata of a reparam model file."""
+
+    stage: str
+    architecture: Dict[str, Any]
+    format_version: int
+    reparam_version: str
+    torch_version: str = ""
+    refconv: Optional[Dict[str, Any]] = None
+    fuse: Optional[FuseReport] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.architecture.get("kwargs", {}).get("num_classes")
+
+    def describe(self) -> str:
+        arch = self.architecture
+        text = f"{arch['name']} ({arch.get('source', 'timm')}), stage {self.stage}"
+        if self.refconv:
+            text += (f", {len(self.refconv['converted'])} RefConv layers (map_k={self.refconv['map_k']}, "
+                     f"train_scope={self.refconv['train_scope']})")
+        if self.fuse is not None and self.stage == "fused":
+            text += f", {len(self.fuse.fused)} fused conv+norm pairs"
+        return text
+
+
+def parse_metadata(meta: Dict[str, str], source: str = "<metadata>") -> Optional[ModelFileInfo]:
+    """The `ModelFileInfo` in safetensors metadata, or None when it is not a reparam file."""
+    if meta.get("format") != FORMAT:
+        return None
+    _no_unknown_fields(meta, source)
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise CheckpointError(f"{source}: malformed reparam metadata (format_version)") from None
+    if version < 1:
+        raise CheckpointError(f"{source}: malformed reparam metadata (format_version {version}; versions start at 1)")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: written in reparam file format {version}, this reparam-zoo reads up to {FORMAT_VERSION}; "
+            "upgrade reparam-zoo"
+        )
+    stage = meta.get("stage")
+    if stage not in STAGES:
+        raise CheckpointError(f"{source}: malformed reparam metadata (stage {str(stage)[:40]!r})")
+    arch = _loads(meta, "architecture", source)
+    check_architecture(arch, source)
+    refconv = _loads(meta, "refconv", source) if "refconv" in meta else None
+    if refconv is not None:
+        check_refconv(refconv, source)
+    if (stage == "refconv") != (refconv is not None):
+        raise CheckpointError(f"{source}: malformed reparam metadata (stage {stage} vs refconv settings)")
+    fuse = None
+    if "fuse" in meta:
+        fuse_json = _loads(meta, "fuse", source)
+        check_fuse(fuse_json, source)
+        fuse = _fuse_from_json(fuse_json, source)
+    if stage == "fused" and fuse is None:
+        raise CheckpointError(f"{source}: malformed reparam metadata (fused stage without fuse structure)")
+    extra = _loads(meta, "extra", source) if "extra" in meta else {}
+    check_extra(extra, source)
+    return ModelFileInfo(
+        stage=stage, architecture=arch, format_version=version, reparam_version=meta.get("reparam_version", ""),
+        torch_version=meta.get("torch_version", ""), refconv=refconv, fuse=fuse, extra=extra,
+    )
+
+
+_FIELDS = ("format", "format_version", "reparam_version", "torch_version", "stage", "architecture", "refconv", "fuse",
+           "extra")
+
+
+def _no_unknown_fields(meta: Dict[str, str], source: str) -> None:
+    unknown = [k for k in meta if k not in _FIELDS]
+    if unknown:
+        raise CheckpointError(f"{source}: unknown reparam metadata field {unknown[0][:60]!r}; refused (a model file "
+                              "is data: fields this version does not know are not guessed at)")
+    for key in ("reparam_version", "torch_version"):
+        if len(meta.get(key, "")) > 100:
+            raise CheckpointError(f"{source}: malformed reparam metadata ({key} longer than 100 characters)")
+
+
+def fuse_to_json(report: FuseReport) -> Dict[str, Any]:
+    return {
+        "folded": list(report.folded),
+        "fused": [list(p) for p in report.fused],
+        "reparameterized": list(report.reparameterized),
+        "left_alone": [list(p) for p in report.left_alone],
+        "verified": bool(report.verified),
+        "max_abs_error": report.max_abs_error,
+        "max_rel_error": report.max_rel_error,
+        "rtol": report.rtol,
+        "atol": report.atol,
+        "input_shapes": [list(s) for s in report.input_shapes],
+        "fold_only": bool(report.fold_only),
+    }
+
+
+def _fuse_from_json(data: Any, source: str) -> FuseReport:
+    try:
+        return FuseReport(
+            folded=[str(n) for n in data.get("folded", [])],
+            fused=[(str(c), str(b)) for c, b in data.get("fused", [])],
+            reparameterized=[str(n) for n in data.get("reparameterized", [])],
+            left_alone=[(str(n), str(why)) for n, why in data.get("left_alone", [])],
+            verified=bool(data.get("verified", False)),
+            max_abs_error=data.get("max_abs_error"),
+            max_rel_error=data.get("max_rel_error"),
+            rtol=float(data.get("rtol", 1e-4)),
+            atol=float(data.get("atol", 0.0)),
+            input_shapes=[list(s) for s in data.get("input_shapes", [])],
+            fold_only=bool(data.get("fold_only", False)),
+        )
+    except (AttributeError, TypeError, ValueError):
+        raise CheckpointError(f"{source}: malformed reparam metadata (fuse)") from None
+
+
+def _loads(meta: Dict[str, str], key: str, source: str) -> Any:
+    if key not in meta:
+        raise CheckpointError(f"{source}: malformed reparam metadata ({key} missing)")
+    return loads_metadata(meta[key], key, source)

@@ -36,14 +36,14 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import (check_compatible, check_finite, non_finite, check_readable, checkpoint_head_size, checkpoint_in_chans,
+from .checkpoint import (check_compatible, check_finite, check_readable, checkpoint_head_size, checkpoint_in_chans, non_finite,
                          load_checkpoint, read_state_dict, unpickle, unwrap_state_dict, _is_safetensors)
 from .deploy import STAGES, FuseReport, apply_fuse_structure, model_stage
-from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line, preview
+from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line
 from .surgery import convert, refconv_layers
 from .model_info import require_module, unwrap as _unwrap
 from . import filemeta, torchvision_models
-from .filemeta import register_architecture_kwargs
+from .filemeta import FORMAT, FORMAT_VERSION, ModelFileInfo, fuse_to_json, parse_metadata, register_architecture_kwargs
 from .fileio import atomic_write, atomic_write_file, check_output_path, same_file
 
 __all__ = [
@@ -55,8 +55,6 @@ __all__ = [
     "check_output_path", "check_finite", "atomic_write", "same_file", "register_architecture_kwargs",
 ]
 
-FORMAT = "reparam-zoo"
-FORMAT_VERSION = 1
 # The architecture tag lives on the module as a plain dict attribute: deepcopy (convert/fold/fuse
 # all copy) carries it along, and it pickles with the module.
 ARCH_ATTR = "reparam_arch"
@@ -265,7 +263,7 @@ def model_metadata(model: nn.Module, *, extra_metadata: Optional[Dict[str, Any]]
     }
     report = getattr(model, "fuse_report", None)
     if isinstance(report, FuseReport):
-        meta["fuse"] = _dumps(_fuse_to_json(report))
+        meta["fuse"] = _dumps(fuse_to_json(report))
     layers = refconv_layers(model)
     if layers:
         summary = getattr(model, "refconv_summary", None)
@@ -290,124 +288,6 @@ def model_metadata(model: nn.Module, *, extra_metadata: Optional[Dict[str, Any]]
         _check_json("extra_metadata", extra_metadata)
         meta["extra"] = _dumps(extra_metadata)
     return meta
-
-
-@dataclass
-class ModelFileInfo:
-    """The parsed metadata of a reparam model file."""
-
-    stage: str
-    architecture: Dict[str, Any]
-    format_version: int
-    reparam_version: str
-    torch_version: str = ""
-    refconv: Optional[Dict[str, Any]] = None
-    fuse: Optional[FuseReport] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        return self.architecture.get("kwargs", {}).get("num_classes")
-
-    def describe(self) -> str:
-        arch = self.architecture
-        text = f"{arch['name']} ({arch.get('source', 'timm')}), stage {self.stage}"
-        if self.refconv:
-            text += (f", {len(self.refconv['converted'])} RefConv layers (map_k={self.refconv['map_k']}, "
-                     f"train_scope={self.refconv['train_scope']})")
-        if self.fuse is not None and self.stage == "fused":
-            text += f", {len(self.fuse.fused)} fused conv+norm pairs"
-        return text
-
-
-def parse_metadata(meta: Dict[str, str], source: str = "<metadata>") -> Optional[ModelFileInfo]:
-    """The `ModelFileInfo` in safetensors metadata, or None when it is not a reparam file."""
-    if meta.get("format") != FORMAT:
-        return None
-    _no_unknown_fields(meta, source)
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise CheckpointError(f"{source}: malformed reparam metadata (format_version)") from None
-    if version < 1:
-        raise CheckpointError(f"{source}: malformed reparam metadata (format_version {version}; versions start at 1)")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{source}: written in reparam file format {version}, this reparam-zoo reads up to {FORMAT_VERSION}; "
-            "upgrade reparam-zoo"
-        )
-    stage = meta.get("stage")
-    if stage not in STAGES:
-        raise CheckpointError(f"{source}: malformed reparam metadata (stage {str(stage)[:40]!r})")
-    arch = _loads(meta, "architecture", source)
-    filemeta.check_architecture(arch, source)
-    refconv = _loads(meta, "refconv", source) if "refconv" in meta else None
-    if refconv is not None:
-        filemeta.check_refconv(refconv, source)
-    if (stage == "refconv") != (refconv is not None):
-        raise CheckpointError(f"{source}: malformed reparam metadata (stage {stage} vs refconv settings)")
-    fuse = None
-    if "fuse" in meta:
-        fuse_json = _loads(meta, "fuse", source)
-        filemeta.check_fuse(fuse_json, source)
-        fuse = _fuse_from_json(fuse_json, source)
-    if stage == "fused" and fuse is None:
-        raise CheckpointError(f"{source}: malformed reparam metadata (fused stage without fuse structure)")
-    extra = _loads(meta, "extra", source) if "extra" in meta else {}
-    filemeta.check_extra(extra, source)
-    return ModelFileInfo(
-        stage=stage, architecture=arch, format_version=version, reparam_version=meta.get("reparam_version", ""),
-        torch_version=meta.get("torch_version", ""), refconv=refconv, fuse=fuse, extra=extra,
-    )
-
-
-_FIELDS = ("format", "format_version", "reparam_version", "torch_version", "stage", "architecture", "refconv", "fuse",
-           "extra")
-
-
-def _no_unknown_fields(meta: Dict[str, str], source: str) -> None:
-    unknown = [k for k in meta if k not in _FIELDS]
-    if unknown:
-        raise CheckpointError(f"{source}: unknown reparam metadata field {unknown[0][:60]!r}; refused (a model file "
-                              "is data: fields this version does not know are not guessed at)")
-    for key in ("reparam_version", "torch_version"):
-        if len(meta.get(key, "")) > 100:
-            raise CheckpointError(f"{source}: malformed reparam metadata ({key} longer than 100 characters)")
-
-
-def _fuse_to_json(report: FuseReport) -> Dict[str, Any]:
-    return {
-        "folded": list(report.folded),
-        "fused": [list(p) for p in report.fused],
-        "reparameterized": list(report.reparameterized),
-        "left_alone": [list(p) for p in report.left_alone],
-        "verified": bool(report.verified),
-        "max_abs_error": report.max_abs_error,
-        "max_rel_error": report.max_rel_error,
-        "rtol": report.rtol,
-        "atol": report.atol,
-        "input_shapes": [list(s) for s in report.input_shapes],
-        "fold_only": bool(report.fold_only),
-    }
-
-
-def _fuse_from_json(data: Any, source: str) -> FuseReport:
-    try:
-        return FuseReport(
-            folded=[str(n) for n in data.get("folded", [])],
-            fused=[(str(c), str(b)) for c, b in data.get("fused", [])],
-            reparameterized=[str(n) for n in data.get("reparameterized", [])],
-            left_alone=[(str(n), str(why)) for n, why in data.get("left_alone", [])],
-            verified=bool(data.get("verified", False)),
-            max_abs_error=data.get("max_abs_error"),
-            max_rel_error=data.get("max_rel_error"),
-            rtol=float(data.get("rtol", 1e-4)),
-            atol=float(data.get("atol", 0.0)),
-            input_shapes=[list(s) for s in data.get("input_shapes", [])],
-            fold_only=bool(data.get("fold_only", False)),
-        )
-    except (AttributeError, TypeError, ValueError):
-        raise CheckpointError(f"{source}: malformed reparam metadata (fuse)") from None
 
 
 # -- saving -----------------------------------------------------------------------------------------------
@@ -740,12 +620,6 @@ def _looks_like_path(spec: str) -> bool:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, allow_nan=False)
-
-
-def _loads(meta: Dict[str, str], key: str, source: str) -> Any:
-    if key not in meta:
-        raise CheckpointError(f"{source}: malformed reparam metadata ({key} missing)")
-    return filemeta.loads_metadata(meta[key], key, source)
 
 
 def _check_json(what: str, value: Any) -> None:
