@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 MAX_CLASSES = 1_000_000  # a head beyond this is no classifier anyone trains; bounds what a file can ask to build
 MAX_CHANNELS = 65_536
 MAX_IMAGE_SIZE = 16_384
-MAX_NAMES = 1_000_000  # entries of a list of layer names
+MAX_NAMES = 100_000  # entries of a list of layer names (or class names)
 MAX_NAME_LENGTH = 1_000
 MAX_DEPTH = 32  # nesting of the caller's `extra` JSON
 
@@ -109,10 +109,10 @@ _ALLOWED: Dict[str, Dict[str, Check]] = {
     "zoo": {
         **_COMMON,
         # ReXNetV1
-        "width_mult": _float(0.05, 16.0), "depth_mult": _float(0.05, 16.0), "input_ch": _int(1, MAX_CHANNELS),
+        "width_mult": _float(0.05, 8.0), "depth_mult": _float(0.05, 4.0), "input_ch": _int(1, MAX_CHANNELS),
         "final_ch": _int(1, MAX_CHANNELS), "use_se": _bool(), "se_ratio": _int(1, 1024),
         # RevCol
-        "channels": _int_list(1, MAX_CHANNELS, max_len=8), "layers": _int_list(0, 256, max_len=8),
+        "channels": _int_list(1, 8192, max_len=4), "layers": _int_list(0, 64, max_len=4),
         "num_columns": _int(1, 64), "kernel_size": _int(1, 31),
         "save_memory": _bool(), "inter_supv": _bool(), "head_init_scale": _float(0.0, 1000.0),
         "top_to_bottom_fusion": _bool(),
@@ -168,6 +168,24 @@ def check_architecture(arch: Any, source: str, *, actual_source: Optional[Callab
         if not check(value):
             what = getattr(check, "what", "an accepted value")
             raise CheckpointError(f"{source}: architecture argument '{key}' = {_short(value)} is not {what}")
+    _check_size(name, kwargs, source)
+
+
+MAX_REVCOL_BLOCKS = 256  # twice the largest variant's (revcol_base: 7 blocks x 16 columns)
+
+
+def _check_size(name: str, kwargs: Dict[str, Any], source: str) -> None:
+    """Bounds that span arguments: a file must not make even the weightless skeleton take minutes to build
+    (every block is a module to construct)."""
+    from .models.revcol import REVCOL_VARIANTS
+
+    variant = REVCOL_VARIANTS.get(name.split(".")[0])
+    if variant is None:
+        return
+    blocks = sum(kwargs.get("layers", variant["layers"])) * kwargs.get("num_columns", variant["num_columns"])
+    if blocks > MAX_REVCOL_BLOCKS:
+        raise CheckpointError(f"{source}: architecture arguments ask for {blocks} RevCol blocks (layers x columns), "
+                              f"more than {MAX_REVCOL_BLOCKS}; refused")
 
 
 def check_refconv(refconv: Any, source: str) -> None:

@@ -469,6 +469,13 @@ def _build_structure(info: ModelFileInfo, source: str) -> nn.Module:
     if info.refconv is not None:
         r = info.refconv
         names = [str(n) for n in r["converted"]]
+        # every name must be a distinct conv of the architecture: checked in one pass, before the names
+        # become include patterns (a file listing a million names must not cost a million pattern matches)
+        convs = {n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+        strays = [n for n in names if n not in convs]
+        if strays or len(set(names)) != len(names):
+            what = f"no conv named {strays[0][:100]!r}" if strays else "a layer listed twice"
+            raise CheckpointError(f"{source}: cannot re-apply the saved RefConv conversion ({what} in the architecture)")
         try:
             convert(model, map_k=int(r["map_k"]), init=str(r["init"]), train_scope=str(r["train_scope"]),
                     include=[glob.escape(n) for n in names], inplace=True)

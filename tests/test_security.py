@@ -131,9 +131,15 @@ def test_architecture_name_source_and_fields_are_checked(tmp_path, good_file):
         ({**arch, "kwargs": [1]}, r"architecture kwargs: not a JSON object"),
         ([arch], r"architecture: not a JSON object"),
         ({**arch, "kwargs": {**arch["kwargs"], "drop_rate": float("nan")}}, r"architecture: not valid JSON"),
+        ('{"name": "test_resnet", "kwargs": {"num_classes": ' + "9" * 5000 + "}}", r"architecture: not valid JSON"),
+        # a skeleton that would take minutes to build, weightless as it is
+        ({"name": "revcol_tiny", "source": "zoo", "kwargs": {"layers": [64] * 4}},
+         r"architecture arguments ask for 1024 RevCol blocks \(layers x columns\), more than 256; refused"),
+        ({"name": "revcol_tiny", "source": "zoo", "kwargs": {"channels": [65536] * 4}},
+         r"'channels' = \[65536, .* is not a list of at most 4 integers in \[1, 8192\]"),
     ]
     for value, message in cases:
-        text = json.dumps(value)  # (NaN: Python writes it, JSON has no such constant)
+        text = value if isinstance(value, str) else json.dumps(value)  # (NaN: Python writes it, JSON has none)
         with pytest.raises(CheckpointError, match=message):
             mf.load(rewrite(good_file, tmp_path / "m.safetensors", architecture=text))
 
@@ -164,6 +170,11 @@ def test_refconv_fuse_and_extra_metadata_are_checked(tmp_path):
         (refconv_file, {"refconv": {**refconv, "init": "evil"}}, r"\(refconv init: 'evil', expected one of zero"),
         (refconv_file, {"refconv": {**refconv, "hook": "x"}}, r"unknown refconv metadata field 'hook'"),
         (refconv_file, {"refconv": [1, 2]}, r"\(refconv: not a JSON object"),
+        (refconv_file, {"refconv": {**refconv, "converted": ["*"]}},
+         r"cannot re-apply the saved RefConv conversion \(no conv named '\*' in the architecture\)"),
+        (refconv_file, {"refconv": {**refconv, "converted": refconv["converted"] + [f"x{i}" for i in range(99_000)]}},
+         r"\(no conv named 'x0' in the architecture\)"),  # at once: no 99,000 include patterns
+        (refconv_file, {"refconv": {**refconv, "converted": refconv["converted"] * 2}}, r"\(a layer listed twice"),
         (fused_file, {"fuse": {**fuse, "fused": [["conv1"]]}}, r"\(fuse fused: not a list of \[name, name\] pairs"),
         (fused_file, {"fuse": {**fuse, "rtol": "x"}}, r"\(fuse rtol: 'x' is not a finite non-negative number"),
         (fused_file, {"fuse": {**fuse, "rtol": 1e999}}, r"\(fuse: not valid JSON"),  # Infinity
