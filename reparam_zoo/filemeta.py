@@ -294,7 +294,7 @@ def _depth(value: Any) -> int:
 def _no_unknown(obj: Dict[str, Any], known: set, source: str, what: str) -> None:
     unknown = sorted(str(k) for k in obj if k not in known)
     if unknown:
-        raise CheckpointError(f"{source}: unknown {what} metadata field '{_short(unknown[0], 60)}'; refused")
+        raise CheckpointError(f"{source}: unknown {what} metadata field {unknown[0][:60]!r}; refused")
 
 
 def _malformed(source: str, what: str, why: str) -> CheckpointError:
@@ -302,8 +302,7 @@ def _malformed(source: str, what: str, why: str) -> CheckpointError:
 
 
 def _short(value: Any, n: int = 80) -> str:
-    text = value if isinstance(value, str) and n == 60 else repr(value)
-    text = " ".join(str(text).split())
+    text = " ".join(repr(value).split())
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
