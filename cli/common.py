@@ -67,7 +67,8 @@ def _failure_message(e: BaseException) -> str:
     if isinstance(e, ReparamError):
         return _one_line(str(e))
     if isinstance(e, OSError):  # disk full, permissions: the user's to fix, not a bug
-        return _one_line(str(e))
+        cause = e.strerror or str(e)
+        return _one_line(f"{e.filename}: {cause}" if e.filename else cause)
     return (f"internal error: {type(e).__name__}: {_one_line(str(e))} "
             f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)")
 
@@ -138,7 +139,28 @@ def input_size_option(help_text: str):
 
 
 def output_option(help_text: str):
-    return click.option("-o", "--output", "output", type=click.Path(dir_okay=True), metavar="PATH", help=help_text)
+    return click.option("-o", "--output", "output", type=click.Path(dir_okay=True), metavar="PATH", help=help_text,
+                        callback=_nonempty_path)
+
+
+def _nonempty_path(ctx, param, value: Optional[str]) -> Optional[str]:
+    if value is not None and not value.strip():
+        raise click.BadParameter("the path is empty")
+    return value
+
+
+def tolerance_option(name: str, default: float, help_text: str):
+    """--rtol / --atol: a finite number >= 0 (NaN would fail every comparison, inf pass any)."""
+    return click.option(f"--{name}", type=float, default=default, show_default=True, callback=_check_tolerance,
+                        metavar="X", help=help_text)
+
+
+def _check_tolerance(ctx, param, value: float) -> float:
+    import math
+
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"must be a finite number >= 0, got {value}")
+    return value
 
 
 def report_format_option():
@@ -277,8 +299,14 @@ def echo(message: str = "", err: bool = False) -> None:
     """`click.echo` that first clears any progress bar from the terminal line (and redraws it after)."""
     from tqdm import tqdm
 
-    with tqdm.external_write_mode(file=sys.stderr):
-        click.echo(message, err=err)
+    try:
+        with tqdm.external_write_mode(file=sys.stderr):
+            click.echo(message, err=err)
+    except OSError as e:  # e.g. `reparam report ... > file` on a full disk
+        from reparam_zoo.errors import OutputError
+
+        stream = "standard error" if err else "standard output"
+        raise OutputError(f"cannot write to {stream}: {e.strerror or e}") from None
 
 
 def echo_lines(text: str) -> None:

@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from .common import (echo, EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines,
                      format_of_path, input_paths, input_size_option, model_options, output_option,
-                     resolve, settle_model_output, steps, wrote)
+                     resolve, settle_model_output, steps, tolerance_option, wrote)
 
 
 @click.command("fuse")
@@ -18,10 +18,8 @@ from .common import (echo, EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, 
 @output_option("Output file (default: <stem>.fused.<ext> next to MODEL, or in the current folder for an "
                "architecture name; a '.refconv' in the stem is dropped).")
 @input_size_option("Input size for tracing and verification (default: the model's timm config).")
-@click.option("--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              help="Relative tolerance of the verification (relative to the output's largest magnitude).")
-@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Absolute slack of the verification, for outputs that should be exactly zero.")
+@tolerance_option("rtol", 1e-4, "Relative tolerance of the verification (relative to the output's largest magnitude).")
+@tolerance_option("atol", 0.0, "Absolute slack of the verification, for outputs that should be exactly zero.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the fused model against the original.")
 @click.option("--fold-only", is_flag=True,
               help="Only fold the RefConvs: the original structure and state_dict keys (BatchNorms kept), "

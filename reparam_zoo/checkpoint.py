@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, first_line, preview
+from .errors import CheckpointError, ReparamError, first_line, preview
 from .model_info import timm_cfg
 
 StateDict = Dict[str, torch.Tensor]
@@ -93,7 +93,9 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
     try:
         # timm's and torchvision's training scripts save their argparse settings next to the weights
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # memory-mapped (zip format): the tensors' bytes stay in the file until used, so a file's claims
+            # are checked against its storages before anything is read or built from them
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         msg = first_line(e)
         # torch's message always starts with "Weights only load failed": only a refused global means
@@ -101,7 +103,7 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
         refused = re.search(r"GLOBAL (\S+)", str(e))
         if refused or "Unsupported global" in str(e):
             if trust_pickle:
-                return unwrap_state_dict(unpickle(path), source=path), {}
+                return check_tensors(unwrap_state_dict(unpickle(path), source=path), path), {}
             what = f"pickled Python objects ({refused.group(1)})" if refused else "pickled Python objects"
             raise CheckpointError(
                 f"{path}: contains {what}; loading it would run arbitrary code, refused (pass --trust-pickle / "
@@ -111,7 +113,49 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(detail)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from None
-    return unwrap_state_dict(obj, source=path), {}
+    return check_tensors(unwrap_state_dict(obj, source=path), path), {}
+
+
+def check_tensors(state: StateDict, source: str) -> StateDict:
+    """Refuse tensors whose storage does not back the shape they claim: sparse, quantized or non-CPU tensors,
+    and views that overlap themselves (a zero-stride expanded tensor: a few bytes in the file claiming a
+    500,000-row head) or reach past their storage. Checked before anything is sized or built from a shape."""
+    for key, t in state.items():
+        where = f"{source}: tensor '{key}'"
+        if t.layout != torch.strided:
+            raise CheckpointError(f"{where} is a {str(t.layout).replace('torch.', '')} tensor; model weights are "
+                                  "dense tensors")
+        if t.is_quantized:
+            raise CheckpointError(f"{where} is a quantized tensor ({t.dtype}); reparam reads float weights")
+        if t.numel() == 0:
+            continue
+        dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+        extent = 1
+        for stride, size in dims:
+            if stride < extent:
+                raise CheckpointError(
+                    f"{where} claims shape {tuple(t.shape)} with strides {tuple(t.stride())}: its elements overlap "
+                    f"(an expanded or self-overlapping view, {t.untyped_storage().nbytes()} bytes of storage for "
+                    f"{t.numel()} elements); refused")
+            extent = stride * size
+        needed = (t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1)
+        if needed * t.element_size() > t.untyped_storage().nbytes():
+            raise CheckpointError(f"{where} claims shape {tuple(t.shape)}, more than its storage of "
+                                  f"{t.untyped_storage().nbytes()} bytes holds; refused")
+    return state
+
+
+def non_finite(state: Dict[str, torch.Tensor]) -> List[str]:
+    """The names of the floating tensors in `state` that hold a NaN or Inf."""
+    return [k for k, t in state.items()
+            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(state: Dict[str, torch.Tensor], action: str = "save them") -> None:
+    """Refuse NaN/Inf weights: a file holding them would silently poison whatever loads it."""
+    bad = non_finite(state)
+    if bad:
+        raise ReparamError(f"non-finite (NaN/Inf) weights in {preview(bad, 3)}; refusing to {action}")
 
 
 def unpickle(path: str):
@@ -227,6 +271,9 @@ def check_compatible(model: nn.Module, state_dict: StateDict, *, source: str, st
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
+    for k in own:
+        if k in state_dict:
+            _check_kind(own[k], state_dict[k], k, source)
     mismatched = [
         f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
@@ -243,6 +290,31 @@ def check_compatible(model: nn.Module, state_dict: StateDict, *, source: str, st
         name = type(model).__name__
         hint = _head_size_hint(own, state_dict) if len(problems) == 1 and mismatched else ""
         raise CheckpointError(f"{source} does not fit {name}: " + "; ".join(problems) + hint)
+
+
+def _kind(t: torch.Tensor) -> str:
+    if t.layout != torch.strided:
+        return "sparse"
+    if t.is_quantized:
+        return "quantized"
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "floating-point"
+    return "boolean" if t.dtype == torch.bool else "integer"
+
+
+def _check_kind(own: torch.Tensor, theirs: torch.Tensor, key: str, source: str) -> None:
+    """A tensor of another kind than the model's would be cast on loading: a complex weight loses its imaginary
+    part, an integer one its meaning. Refused with the key named."""
+    expected, got = _kind(own), _kind(theirs)
+    if expected != got:
+        raise CheckpointError(f"{source}: '{key}' is {_a(got)} tensor ({theirs.dtype}), the model expects "
+                              f"{_a(expected)} tensor ({own.dtype}); refused")
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def _head_size_hint(own: StateDict, state_dict: StateDict) -> str:

@@ -84,8 +84,10 @@ def run_demo(
     comparison = compare(result.model, deployed, (3, input_size, input_size),
                          names=("training (RefConv)", "inference (fused)"))
     report_path = os.path.join(output_dir, "report.json")
-    with open(report_path, "w") as f:
-        f.write(comparison.render("json") + "\n")
+    from .fileio import atomic_write_file
+
+    text = comparison.render("json") + "\n"
+    atomic_write_file(report_path, lambda f: f.write(text.encode()))
     refocused_acc = result.best["val_acc"]
     echo(f"[4/4] refocused val acc {100 * refocused_acc:.1f}% (pretrained {100 * pretrained_acc:.1f}%); "
          f"verified deploy model -> {result.files['deploy']}")

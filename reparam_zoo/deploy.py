@@ -108,6 +108,17 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
+def check_tolerances(rtol: float, atol: float) -> None:
+    """Tolerances are finite and non-negative: a NaN one fails every comparison, an infinite one passes any."""
+    import math
+
+    from .errors import ReparamError
+
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ReparamError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def fuse(
     model: nn.Module,
     *,
@@ -130,6 +141,7 @@ def fuse(
     verification fails; `result.fuse_report` says what was done.
     """
     require_module(model, "fuse")
+    check_tolerances(rtol, atol)
     model = unwrap(model)
     if model.training:
         warnings.warn("fuse: the model was in train mode; it is fused in eval mode", stacklevel=2)
@@ -225,6 +237,7 @@ def verify_equivalence(
     wrong fold. Low-precision models widen `rtol` to their resolution (their fused weights are rounded to
     it). `absorbed` maps a conv that absorbed a BN to that BN: the fused conv's output must match the BN's.
     """
+    check_tolerances(rtol, atol)
     dtype = device_and_dtype(candidate)[1]
     if dtype in _LOW_PRECISION:
         rtol = max(rtol, torch.finfo(dtype).eps * 8)

@@ -19,6 +19,10 @@ class CheckpointError(ReparamError):
     """A checkpoint cannot be read or does not match the model."""
 
 
+class OutputError(ReparamError):
+    """An output file cannot be written (a full disk, a file-size limit, permissions): nothing was left behind."""
+
+
 class EquivalenceError(ReparamError):
     """A folded/fused model does not reproduce the original within tolerance."""
 

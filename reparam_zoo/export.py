@@ -2,6 +2,7 @@
 (TorchScript, ONNX, torch.export), each artifact loaded back and checked against the model before it is kept."""
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from .errors import EquivalenceError, ReparamError, first_line
+from .fileio import atomic_write, output_file
 from .model_info import unwrap
-from .modelfile import _atomic_write, architecture_of, check_finite, check_output_path, save
+from .modelfile import architecture_of, check_finite, check_output_path, save
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "FORMAT_NAMES", "ExportResult", "export", "format_of_path"]
 
@@ -64,8 +66,9 @@ def export(
     like `example_inputs` (batch 1 and 2) before it is renamed to `path`; a mismatch raises EquivalenceError
     and leaves nothing behind.
     """
-    from .deploy import verify_equivalence
+    from .deploy import check_tolerances, verify_equivalence
 
+    check_tolerances(rtol, atol)
     if fmt not in EXPORT_FORMATS:
         raise ReparamError(f"unknown format '{fmt}', expected one of {', '.join(EXPORT_FORMATS)}")
     path = os.fspath(path)
@@ -90,7 +93,7 @@ def export(
             raise EquivalenceError(f"the exported {fmt} file does not reproduce the model: {e}",
                                    max_abs_error=e.max_abs_error, max_rel_error=e.max_rel_error) from None
 
-    _atomic_write(path, write_and_check)
+    atomic_write(path, write_and_check)
     return result
 
 
@@ -110,7 +113,9 @@ def _export_torchscript(model: nn.Module, tmp: str, inputs) -> Callable:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, inputs, check_trace=False)
-    torch.jit.save(traced, tmp)
+    # through a Python file: torch.jit.save to a path aborts the process when the write fails (a full disk)
+    with output_file(tmp) as f:
+        torch.jit.save(traced, f)
     return torch.jit.load(tmp, map_location="cpu")
 
 
@@ -122,7 +127,13 @@ def _export_pt2(model: nn.Module, tmp: str, inputs) -> Callable:
         program = torch.export.export(model, batch2, dynamic_shapes=dynamic)
     except Exception as e:
         raise ReparamError(f"torch.export cannot capture {type(model).__name__}: {first_line(e)}") from None
-    torch.export.save(program, tmp)
+    # serialized in memory: torch's zip writer aborts the process when a write under it fails (a full disk),
+    # to a path or a file alike; the bytes are then written by Python, whose errors are exceptions
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with output_file(tmp) as f:
+        f.write(buffer.getbuffer())
+    del buffer
     return torch.export.load(tmp).module()
 
 
@@ -138,6 +149,8 @@ def _export_onnx(model: nn.Module, tmp: str, inputs) -> Callable:
                               dynamic_axes={n: {0: "batch"} for n in names + ["output"]})
     except ImportError as e:
         raise ReparamError(f"ONNX export is not available here ({first_line(e)})") from None
+    except OSError:
+        raise  # a failed write: atomic_write names the output and the cause
     except Exception as e:
         raise ReparamError(f"ONNX export of {type(model).__name__} failed: {first_line(e)}") from None
     return _onnx_runner(tmp, names)

@@ -30,20 +30,21 @@ import difflib
 import glob
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import (check_compatible, check_readable, checkpoint_head_size, checkpoint_in_chans,
+from .checkpoint import (check_compatible, check_finite, check_readable, checkpoint_head_size, checkpoint_in_chans, non_finite,
                          load_checkpoint, read_state_dict, unpickle, unwrap_state_dict, _is_safetensors)
 from .deploy import STAGES, FuseReport, apply_fuse_structure, model_stage
-from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line, preview
+from .errors import ArgumentConflictError, CheckpointError, ReparamError, first_line
 from .surgery import convert, refconv_layers
 from .model_info import require_module, unwrap as _unwrap
-from . import torchvision_models
+from . import filemeta, torchvision_models
+from .filemeta import FORMAT, FORMAT_VERSION, ModelFileInfo, fuse_to_json, parse_metadata, register_architecture_kwargs
+from .fileio import atomic_write, atomic_write_file, check_output_path, same_file
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STAGES", "ARCH_ATTR",
@@ -51,11 +52,9 @@ __all__ = [
     "create_model", "set_num_classes", "architecture_of", "is_architecture", "ArchitectureUnknownError",
     "model_stage", "model_metadata", "parse_metadata", "read_info",
     "save", "load", "load_model", "resolve_model",
-    "check_output_path", "check_finite", "atomic_write", "same_file",
+    "check_output_path", "check_finite", "atomic_write", "same_file", "register_architecture_kwargs",
 ]
 
-FORMAT = "reparam-zoo"
-FORMAT_VERSION = 1
 # The architecture tag lives on the module as a plain dict attribute: deepcopy (convert/fold/fuse
 # all copy) carries it along, and it pickles with the module.
 ARCH_ATTR = "reparam_arch"
@@ -260,9 +259,9 @@ def _unknown_architecture_message(name: str) -> str:
 
 
 def _build_architecture(arch: Dict[str, Any], source: str) -> nn.Module:
-    name, kwargs = arch.get("name"), arch.get("kwargs") or {}
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise CheckpointError(f"{source}: malformed architecture metadata {arch!r}")
+    # checked here too: `save` rebuilds through this, so it never writes a file that `load` would refuse
+    filemeta.check_architecture(arch, source)
+    name, kwargs = arch["name"], arch.get("kwargs") or {}
     if not is_architecture(name):
         fix = {
             "timm": "a timm model; update timm",
@@ -270,6 +269,9 @@ def _build_architecture(arch: Dict[str, Any], source: str) -> nn.Module:
             "zoo-dense": "a reparam-zoo detector or segmenter; update reparam-zoo",
         }.get(arch.get("source"), "a reparam-zoo model; import the module that registers it, or update reparam-zoo")
         raise ArchitectureError(f"{source}: architecture '{name}' is not available here ({fix})")
+    if arch.get("source", "timm") != _source_of(name):
+        raise CheckpointError(f"{source}: malformed reparam metadata (architecture {name} is a {_source_of(name)} "
+                              f"model, not {arch.get('source', 'timm')})")
     return create_model(name, **kwargs)
 
 
@@ -294,7 +296,7 @@ def model_metadata(model: nn.Module, *, extra_metadata: Optional[Dict[str, Any]]
     }
     report = getattr(model, "fuse_report", None)
     if isinstance(report, FuseReport):
-        meta["fuse"] = _dumps(_fuse_to_json(report))
+        meta["fuse"] = _dumps(fuse_to_json(report))
     layers = refconv_layers(model)
     if layers:
         summary = getattr(model, "refconv_summary", None)
@@ -319,106 +321,6 @@ def model_metadata(model: nn.Module, *, extra_metadata: Optional[Dict[str, Any]]
         _check_json("extra_metadata", extra_metadata)
         meta["extra"] = _dumps(extra_metadata)
     return meta
-
-
-@dataclass
-class ModelFileInfo:
-    """The parsed metadata of a reparam model file."""
-
-    stage: str
-    architecture: Dict[str, Any]
-    format_version: int
-    reparam_version: str
-    torch_version: str = ""
-    refconv: Optional[Dict[str, Any]] = None
-    fuse: Optional[FuseReport] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        return self.architecture.get("kwargs", {}).get("num_classes")
-
-    def describe(self) -> str:
-        arch = self.architecture
-        text = f"{arch['name']} ({arch.get('source', 'timm')}), stage {self.stage}"
-        if self.refconv:
-            text += (f", {len(self.refconv['converted'])} RefConv layers (map_k={self.refconv['map_k']}, "
-                     f"train_scope={self.refconv['train_scope']})")
-        if self.fuse is not None and self.stage == "fused":
-            text += f", {len(self.fuse.fused)} fused conv+norm pairs"
-        return text
-
-
-def parse_metadata(meta: Dict[str, str], source: str = "<metadata>") -> Optional[ModelFileInfo]:
-    """The `ModelFileInfo` in safetensors metadata, or None when it is not a reparam file."""
-    if meta.get("format") != FORMAT:
-        return None
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise CheckpointError(f"{source}: malformed reparam metadata (format_version)") from None
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{source}: written in reparam file format {version}, this reparam-zoo reads up to {FORMAT_VERSION}; "
-            "upgrade reparam-zoo"
-        )
-    stage = meta.get("stage")
-    if stage not in STAGES:
-        raise CheckpointError(f"{source}: malformed reparam metadata (stage {stage!r})")
-    arch = _loads(meta, "architecture", source)
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
-        raise CheckpointError(f"{source}: malformed reparam metadata (architecture)")
-    refconv = _loads(meta, "refconv", source) if "refconv" in meta else None
-    if refconv is not None and not (
-        isinstance(refconv, dict) and {"map_k", "init", "train_scope", "converted"} <= set(refconv)
-    ):
-        raise CheckpointError(f"{source}: malformed reparam metadata (refconv)")
-    if (stage == "refconv") != (refconv is not None):
-        raise CheckpointError(f"{source}: malformed reparam metadata (stage {stage} vs refconv settings)")
-    fuse = _fuse_from_json(_loads(meta, "fuse", source), source) if "fuse" in meta else None
-    if stage == "fused" and fuse is None:
-        raise CheckpointError(f"{source}: malformed reparam metadata (fused stage without fuse structure)")
-    extra = _loads(meta, "extra", source) if "extra" in meta else {}
-    return ModelFileInfo(
-        stage=stage, architecture=arch, format_version=version, reparam_version=meta.get("reparam_version", ""),
-        torch_version=meta.get("torch_version", ""), refconv=refconv, fuse=fuse,
-        extra=extra if isinstance(extra, dict) else {},
-    )
-
-
-def _fuse_to_json(report: FuseReport) -> Dict[str, Any]:
-    return {
-        "folded": list(report.folded),
-        "fused": [list(p) for p in report.fused],
-        "reparameterized": list(report.reparameterized),
-        "left_alone": [list(p) for p in report.left_alone],
-        "verified": bool(report.verified),
-        "max_abs_error": report.max_abs_error,
-        "max_rel_error": report.max_rel_error,
-        "rtol": report.rtol,
-        "atol": report.atol,
-        "input_shapes": [list(s) for s in report.input_shapes],
-        "fold_only": bool(report.fold_only),
-    }
-
-
-def _fuse_from_json(data: Any, source: str) -> FuseReport:
-    try:
-        return FuseReport(
-            folded=[str(n) for n in data.get("folded", [])],
-            fused=[(str(c), str(b)) for c, b in data.get("fused", [])],
-            reparameterized=[str(n) for n in data.get("reparameterized", [])],
-            left_alone=[(str(n), str(why)) for n, why in data.get("left_alone", [])],
-            verified=bool(data.get("verified", False)),
-            max_abs_error=data.get("max_abs_error"),
-            max_rel_error=data.get("max_rel_error"),
-            rtol=float(data.get("rtol", 1e-4)),
-            atol=float(data.get("atol", 0.0)),
-            input_shapes=[list(s) for s in data.get("input_shapes", [])],
-            fold_only=bool(data.get("fold_only", False)),
-        )
-    except (AttributeError, TypeError, ValueError):
-        raise CheckpointError(f"{source}: malformed reparam metadata (fuse)") from None
 
 
 # -- saving -----------------------------------------------------------------------------------------------
@@ -451,15 +353,20 @@ def save(
     if not has_architecture:
         if extra_metadata is not None:
             raise ReparamError("extra_metadata needs a safetensors model file (a rebuildable architecture)")
-        _atomic_write(path, lambda tmp: torch.save(model, tmp))
+        atomic_write_file(path, lambda f: torch.save(model, f))
         return path
 
     meta = model_metadata(model, extra_metadata=extra_metadata)
-    _check_rebuilds(parse_metadata(meta), state)
+    try:
+        info = parse_metadata(meta, source="model")
+    except CheckpointError as e:  # what load would refuse is never written
+        raise ReparamError(f"cannot save: {e} (a model built with other arguments needs "
+                           "reparam_zoo.filemeta.register_architecture_kwargs in the code that registers it)") from None
+    _check_rebuilds(info, state)
     tensors = _storable(state)
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -473,40 +380,6 @@ def model_file_name_problem(path: PathLike, has_architecture: bool) -> Optional[
     if not has_architecture and not lower.endswith((".pt", ".pth")):
         return "a model without a rebuildable architecture is written as a whole-module pickle; name it <name>.pt"
     return None
-
-
-def check_output_path(path: PathLike, inputs: Sequence[PathLike] = ()) -> None:
-    """A clear error, before any work, when `path` cannot be written as a file or is one of `inputs`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ReparamError(f"'{path}' is a directory, expected an output file path")
-    if not os.path.isdir(folder):
-        raise ReparamError(f"folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ReparamError(f"folder '{folder}' is not writable")
-    for source in inputs:
-        if same_file(path, os.fspath(source)):
-            raise ReparamError(f"'{path}' is an input; refusing to overwrite it")
-
-
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths name the same file or folder (the same path, when either does not exist yet)."""
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def non_finite(state: Dict[str, torch.Tensor]) -> List[str]:
-    """The names of the floating tensors in `state` that hold a NaN or Inf."""
-    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-def check_finite(state: Dict[str, torch.Tensor], action: str = "save them") -> None:
-    """Refuse NaN/Inf weights: a file holding them would silently poison whatever loads it."""
-    bad = non_finite(state)
-    if bad:
-        raise ReparamError(f"non-finite (NaN/Inf) weights in {preview(bad, 3)}; refusing to {action}")
 
 
 def _storable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -524,39 +397,6 @@ def _storable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             seen.add(ptr)
         out[key] = t
     return out
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder and rename it over `path` only when complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    # the temporary name keeps the extension: some writers (torch.export) check it
-    suffix = ".tmp" + os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _file_mode(path: str) -> int:
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
-    """Public form of the atomic write used by `save` (for the CLI's export formats)."""
-    path = os.fspath(path)
-    check_output_path(path)
-    _atomic_write(path, write)
-    return path
 
 
 def _check_rebuilds(info: ModelFileInfo, state: Dict[str, torch.Tensor]) -> None:
@@ -662,6 +502,13 @@ def _build_structure(info: ModelFileInfo, source: str) -> nn.Module:
     if info.refconv is not None:
         r = info.refconv
         names = [str(n) for n in r["converted"]]
+        # every name must be a distinct conv of the architecture: checked in one pass, before the names
+        # become include patterns (a file listing a million names must not cost a million pattern matches)
+        convs = {n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+        strays = [n for n in names if n not in convs]
+        if strays or len(set(names)) != len(names):
+            what = f"no conv named {strays[0][:100]!r}" if strays else "a layer listed twice"
+            raise CheckpointError(f"{source}: cannot re-apply the saved RefConv conversion ({what} in the architecture)")
         try:
             convert(model, map_k=int(r["map_k"]), init=str(r["init"]), train_scope=str(r["train_scope"]),
                     include=[glob.escape(n) for n in names], inplace=True)
@@ -813,13 +660,6 @@ def _looks_like_path(spec: str) -> bool:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, allow_nan=False)
-
-
-def _loads(meta: Dict[str, str], key: str, source: str) -> Any:
-    try:
-        return json.loads(meta[key])
-    except (KeyError, ValueError):
-        raise CheckpointError(f"{source}: malformed reparam metadata ({key})") from None
 
 
 def _check_json(what: str, value: Any) -> None:

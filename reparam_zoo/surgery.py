@@ -87,6 +87,9 @@ def convert(
     with `inplace` the model itself is converted (saves a copy's memory).
     """
     require_module(model, "convert")
+    from .checkpoint import check_finite
+
+    check_finite(model.state_dict(), action="convert them")  # a NaN base kernel would poison every refocused one
     check_map_k(map_k)
     if init not in INITS:
         raise ConversionError(f"unknown init '{init}', expected one of {', '.join(INITS)}")

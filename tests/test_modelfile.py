@@ -91,6 +91,11 @@ def tiny_reptest(pretrained=False, **kwargs):
     return build_model_with_cfg(TinyRepNet, "tiny_reptest", pretrained, **kwargs)
 
 
+# the test model's own constructor arguments, allowed in its files (a model file is data: only what is registered)
+mf.register_architecture_kwargs("tiny_reptest", width=lambda v: isinstance(v, int) and 0 < v <= 64,
+                                tie_heads=lambda v: isinstance(v, bool))
+
+
 
 def randomize_transforms(model, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -497,7 +502,7 @@ def test_newer_or_malformed_metadata_is_refused(tmp_path):
     good = mf.save(tiny(), tmp_path / "good.safetensors")
     with pytest.raises(CheckpointError, match="format 2, this reparam-zoo reads up to 1; upgrade"):
         mf.load(_rewrite_metadata(good, tmp_path / "v2.safetensors", format_version="2"))
-    with pytest.raises(CheckpointError, match=r"malformed reparam metadata \(architecture\)"):
+    with pytest.raises(CheckpointError, match=r"malformed reparam metadata \(architecture: not valid JSON\)"):
         mf.load(_rewrite_metadata(good, tmp_path / "bad.safetensors", architecture="{not json"))
     with pytest.raises(CheckpointError, match=r"malformed reparam metadata \(stage"):
         mf.load(_rewrite_metadata(good, tmp_path / "stage.safetensors", stage="refconv"))
