@@ -117,6 +117,11 @@ _ALLOWED: Dict[str, Dict[str, Check]] = {
         "save_memory": _bool(), "inter_supv": _bool(), "head_init_scale": _float(0.0, 1000.0),
         "top_to_bottom_fusion": _bool(),
     },
+    # the zoo as detector / segmenter backbones (models/dense.py)
+    "zoo-dense": {
+        "num_classes": _int(1, MAX_CLASSES), "trainable_layers": _int(0, 5),
+        "min_size": _int(1, MAX_IMAGE_SIZE), "max_size": _int(1, MAX_IMAGE_SIZE),
+    },
     "torchvision": {
         "num_classes": _int(1, MAX_CLASSES), "aux_logits": _bool(), "transform_input": _bool(),
         "init_weights": _bool(), "dropout": _RATE, "attention_dropout": _RATE, "stochastic_depth_prob": _RATE,
