@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops import FrozenBatchNorm2d
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
@@ -21,6 +22,9 @@ from .model_info import example_inputs as default_inputs, require_module, unwrap
 from .surgery import refconv_layers, replace_modules
 from .verify import (VERIFY_BATCH_SIZES, CallInputs, tensor_leaves, Unit, as_call_inputs, check_runs, first_diverging_module,
                      verify_equivalence)
+
+# the norms fused into the conv before them: BatchNorm, and the frozen one torchvision's detectors train with
+_NORMS = (_BatchNorm, FrozenBatchNorm2d)
 
 # a tensor, a tuple of positional inputs (each any nesting of tensors: `([image],)` for a detector), or a
 # dict of keyword inputs
@@ -279,12 +283,12 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
             return func(*args, **(kwargs or {}))
 
     for name, module in model.named_modules():
-        if not name or list(module.children()) and not isinstance(module, _BatchNorm):
+        if not name or list(module.children()) and not isinstance(module, _NORMS):
             continue
 
         def pre_hook(mod, args, name=name):
             calls[name] = calls.get(name, 0) + 1
-            if isinstance(mod, _BatchNorm):
+            if isinstance(mod, _NORMS):
                 x = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 src = None if x is None else conv_of_output.get(id(x))
                 unchanged = src is not None and src[1] is x and src[2] == x._version
@@ -294,7 +298,7 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
                 normalizing.append(None if x is None else id(x))
 
         handles.append(module.register_forward_pre_hook(pre_hook))
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, _NORMS):
             def done(mod, args, out):
                 normalizing.pop()  # (a hook that returns a value would replace the output)
             handles.append(module.register_forward_hook(done))
@@ -317,7 +321,7 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
     modules = dict(model.named_modules())
     pairs, left_alone = [], []
     for name, module in modules.items():
-        if not isinstance(module, _BatchNorm):
+        if not isinstance(module, _NORMS):
             continue
         source = bn_input.get(name)
         if name not in calls:
@@ -331,7 +335,7 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
         elif modules[source[0]].transposed and modules[source[0]].groups > 1:
             # torch's fuse_conv_bn_weights scales a transposed weight as if it had one group
             left_alone.append((name, "grouped transposed conv"))
-        elif modules[source[0]].out_channels != module.num_features:
+        elif modules[source[0]].out_channels != _channels(module):
             left_alone.append((name, "channel count differs from the conv"))
         elif module.running_mean is None or module.running_var is None:
             left_alone.append((name, "no running statistics"))
@@ -355,7 +359,7 @@ def apply_fuse_structure(model: nn.Module, report: FuseReport) -> nn.Module:
     replacements: Dict[int, nn.Module] = {}
     for conv_name, bn_name in report.fused:
         conv, bn = modules.get(conv_name), modules.get(bn_name)
-        if not isinstance(conv, nn.modules.conv._ConvNd) or not isinstance(bn, _BatchNorm):
+        if not isinstance(conv, nn.modules.conv._ConvNd) or not isinstance(bn, _NORMS):
             raise ConversionError(f"cannot re-apply fuse structure: no conv+norm pair {conv_name} + {bn_name}")
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
@@ -399,6 +403,11 @@ def _reparameterize_blocks(model: nn.Module, only: Optional[set] = None, skip: O
 
     walk(model, "")
     return done
+
+
+def _channels(norm: nn.Module) -> Optional[int]:
+    stats = getattr(norm, "running_mean", None)
+    return stats.numel() if isinstance(stats, torch.Tensor) else None
 
 
 def _has_method(module: nn.Module, name: str) -> bool:
