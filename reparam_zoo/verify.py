@@ -172,7 +172,7 @@ class Unit:
 def verify_equivalence(
     reference: nn.Module, candidate: nn.Module, inputs, *, rtol: float, atol: float,
     absorbed: Optional[Dict[str, str]] = None, in_float64: bool = True, units: Sequence[Unit] = (),
-    output_modules: Optional[Sequence[str]] = None,
+    output_modules: Optional[Sequence[str]] = None, batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES,
 ) -> Tuple[float, float, List[List[int]]]:
     """Compare `candidate` with `reference` on random inputs shaped like `inputs` at batch 1 and 2: every
     unit on its captured input, and the continuous outputs end to end (the outputs of `output_modules`
@@ -191,7 +191,7 @@ def verify_equivalence(
         rtol = max(rtol, torch.finfo(dtype).eps * 8)
     compute = torch.float64 if in_float64 and dtype.is_floating_point else None
     generator = torch.Generator().manual_seed(1234)
-    trials = [call.random(batch, generator).to(compute) for batch in VERIFY_BATCH_SIZES]
+    trials = [call.random(batch, generator).to(compute) for batch in batch_sizes]
     ref, cand = _as_dtype(reference, compute), _as_dtype(candidate, compute)
     max_abs = max_rel = 0.0
     for trial in trials:

@@ -255,3 +255,31 @@ def test_tensor_leaves_of_dataclasses_in_order():
     a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
     leaves = tensor_leaves({"k": [Out(a, {"z": (b, None, 3)})], "m": c})
     assert [t.shape for t in leaves] == [(1,), (2,), (3,)]
+
+
+def test_export_takes_nested_inputs_and_checks_the_artifact(tmp_path):
+    from reparam_zoo.export import export
+
+    torch.manual_seed(0)
+    model = fuse(randomize_bn(TwoBranch("dict")).eval(), example_inputs=X)
+    images = [torch.randn(3, 16, 16)]
+
+    class ListInput(nn.Module):  # a detector-like call: a list of images in, a dict out
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            return self.inner(torch.stack(images))
+
+    wrapped = ListInput(model).eval()
+    result = export(wrapped, tmp_path / "m.torchscript.pt", "torchscript", example_inputs=(images,))
+    assert result.max_rel_error is not None and result.max_rel_error < 1e-5
+    loaded = torch.jit.load(str(tmp_path / "m.torchscript.pt"))
+    with torch.no_grad():
+        two = [torch.randn(3, 16, 16)]  # (a traced list keeps its length)
+        got, want = loaded(two), wrapped(two)
+    assert set(got) == {"first", "second"} and torch.allclose(got["second"], want["second"], atol=1e-6)
+    with pytest.raises(reparam_zoo.ReparamError, match="ONNX export takes tensor inputs only"):
+        export(wrapped, tmp_path / "m.onnx", "onnx", example_inputs=(images,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.torchscript.pt"]
