@@ -74,10 +74,12 @@ class FuseReport:
             lines.append(f"  left alone: {norm} ({why})")
         if self.verified:
             outputs = f" (outputs of {', '.join(self.compared_outputs)})" if self.compared_outputs else ""
+            per_module = (f"; {self.modules_verified} folded/fused modules each matched on the input it received"
+                          if self.modules_verified else "")
             lines.append(
-                f"verified on inputs {self.input_shapes}: {self.modules_verified} folded/fused modules each on the "
-                f"input it received, and end to end{outputs}: max abs error {self.max_abs_error:.3g}, "
-                f"max rel error {self.max_rel_error:.3g} (rtol={self.rtol:g}, atol={self.atol:g})"
+                f"verified on inputs {self.input_shapes}: max abs error {self.max_abs_error:.3g}, "
+                f"max rel error {self.max_rel_error:.3g} (rtol={self.rtol:g}, atol={self.atol:g}) end to end"
+                f"{outputs}{per_module}"
             )
         else:
             lines.append("NOT verified")

@@ -16,7 +16,8 @@ Metadata keys (every value a string; the structured ones are JSON):
     architecture     {"name", "source": "timm" | "zoo" | "torchvision", "kwargs": {..., "num_classes"}}
     refconv          {"map_k", "init", "train_scope", "converted": [layer names]}   (RefConv layers present)
     fuse             {"folded", "fused": [[conv, norm]], "reparameterized", "left_alone": [[norm, why]],
-                      "verified", "max_abs_error", "max_rel_error", "rtol", "atol", "input_shapes"}
+                      "verified", "max_abs_error", "max_rel_error", "rtol", "atol", "input_shapes",
+                      "modules_verified", "compared_outputs"}
                                                                                    (fused structure present;
                       a model fused again, e.g. fused -> RefConv -> fused, lists every earlier pair and block too)
     extra            the caller's `extra_metadata` (JSON object), when given
@@ -375,6 +376,8 @@ def _fuse_to_json(report: FuseReport) -> Dict[str, Any]:
         "atol": report.atol,
         "input_shapes": [list(s) for s in report.input_shapes],
         "fold_only": bool(report.fold_only),
+        "modules_verified": int(report.modules_verified),
+        "compared_outputs": list(report.compared_outputs),
     }
 
 
@@ -392,6 +395,8 @@ def _fuse_from_json(data: Any, source: str) -> FuseReport:
             atol=float(data.get("atol", 0.0)),
             input_shapes=[list(s) for s in data.get("input_shapes", [])],
             fold_only=bool(data.get("fold_only", False)),
+            modules_verified=int(data.get("modules_verified", 0)),
+            compared_outputs=[str(n) for n in data.get("compared_outputs", [])],
         )
     except (AttributeError, TypeError, ValueError):
         raise CheckpointError(f"{source}: malformed reparam metadata (fuse)") from None

@@ -125,6 +125,9 @@ def test_detector_convert_fuse_verified_on_backbone_and_head_outputs(tmp_path):
         loaded = mf.load(mf.save(m, tmp_path / f"det.{stage}.safetensors"))
         assert mf.model_stage(loaded) == stage and type(loaded).__name__ == "FasterRCNN"
         assert loaded.transform.min_size == (128,)
+        if stage == "fused":  # what the verification covered is kept in the file
+            assert loaded.fuse_report.compared_outputs == ["backbone", "rpn.head"]
+            assert loaded.fuse_report.modules_verified == report.modules_verified
         for e, a in zip(features(m), features(loaded)):
             assert torch.equal(e, a)
 
