@@ -394,6 +394,8 @@ def report(
     depth: int = 1,
     stage: Optional[str] = None,
     name: Optional[str] = None,
+    example_inputs=None,
+    example_kwargs: Optional[Dict[str, object]] = None,
 ) -> Report:
     """Params (total/trainable/frozen, buffers apart) and MACs of `model` for training and for inference.
 
@@ -401,9 +403,22 @@ def report(
     input size). `depth` limits the per-module table (0: none, 1: top-level children, ...). `stage`
     overrides the detected stage: "refconv" (has RefConv layers), "fused" (has a `fuse_report`) or
     "plain". The model is left as it was (train/eval mode, requires_grad, BatchNorm statistics).
+    `example_inputs` (and `example_kwargs`), as for `fuse`, replace `input_size` for a model that takes more
+    than one image: a tuple of positional inputs, each any nesting of tensors, or a dict of keyword inputs;
+    MACs are counted at their first sample, training memory on random inputs of their structure at batch 2.
+    A detector (a torchvision detection model, any backbone) gets a list of one image of `input_size`, which
+    it resizes itself (reported as `resized_input`), and made-up targets for the training-memory forward.
     """
     require_module(model, "report")
     model = unwrap(model)
+    call = None
+    if example_inputs is not None or example_kwargs:
+        from .verify import as_call_inputs
+
+        call = as_call_inputs(example_inputs if example_inputs is not None else {}, example_kwargs).first_sample()
+        input_size = tuple(call.shape()[1:]) or None
+        if input_size is None:
+            raise ReparamError("example_inputs: cannot tell the input size from them (no batch-first tensor first)")
     input_size = _resolve_input_size(model, input_size)
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
         raise ReparamError(f"depth must be a non-negative integer, got {depth!r}")
@@ -412,7 +427,7 @@ def report(
     refconvs = [m for _, m in refconv_layers(model)]
 
     deployed = _folded_view(model) if refconvs else model
-    macs_by_module, unsupported, uncalled, check = _count_macs(deployed, input_size, name)
+    macs_by_module, unsupported, uncalled, check = _count_macs(deployed, input_size, name, call)
 
     base_ids = {id(m.weight_base) for m in refconvs}
     params = _unique(model.parameters())
@@ -434,7 +449,7 @@ def report(
         "conv_linear_macs": check.fvcore_macs,
         "buffers": sum(b.numel() for b in _unique(deployed.buffers())),
     }
-    memory = training_memory(model, input_size)
+    memory = training_memory(model, input_size, call)
     groups = torchvision_models.module_groups(model)
     training.update(weight_bytes=memory.weight_bytes, gradient_bytes=memory.gradient_bytes,
                     activation_bytes=memory.activation_bytes)
@@ -456,13 +471,16 @@ def compare(
     input_size: Optional[Sequence[int]] = (3, 224, 224),
     *,
     names: Sequence[str] = ("A", "B"),
+    example_inputs=None,
+    example_kwargs: Optional[Dict[str, object]] = None,
 ) -> Comparison:
     """Side-by-side report of two models (or two existing reports), with B - A and B / A, counted at
     `input_size` (C, H, W); `names` label the two columns."""
     names = tuple(names)
     if len(names) != 2 or not all(isinstance(n, str) and n for n in names):
         raise ReparamError(f"names must be two non-empty strings, got {names!r}")
-    reports = tuple(x if isinstance(x, Report) else report(x, input_size, depth=0) for x in (a, b))
+    reports = tuple(x if isinstance(x, Report) else report(x, input_size, depth=0, example_inputs=example_inputs,
+                                                           example_kwargs=example_kwargs) for x in (a, b))
     return Comparison(reports=reports, names=names)
 
 
@@ -490,7 +508,7 @@ def model_name(model: nn.Module) -> str:
 
 
 # -- counting ---------------------------------------------------------------------------------------
-def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
+def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=None):
     """fvcore MACs by module, fvcore's unsupported ops, and the flop_counter cross-check, in eval mode
     without gradients (so that counting changes no BatchNorm statistics)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -502,19 +520,25 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
             f"{name} is on the meta device: MACs need real tensors (build it on cpu; params alone can be "
             "counted on meta with layer_params or sum(p.numel()))"
         )
-    inputs = example_inputs(model, input_size)  # a detector takes a list of images
+    counted, prefix = model, ""
+    if call is None:
+        inputs = example_inputs(model, input_size)  # a detector takes a list of images
+    else:
+        inputs = tuple(call.args)
+        if call.kwargs:  # fvcore traces positional inputs only: a wrapper passes the keywords
+            counted, prefix = _WithKeywords(model, call.kwargs), "model."
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            analysis = (FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False)
+            analysis = (FlopCountAnalysis(counted, inputs).unsupported_ops_warnings(False)
                         .uncalled_modules_warnings(False).tracer_warnings("none"))
-            by_module = dict(analysis.by_module())
+            by_module = {_strip(k, prefix): v for k, v in analysis.by_module().items() if k + "." != prefix}
             by_op = analysis.by_operator()
             unsupported = dict(sorted(analysis.unsupported_ops().items()))
-            uncalled = _outermost_with_weights(model, analysis.uncalled_modules())
+            uncalled = _outermost_with_weights(model, [_strip(n, prefix) for n in analysis.uncalled_modules()])
             with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
-                model(*inputs)
+                counted(*inputs)
     except Exception as e:  # the user's model failed to run: one line, not a traceback
         raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
                            f"{type(e).__name__}: {first_line(e)}") from None
@@ -529,6 +553,22 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
                       flop_counter_by_op=torch_ops)
     return ({k: int(v) for k, v in by_module.items()}, {k: int(v) for k, v in unsupported.items()}, uncalled,
             check)
+
+
+class _WithKeywords(nn.Module):
+    """`model` called with fixed keyword inputs, for counters that pass positional inputs only."""
+
+    def __init__(self, model: nn.Module, kwargs: dict):
+        super().__init__()
+        self.model = model
+        self.kwargs = kwargs
+
+    def forward(self, *args):
+        return self.model(*args, **self.kwargs)
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 
 def _outermost_with_weights(model: nn.Module, names) -> List[str]:

@@ -238,3 +238,32 @@ def test_cli_report_and_fuse_a_detector(tmp_path):
     assert fused.exit_code == 0, fused.output
     loaded = mf.load(target)
     assert mf.model_stage(loaded) == "fused" and loaded.classifier.high_classifier.out_channels == 2
+
+
+class TwoInputs(nn.Module):
+    """Keyword inputs and a list of images: what report/compare take as example inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, images, *, gate):
+        x = torch.stack(images)
+        return {"logits": self.head(self.bn(self.conv(x)).mean((2, 3))) * gate}
+
+
+def test_report_and_compare_take_structured_and_keyword_inputs():
+    model = TwoInputs()
+    images = [torch.rand(3, 20, 24)]
+    result = reparam_zoo.report(model, example_inputs=(images,), example_kwargs={"gate": torch.ones(1)})
+    assert result.input_size == (3, 20, 24) and result.memory_error is None
+    # the conv and linear MACs, counted here: 20*24 positions x 8 outputs x 27, and 8 x 2
+    assert result.inference["conv_linear_macs"] == 20 * 24 * 8 * 27 + 8 * 2
+    assert next(r for r in result.modules if r.name == "conv").macs == 20 * 24 * 8 * 27
+    assert result.training["activation_bytes"] > 0
+    fused = reparam_zoo.fuse(model.eval(), example_inputs=(images,), example_kwargs={"gate": torch.ones(1)})
+    both = reparam_zoo.compare(model, fused, example_inputs=(images,), example_kwargs={"gate": torch.ones(1)})
+    params = {row["metric"]: row for row in both.rows()}["inference params"]
+    assert params["delta"] == -2 * 8  # the BatchNorm's weight and bias fused away (the conv had a bias)
