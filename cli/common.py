@@ -135,7 +135,8 @@ def model_options(f=None, *, num_classes: bool = True):
 
 def input_size_option(help_text: str):
     return click.option("--input-size", callback=_parse_input_size, metavar="C,H,W",
-                        help=help_text + " One sample's shape without the batch, e.g. 3,224,224 (or 224 for 3,224,224).")
+                        help=help_text + " One sample's shape without the batch, e.g. 3,224,224 (or 224 for 3,224,224); "
+                             "for a detector the image size (it resizes images itself, to its min_size/max_size).")
 
 
 def output_option(help_text: str):

@@ -6,7 +6,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,7 @@ def export(
     path: PathLike,
     fmt: str = "safetensors",
     *,
-    example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
+    example_inputs: Optional[Any] = None,
     rtol: float = 1e-4,
     atol: float = 0.0,
     trust_pickle: bool = False,
@@ -64,9 +64,11 @@ def export(
 
     An artifact is written to a temporary file, loaded back and run against `model` on random inputs shaped
     like `example_inputs` (batch 1 and 2) before it is renamed to `path`; a mismatch raises EquivalenceError
-    and leaves nothing behind.
+    and leaves nothing behind. `example_inputs` are as for `fuse`: a tensor, a tuple of positional inputs
+    (each any nesting of tensors, e.g. a detector's `([image],)`) or a dict of keyword inputs; ONNX takes
+    tensors only.
     """
-    from .deploy import check_tolerances, verify_equivalence
+    from .verify import as_call_inputs, check_tolerances, verify_equivalence
 
     check_tolerances(rtol, atol)
     if fmt not in EXPORT_FORMATS:
@@ -78,7 +80,7 @@ def export(
         return ExportResult(save(model, path, extra_metadata=extra_metadata, trust_pickle=trust_pickle), written)
     if example_inputs is None:
         raise ReparamError(f"{fmt} export traces the model: it needs example inputs (--input-size)")
-    inputs = tuple(example_inputs)
+    inputs = as_call_inputs(example_inputs)
     check_output_path(path)
     check_finite(model.state_dict())
     model.eval()
@@ -88,7 +90,8 @@ def export(
         runner = _EXPORTERS[fmt](model, tmp, inputs)
         try:
             result.max_abs_error, result.max_rel_error, _ = verify_equivalence(
-                model, _Artifact(runner), inputs, rtol=rtol, atol=atol, in_float64=False)  # runs as exported
+                model, _Artifact(runner), inputs, rtol=rtol, atol=atol, in_float64=False,  # runs as exported
+                batch_sizes=(1, 2) if _flat(inputs) else (1,))  # a traced list keeps its length
         except EquivalenceError as e:
             raise EquivalenceError(f"the exported {fmt} file does not reproduce the model: {e}",
                                    max_abs_error=e.max_abs_error, max_rel_error=e.max_rel_error) from None
@@ -104,15 +107,17 @@ class _Artifact(nn.Module):
         super().__init__()
         object.__setattr__(self, "runner", runner)
 
-    def forward(self, *inputs):
-        return self.runner(*inputs)
+    def forward(self, *inputs, **kwargs):
+        return self.runner(*inputs, **kwargs)
 
 
 def _export_torchscript(model: nn.Module, tmp: str, inputs) -> Callable:
     # Tracer warnings (data-dependent control flow) are what the output check after saving is for.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(model, inputs, check_trace=False)
+        # strict=False: list and dict outputs (a segmenter's {"out": ...}, a detector's detections)
+        traced = torch.jit.trace(model, inputs.args, check_trace=False, strict=False,
+                                 example_kwarg_inputs=inputs.kwargs or None)
     # through a Python file: torch.jit.save to a path aborts the process when the write fails (a full disk)
     with output_file(tmp) as f:
         torch.jit.save(traced, f)
@@ -120,11 +125,13 @@ def _export_torchscript(model: nn.Module, tmp: str, inputs) -> Callable:
 
 
 def _export_pt2(model: nn.Module, tmp: str, inputs) -> Callable:
-    # exported at batch 2 with the batch dimension dynamic (an example of batch 1 would pin it to 1)
-    batch2 = tuple(torch.cat([t, t]) for t in inputs)
-    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+    # exported at batch 2 with the batch dimension dynamic (an example of batch 1 would pin it to 1); nested
+    # inputs (a list of images) as they are, their sizes fixed
+    flat = _flat(inputs)
+    args = tuple(torch.cat([t, t]) for t in inputs.args) if flat else inputs.args
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in args) if flat else None
     try:
-        program = torch.export.export(model, batch2, dynamic_shapes=dynamic)
+        program = torch.export.export(model, args, kwargs=inputs.kwargs or None, dynamic_shapes=dynamic)
     except Exception as e:
         raise ReparamError(f"torch.export cannot capture {type(model).__name__}: {first_line(e)}") from None
     # serialized in memory: torch's zip writer aborts the process when a write under it fails (a full disk),
@@ -137,7 +144,16 @@ def _export_pt2(model: nn.Module, tmp: str, inputs) -> Callable:
     return torch.export.load(tmp).module()
 
 
-def _export_onnx(model: nn.Module, tmp: str, inputs) -> Callable:
+def _flat(call) -> bool:
+    """Positional tensors only (batch-first, so the batch dimension can vary)."""
+    return not call.kwargs and all(isinstance(t, torch.Tensor) for t in call.args)
+
+
+def _export_onnx(model: nn.Module, tmp: str, call) -> Callable:
+    if not _flat(call):
+        raise ReparamError("ONNX export takes tensor inputs only (no lists, dicts or keyword inputs); use "
+                           "torchscript or pt2 for this model")
+    inputs = call.args
     try:
         import onnx  # noqa: F401  (checking the written file needs it)
     except ImportError:

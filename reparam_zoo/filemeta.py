@@ -126,6 +126,9 @@ _ALLOWED: Dict[str, Dict[str, Check]] = {
         "num_classes": _int(1, MAX_CLASSES), "aux_logits": _bool(), "transform_input": _bool(),
         "init_weights": _bool(), "dropout": _RATE, "attention_dropout": _RATE, "stochastic_depth_prob": _RATE,
         "image_size": _int(1, MAX_IMAGE_SIZE),
+        # detectors and segmenters
+        "frozen_batchnorm": _bool(), "min_size": _int(1, MAX_IMAGE_SIZE), "max_size": _int(1, MAX_IMAGE_SIZE),
+        "aux_loss": _bool(), "num_keypoints": _int(1, 1000), "trainable_backbone_layers": _int(0, 6),
     },
 }
 # per model name: what trusted code registered for its own models
@@ -216,13 +219,16 @@ def check_fuse(data: Any, source: str) -> None:
     if not isinstance(data, dict):
         raise _malformed(source, "fuse", "not a JSON object")
     fields = {"folded", "fused", "reparameterized", "left_alone", "verified", "max_abs_error", "max_rel_error", "rtol",
-              "atol", "input_shapes", "fold_only"}
+              "atol", "input_shapes", "fold_only", "modules_verified", "compared_outputs"}
     _no_unknown(data, fields, source, "fuse")
     for key in ("folded", "reparameterized"):
         _names(data.get(key, []), source, f"fuse {key}")
     for key in ("fused", "left_alone"):
         pairs = data.get(key, [])
         _names(pairs, source, f"fuse {key}", pairs=True)
+    _names(data.get("compared_outputs", []), source, "fuse compared_outputs")
+    if "modules_verified" in data and not _int(0, 10**7)(data["modules_verified"]):
+        raise _malformed(source, "fuse modules_verified", f"{_short(data['modules_verified'])} is not a count")
     for key in ("verified", "fold_only"):
         if key in data and not isinstance(data[key], bool):
             raise _malformed(source, f"fuse {key}", f"{_short(data[key])} is not true or false")
@@ -409,6 +415,8 @@ def fuse_to_json(report: FuseReport) -> Dict[str, Any]:
         "atol": report.atol,
         "input_shapes": [list(s) for s in report.input_shapes],
         "fold_only": bool(report.fold_only),
+        "modules_verified": int(report.modules_verified),
+        "compared_outputs": list(report.compared_outputs),
     }
 
 
@@ -426,6 +434,8 @@ def _fuse_from_json(data: Any, source: str) -> FuseReport:
             atol=float(data.get("atol", 0.0)),
             input_shapes=[list(s) for s in data.get("input_shapes", [])],
             fold_only=bool(data.get("fold_only", False)),
+            modules_verified=int(data.get("modules_verified", 0)),
+            compared_outputs=[str(n) for n in data.get("compared_outputs", [])],
         )
     except (AttributeError, TypeError, ValueError):
         raise CheckpointError(f"{source}: malformed reparam metadata (fuse)") from None

@@ -10,6 +10,8 @@ that RefConv layers keep while their transforms train. Only what the model's `re
 make autograd record counts, so a RefConv model in `transforms` scope and the plain model it came from
 show what each kind of training keeps; a RevCol with `save_memory=True` shows its reversible saving.
 The model is left as it was: modes, buffers (BatchNorm statistics) and the RNG state are restored.
+A detector trains on images with targets: it gets made-up ones of the structure it trains on (boxes and
+labels, masks or keypoints where it predicts them; `torchvision_models.training_inputs`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch.nn as nn
 from .errors import first_line
 from .layers.refconv import RefConvNd
 from .model_info import device_and_dtype
+from .torchvision_models import is_detector, training_inputs
 
 __all__ = ["TrainingMemory", "training_memory", "tensor_bytes", "MEASURE_BATCH"]
 
@@ -44,11 +47,13 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def training_memory(model: nn.Module, input_size: Sequence[int]) -> TrainingMemory:
+def training_memory(model: nn.Module, input_size: Sequence[int], call=None) -> TrainingMemory:
+    """What training `model` holds besides its weights, on random images of `input_size` at batch 2, or on
+    random inputs of the structure of `call` (a `verify.CallInputs`) at batch 2."""
     weights = tensor_bytes(_held(model))
     gradients = tensor_bytes(p for p in model.parameters() if p.requires_grad)
     try:
-        saved = _saved_bytes(model, (MEASURE_BATCH,) + tuple(input_size))
+        saved = _saved_bytes(model, (MEASURE_BATCH,) + tuple(input_size), call)
     except Exception as e:  # the user's model failed in training mode: report the rest
         return TrainingMemory(weights, gradients, None, f"{type(e).__name__}: {first_line(e)}")
     per_step = sum(
@@ -64,7 +69,7 @@ def _held(model: nn.Module) -> list:
     return list(model.parameters()) + list(model.buffers()) + caches
 
 
-def _saved_bytes(model: nn.Module, shape: Sequence[int]) -> int:
+def _saved_bytes(model: nn.Module, shape: Sequence[int], call=None) -> int:
     own = {t.untyped_storage().data_ptr() for t in _held(model)}
     storages = {}
 
@@ -83,10 +88,15 @@ def _saved_bytes(model: nn.Module, shape: Sequence[int]) -> int:
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         x = torch.randn(tuple(shape), device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
+        if call is None or is_detector(model):
+            args, kwargs = training_inputs(model, x, torch.Generator().manual_seed(0)), {}
+        else:
+            random = call.random(MEASURE_BATCH, torch.Generator().manual_seed(0))
+            args, kwargs = random.args, random.kwargs
         model.train()
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(x)
+                model(*args, **kwargs)
         finally:
             for module, training in modes:
                 module.training = training

@@ -25,23 +25,24 @@ So for a RefConv model `training.params - inference.params` is exactly the trans
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
-import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .deploy import STAGES, model_stage
-from .errors import ReparamError, first_line, preview
+from .errors import ReparamError, preview
 from .layers.refconv import RefConvNd
 from .memory import MEASURE_BATCH, tensor_bytes, training_memory
-from .model_info import cfg_input_size, device_and_dtype, require_module, timm_cfg, unwrap
+from .model_info import cfg_input_size, require_module, timm_cfg, unwrap
 from .surgery import refconv_layers
+from .counting import (MACS_TOLERANCE, MacsCheck, ModuleRow, _count_macs, _folded_view, _group_totals, _module_rows,
+                       _unique)
+from . import torchvision_models
 
 __all__ = [
     "report", "compare", "layer_params", "Report", "Comparison", "LayerParams", "MacsCheck", "ModuleRow",
@@ -49,59 +50,10 @@ __all__ = [
 ]
 
 FORMATS = ("table", "markdown", "json", "csv")
-MACS_TOLERANCE = 0.02
 UNIT = "MACs (multiply-accumulates per image, batch 1): one fused multiply-add = 1, as fvcore's 'flop'"
 _MEMORY_NOTE = (f"memory: gradients of the trainable params; activations = what autograd keeps for the backward "
                 f"per image (measured at batch {MEASURE_BATCH} in training mode, weights excluded)")
 
-# fvcore's names (after its own simplification) for the conv/matmul work torch's flop_counter also sees
-_FVCORE_MATMUL_OPS = ("conv", "linear", "addmm", "bmm", "matmul", "mm", "einsum")
-
-
-@dataclass
-class MacsCheck:
-    """fvcore's conv/linear MACs against `torch.utils.flop_counter`'s FLOPs / 2."""
-
-    fvcore_macs: int
-    flop_counter_macs: int
-    rel_diff: float
-    tolerance: float = MACS_TOLERANCE
-    fvcore_by_op: Dict[str, int] = field(default_factory=dict)
-    flop_counter_by_op: Dict[str, int] = field(default_factory=dict)
-
-    @property
-    def agrees(self) -> bool:
-        return self.rel_diff <= self.tolerance
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["agrees"] = self.agrees
-        return out
-
-    def describe(self) -> str:
-        verdict = f"within {self.tolerance:.0%}" if self.agrees else f"DISAGREE beyond {self.tolerance:.0%}"
-        line = (f"MACs check: fvcore conv/linear {self.fvcore_macs:,} vs torch flop_counter "
-                f"{self.flop_counter_macs:,} ({self.rel_diff:.2%}, {verdict})")
-        if not self.agrees:
-            by_op = ", ".join(f"{op} {n:,}" for op, n in self.flop_counter_by_op.items())
-            line += f"; flop_counter MACs by op: {by_op}"
-        return line
-
-
-@dataclass
-class ModuleRow:
-    """One module of the per-module table (its whole subtree counted)."""
-
-    name: str
-    type: str
-    training_params: int
-    trainable_params: int
-    frozen_params: int
-    buffers: int
-    transform_macs: int
-    inference_params: int
-    macs: int
-    inference_buffers: int = 0  # reports written before this field counted none
 
 
 class LayerParams(NamedTuple):
@@ -135,6 +87,8 @@ class Report:
     unit: str = UNIT
     memory_error: Optional[str] = None  # why the activations could not be measured
     architecture: Optional[str] = None  # timm's name (or the class name); `model` may be a file's name
+    resized_input: Optional[Tuple[int, ...]] = None  # what a detector's own resize makes of `input_size`
+    groups: Dict[str, Dict[str, int]] = field(default_factory=dict)  # backbone / neck / heads totals
 
     @property
     def flags(self) -> List[str]:
@@ -158,6 +112,8 @@ class Report:
             "unsupported_ops": dict(self.unsupported_ops),
             "uncalled_modules": list(self.uncalled_modules),
             "depth": self.depth,
+            "resized_input": None if self.resized_input is None else list(self.resized_input),
+            "groups": {k: dict(v) for k, v in self.groups.items()},
             "modules": [asdict(r) for r in self.modules],
         }
 
@@ -174,6 +130,8 @@ class Report:
                 modules=[ModuleRow(**r) for r in data.get("modules", [])], depth=data.get("depth", 1),
                 refconv_layers=data.get("refconv_layers", 0), unit=data.get("unit", UNIT),
                 memory_error=data.get("memory_error"),
+                resized_input=tuple(data["resized_input"]) if data.get("resized_input") else None,
+                groups={str(k): dict(v) for k, v in (data.get("groups") or {}).items()},
             )
         except (KeyError, TypeError) as e:
             raise ReparamError(f"not a reparam-zoo report: {type(e).__name__} {e}") from None
@@ -201,7 +159,10 @@ class Report:
     def _title(self) -> str:
         size = "x".join(str(s) for s in self.input_size)
         stage = f"{self.stage}, {self.refconv_layers} RefConv layers" if self.stage == "refconv" else self.stage
-        return (f"{self.model} ({stage}) at 1x{size}: {_si(self.inference['params'])} params, "
+        resized = ""
+        if self.resized_input is not None:
+            resized = f" (resized by the model to {'x'.join(str(s) for s in self.resized_input)})"
+        return (f"{self.model} ({stage}) at 1x{size}{resized}: {_si(self.inference['params'])} params, "
                 f"{_si(self.inference['macs'])} MACs deployed")
 
     def _notes(self) -> List[str]:
@@ -214,23 +175,41 @@ class Report:
             notes.append(f"not counted by fvcore: {_format_counts(self.unsupported_ops)}")
         if self.uncalled_modules:
             notes.append(f"not run by an eval forward, so no MACs counted: {preview(self.uncalled_modules)}")
+        if self.resized_input is not None:
+            notes.append("a detector resizes its images itself (min_size/max_size, then pads): MACs and "
+                         f"activations are those of its {'x'.join(map(str, self.resized_input))} input, and "
+                         "activations were measured in train mode with made-up targets")
         return [f"WARNING: {f}" for f in self.flags] + notes
 
+    def _group_lines(self) -> List[List[object]]:
+        return [[g, _num(v.get("training_params")), _num(v.get("inference_params")), _num(v.get("macs"))]
+                for g, v in self.groups.items()]
+
     def _module_rows(self) -> List[List[object]]:
-        return [[_indent(r.name), r.type, r.training_params, r.trainable_params, r.inference_params, r.macs,
-                 r.transform_macs] for r in self.modules]
+        grouped = bool(self.groups)
+        return [([r.group] if grouped else []) + [_indent(r.name, grouped), r.type, r.training_params,
+                r.trainable_params, r.inference_params, r.macs, r.transform_macs] for r in self.modules]
 
     _MODULE_HEADERS = ["module", "type", "training params", "trainable", "inference params", "MACs",
                        "transform MACs"]
+    _GROUP_HEADERS = ["group", "training params", "inference params", "MACs"]
+
+    def _module_headers(self) -> List[str]:
+        return (["group"] if self.groups else []) + self._MODULE_HEADERS
 
     def to_table(self) -> str:
         lines = [self._title(), ""]
         lines += aligned_lines(["", "training", "inference"], [[m, _num(a), _num(b)] for m, a, b in self._summary_rows()])
         lines.append("")
         lines += self._notes()
+        if self.groups:
+            lines += ["", "by part:"]
+            lines += aligned_lines(self._GROUP_HEADERS, self._group_lines())
         if self.modules:
-            lines += ["", f"per module (depth {self.depth}):"]
-            lines += aligned_lines(self._MODULE_HEADERS, [[_num(v) for v in row] for row in self._module_rows()], left=2)
+            lines += ["", f"per module (depth {self.depth}{' below each part' if self.groups else ''}):"]
+            left = 3 if self.groups else 2
+            lines += aligned_lines(self._module_headers(), [[_num(v) for v in row] for row in self._module_rows()],
+                                   left=left)
         return "\n".join(lines)
 
     __str__ = to_table
@@ -241,15 +220,19 @@ class Report:
                                  [[m.strip(), _num(a), _num(b)] for m, a, b in self._summary_rows()], numeric_from=1)
         lines.append("")
         lines += [f"- {n}" for n in self._notes()]
+        if self.groups:
+            lines += ["", "By part:", ""]
+            lines += markdown_lines(self._GROUP_HEADERS, self._group_lines(), numeric_from=1)
         if self.modules:
             lines += ["", f"Per module (depth {self.depth}):", ""]
-            rows = [[f"`{r.name}`", r.type, _num(r.training_params), _num(r.trainable_params),
-                     _num(r.inference_params), _num(r.macs), _num(r.transform_macs)] for r in self.modules]
-            lines += markdown_lines(self._MODULE_HEADERS, rows, numeric_from=2)
+            rows = [([r.group] if self.groups else []) + [
+                f"`{r.name}`", r.type, _num(r.training_params), _num(r.trainable_params), _num(r.inference_params),
+                _num(r.macs), _num(r.transform_macs)] for r in self.modules]
+            lines += markdown_lines(self._module_headers(), rows, numeric_from=3 if self.groups else 2)
         return "\n".join(lines)
 
     _CSV_FIELDS = ["module", "type", "training_params", "trainable_params", "frozen_params", "training_buffers",
-                   "transform_macs", "inference_params", "inference_buffers", "macs"]
+                   "transform_macs", "inference_params", "inference_buffers", "macs", "group"]
 
     def to_csv(self) -> str:
         """One row per module; the first row, module `(model)`, holds the totals. Exact integers."""
@@ -258,10 +241,10 @@ class Report:
         writer.writerow(self._CSV_FIELDS)
         t, i = self.training, self.inference
         writer.writerow(["(model)", self.model, t["params"], t["trainable_params"], t["frozen_params"],
-                         t["buffers"], t["transform_macs"], i["params"], i["buffers"], i["macs"]])
+                         t["buffers"], t["transform_macs"], i["params"], i["buffers"], i["macs"], ""])
         for r in self.modules:
             writer.writerow([r.name, r.type, r.training_params, r.trainable_params, r.frozen_params, r.buffers,
-                             r.transform_macs, r.inference_params, r.inference_buffers, r.macs])
+                             r.transform_macs, r.inference_params, r.inference_buffers, r.macs, r.group])
         return out.getvalue()
 
     def render(self, fmt: str = "table") -> str:
@@ -361,6 +344,8 @@ def report(
     depth: int = 1,
     stage: Optional[str] = None,
     name: Optional[str] = None,
+    example_inputs=None,
+    example_kwargs: Optional[Dict[str, object]] = None,
 ) -> Report:
     """Params (total/trainable/frozen, buffers apart) and MACs of `model` for training and for inference.
 
@@ -368,9 +353,22 @@ def report(
     input size). `depth` limits the per-module table (0: none, 1: top-level children, ...). `stage`
     overrides the detected stage: "refconv" (has RefConv layers), "fused" (has a `fuse_report`) or
     "plain". The model is left as it was (train/eval mode, requires_grad, BatchNorm statistics).
+    `example_inputs` (and `example_kwargs`), as for `fuse`, replace `input_size` for a model that takes more
+    than one image: a tuple of positional inputs, each any nesting of tensors, or a dict of keyword inputs;
+    MACs are counted at their first sample, training memory on random inputs of their structure at batch 2.
+    A detector (a torchvision detection model, any backbone) gets a list of one image of `input_size`, which
+    it resizes itself (reported as `resized_input`), and made-up targets for the training-memory forward.
     """
     require_module(model, "report")
     model = unwrap(model)
+    call = None
+    if example_inputs is not None or example_kwargs:
+        from .verify import as_call_inputs
+
+        call = as_call_inputs(example_inputs if example_inputs is not None else {}, example_kwargs).first_sample()
+        input_size = tuple(call.shape()[1:]) or None
+        if input_size is None:
+            raise ReparamError("example_inputs: cannot tell the input size from them (no batch-first tensor first)")
     input_size = _resolve_input_size(model, input_size)
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
         raise ReparamError(f"depth must be a non-negative integer, got {depth!r}")
@@ -379,7 +377,7 @@ def report(
     refconvs = [m for _, m in refconv_layers(model)]
 
     deployed = _folded_view(model) if refconvs else model
-    macs_by_module, unsupported, uncalled, check = _count_macs(deployed, input_size, name)
+    macs_by_module, unsupported, uncalled, check = _count_macs(deployed, input_size, name, call)
 
     base_ids = {id(m.weight_base) for m in refconvs}
     params = _unique(model.parameters())
@@ -401,16 +399,19 @@ def report(
         "conv_linear_macs": check.fvcore_macs,
         "buffers": sum(b.numel() for b in _unique(deployed.buffers())),
     }
-    memory = training_memory(model, input_size)
+    memory = training_memory(model, input_size, call)
+    groups = torchvision_models.module_groups(model)
     training.update(weight_bytes=memory.weight_bytes, gradient_bytes=memory.gradient_bytes,
                     activation_bytes=memory.activation_bytes)
     inference["weight_bytes"] = tensor_bytes(list(deployed.parameters()) + list(deployed.buffers()))
-    modules = _module_rows(model, deployed, macs_by_module, depth) if depth else []
+    modules = _module_rows(model, deployed, macs_by_module, depth, groups) if depth else []
     return Report(
         model=name, architecture=model_name(model), stage=stage, input_size=input_size, training=training,
         inference=inference,
         macs_check=check, unsupported_ops=unsupported, uncalled_modules=uncalled, modules=modules, depth=depth,
         refconv_layers=len(refconvs), memory_error=memory.error,
+        resized_input=torchvision_models.resized_size(model, input_size),
+        groups=_group_totals(model, deployed, macs_by_module, groups) if groups else {},
     )
 
 
@@ -420,13 +421,16 @@ def compare(
     input_size: Optional[Sequence[int]] = (3, 224, 224),
     *,
     names: Sequence[str] = ("A", "B"),
+    example_inputs=None,
+    example_kwargs: Optional[Dict[str, object]] = None,
 ) -> Comparison:
     """Side-by-side report of two models (or two existing reports), with B - A and B / A, counted at
     `input_size` (C, H, W); `names` label the two columns."""
     names = tuple(names)
     if len(names) != 2 or not all(isinstance(n, str) and n for n in names):
         raise ReparamError(f"names must be two non-empty strings, got {names!r}")
-    reports = tuple(x if isinstance(x, Report) else report(x, input_size, depth=0) for x in (a, b))
+    reports = tuple(x if isinstance(x, Report) else report(x, input_size, depth=0, example_inputs=example_inputs,
+                                                           example_kwargs=example_kwargs) for x in (a, b))
     return Comparison(reports=reports, names=names)
 
 
@@ -451,169 +455,6 @@ def layer_params(model: nn.Module) -> List[LayerParams]:
 
 def model_name(model: nn.Module) -> str:
     return timm_cfg(model).get("architecture") or type(model).__name__
-
-
-# -- counting ---------------------------------------------------------------------------------------
-def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
-    """fvcore MACs by module, fvcore's unsupported ops, and the flop_counter cross-check, in eval mode
-    without gradients (so that counting changes no BatchNorm statistics)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    FlopCountAnalysis = _fvcore_analysis()
-    device, dtype = device_and_dtype(model)
-    if device.type == "meta":
-        raise ReparamError(
-            f"{name} is on the meta device: MACs need real tensors (build it on cpu; params alone can be "
-            "counted on meta with layer_params or sum(p.numel()))"
-        )
-    x = torch.randn((1,) + tuple(input_size), device=device, dtype=dtype,
-                    generator=torch.Generator(device=device).manual_seed(0))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            analysis = (FlopCountAnalysis(model, x).unsupported_ops_warnings(False)
-                        .uncalled_modules_warnings(False).tracer_warnings("none"))
-            by_module = dict(analysis.by_module())
-            by_op = analysis.by_operator()
-            unsupported = dict(sorted(analysis.unsupported_ops().items()))
-            uncalled = _outermost_with_weights(model, analysis.uncalled_modules())
-            with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
-                model(x)
-    except Exception as e:  # the user's model failed to run: one line, not a traceback
-        raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
-                           f"{type(e).__name__}: {first_line(e)}") from None
-    finally:
-        for module, training in modes:
-            module.training = training
-    fvcore_ops = {op: int(n) for op, n in by_op.items() if op in _FVCORE_MATMUL_OPS}
-    torch_ops = {str(op): int(n) // 2 for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    fv, tc = sum(fvcore_ops.values()), int(counter.get_total_flops()) // 2
-    rel = abs(fv - tc) / max(fv, tc) if max(fv, tc) else 0.0
-    check = MacsCheck(fvcore_macs=fv, flop_counter_macs=tc, rel_diff=rel, fvcore_by_op=fvcore_ops,
-                      flop_counter_by_op=torch_ops)
-    return ({k: int(v) for k, v in by_module.items()}, {k: int(v) for k, v in unsupported.items()}, uncalled,
-            check)
-
-
-def _outermost_with_weights(model: nn.Module, names) -> List[str]:
-    """The outermost of `names` that hold parameters (fvcore also lists never-run Identity and dropout
-    modules, which cost nothing)."""
-    modules = dict(model.named_modules())
-    weighted = sorted(n for n in names if n in modules and any(True for _ in modules[n].parameters()))
-    return [n for n in weighted if not any(n.startswith(other + ".") for other in weighted)]
-
-
-def _cpu_attention_flops():
-    """flop_counter's attention formula for the CPU attention kernel, which it has no entry for: without it
-    the cross-check would not see attention on CPU at all."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    def formula(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {} if op is None else {op: formula}
-
-
-def _fvcore_analysis():
-    # fvcore.nn's __init__ scripts its focal losses with the deprecated torch.jit.script: a warning
-    # about code we never call, so silence it instead of passing it on to the user.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fvcore.nn import FlopCountAnalysis
-    return FlopCountAnalysis
-
-
-def _folded_view(model: nn.Module) -> nn.Module:
-    """The structure `fold(model)` deploys, without copying the model's tensors or computing a kernel.
-
-    A copy of the module tree whose parameters and buffers alias the original's, with each RefConv
-    replaced by the plain conv `to_conv()` would build (same class, attributes and shapes) holding the
-    base kernel: counting needs shapes only, and refocusing every kernel in float64 costs seconds.
-    """
-    memo = {}
-    for module in model.modules():
-        if isinstance(module, RefConvNd):
-            memo[id(module)] = _conv_like_folded(module)
-        for p in module._parameters.values():
-            if p is not None:
-                memo.setdefault(id(p), p)
-        for value in list(module._buffers.values()) + list(vars(module).values()):
-            for t in _tensors_in(value):
-                memo.setdefault(id(t), t)
-    view = copy.deepcopy(model, memo)
-    view.__dict__.pop("refconv_summary", None)
-    return view
-
-
-def _conv_like_folded(layer: RefConvNd) -> nn.Module:
-    # `_template` is the original conv with weightless (meta) tensors, the same template `to_conv` copies
-    conv = copy.deepcopy(layer._template)
-    conv.weight = nn.Parameter(layer.weight_base, requires_grad=False)
-    if layer.bias is not None:
-        conv.bias = layer.bias
-    return conv
-
-
-def _tensors_in(value) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            if isinstance(v, torch.Tensor):
-                yield v
-
-
-def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], depth: int) -> List[ModuleRow]:
-    refconvs = refconv_layers(model)
-    base_ids = {id(m.weight_base) for _, m in refconvs}
-    params = _by_module(model.named_parameters(), depth)
-    trainable = _by_module(((n, p) for n, p in model.named_parameters() if p.requires_grad), depth)
-    bases = _by_module(((_join(n, "weight_base"), m.weight_base) for n, m in refconvs), depth)
-    buffers = _by_module(((n, b) for n, b in model.named_buffers() if id(b) not in base_ids), depth)
-    transform = _by_module(((_join(n, "transform_weight"), m.transform_macs()) for n, m in refconvs), depth)
-    deployed_params = params if deployed is model else _by_module(deployed.named_parameters(), depth)
-    deployed_buffers = buffers if deployed is model else _by_module(deployed.named_buffers(), depth)
-    rows = []
-    for name, module in model.named_modules():
-        if not name or name.count(".") >= depth:
-            continue
-        total = params.get(name, 0) + bases.get(name, 0)
-        row = ModuleRow(
-            name=name, type=type(module).__name__, training_params=total, trainable_params=trainable.get(name, 0),
-            frozen_params=total - trainable.get(name, 0), buffers=buffers.get(name, 0),
-            transform_macs=transform.get(name, 0), inference_params=deployed_params.get(name, 0),
-            macs=macs.get(name, 0), inference_buffers=deployed_buffers.get(name, 0),
-        )
-        if row.training_params or row.buffers or row.macs or row.inference_params:
-            rows.append(row)
-    return rows
-
-
-def _by_module(named: Iterable[Tuple[str, object]], depth: int) -> Dict[str, int]:
-    """Sum tensor sizes (or plain ints) into every ancestor module up to `depth` levels down."""
-    out: Dict[str, int] = {}
-    for qualified, value in named:
-        n = value if isinstance(value, int) else value.numel()
-        parts = qualified.split(".")[:-1]
-        for k in range(min(len(parts), depth) + 1):
-            key = ".".join(parts[:k])
-            out[key] = out.get(key, 0) + n
-    return out
-
-
-def _join(module: str, tensor: str) -> str:
-    return f"{module}.{tensor}" if module else tensor
-
-
-def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
-    seen, out = set(), []
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
 
 
 def _resolve_input_size(model: nn.Module, input_size) -> Tuple[int, ...]:
@@ -690,8 +531,8 @@ def _si(n: int) -> str:
     return str(n)
 
 
-def _indent(name: str) -> str:
-    return "  " * name.count(".") + name
+def _indent(name: str, grouped: bool = False) -> str:
+    return name if grouped else "  " * name.count(".") + name
 
 
 def _format_counts(counts: Dict[str, int]) -> str:

@@ -390,3 +390,91 @@ def test_convert_warns_that_hooks_stay_on_the_original_convs():
     model[0].register_forward_hook(lambda *args: None)
     with pytest.warns(UserWarning, match=r"hooks registered on 0 stay on the original convs"):
         convert(model)
+
+
+# -- foreign conv wrappers and Rep blocks with their own methods ---------------------------------------------
+
+class YoloConv(nn.Module):
+    """The conv+BN+activation wrapper of YOLO-style code: attributes conv, bn, act; forward calls them in order."""
+
+    def __init__(self, c1, c2, k=3, s=1, own_fuse=None):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c2, eps=1e-3)
+        self.act = nn.SiLU()
+        self.own_fuse = own_fuse
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class InPlaceFuse(YoloConv):
+    """Its own `fuse` merges the BN into the conv in place, deletes `bn` and returns None (YOLOv5 style)."""
+
+    def fuse(self):
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        self.conv = fuse_conv_bn_eval(self.conv, self.bn)
+        del self.bn
+
+    def forward(self, x):
+        return self.act(self.conv(x)) if not hasattr(self, "bn") else super().forward(x)
+
+
+class DropsABranch(nn.Module):
+    """A Rep block whose `reparameterize` sets one child to None and replaces another."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = YoloConv(8, 8)
+        self.shortcut = nn.BatchNorm2d(8)
+        self.merged = None
+
+    def forward(self, x):
+        if self.merged is not None:
+            return self.merged(x)
+        return self.main(x) + self.shortcut(x)
+
+    def reparameterize(self):
+        self.merged = Sum(self.main, self.shortcut)  # numerically the same: enough for the walk
+        self.main = None
+        self.shortcut = None
+
+
+class Sum(nn.Module):
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = YoloConv(3, 8, 3, 2)
+        self.inplace = InPlaceFuse(8, 8)
+        self.rep = DropsABranch()
+        self.fuse = nn.Conv2d(8, 4, 1)  # a submodule named `fuse` is no method: it must not be called
+
+    def forward(self, x):
+        return self.fuse(self.rep(self.inplace(self.stem(x))))
+
+
+def test_yolo_style_wrappers_convert_and_fuse_and_blocks_may_drop_children():
+    torch.manual_seed(0)
+    model = randomize_bn(Detector()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    converted = randomize_transforms(convert(model)).eval()
+    assert {n for n, _ in refconv_layers(converted)} >= {"stem.conv", "inplace.conv", "rep.main.conv"}
+    fused = fuse(converted, example_inputs=x[:1])
+    report = fused.fuse_report
+    assert report.verified
+    assert ("stem.conv", "stem.bn") in report.fused and isinstance(fused.stem.bn, nn.Identity)
+    assert report.reparameterized == ["inplace", "rep"]
+    assert fused.rep.main is None and not hasattr(fused.inplace, "bn")
+    assert isinstance(fused.fuse, nn.Conv2d)
+    with torch.no_grad():  # independent of the verifier
+        expected, actual = converted.double()(x.double()), fused.double()(x.double())
+    assert (actual - expected).abs().max() <= 1e-6 * expected.abs().max()  # the fused float32 weights' rounding

@@ -33,7 +33,7 @@ def outputs(model, x=X):
 
 def test_names_and_data_config():
     assert mf.is_architecture("torchvision:resnet18") and mf.is_architecture("torchvision:inception_v3")
-    assert not mf.is_architecture("torchvision:fasterrcnn_resnet50_fpn")  # classification models only
+    assert mf.is_architecture("torchvision:fasterrcnn_resnet50_fpn")  # detectors too (tests/test_dense.py)
     assert not mf.is_architecture("torchvision:nope")
     model = mf.create_model("torchvision:inception_v3", num_classes=7, init_weights=False)
     assert type(model) is torchvision.models.Inception3
