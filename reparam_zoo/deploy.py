@@ -6,23 +6,29 @@ import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops import FrozenBatchNorm2d
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, EquivalenceError, first_line
 from .layers.refconv import RefConvNd
-from .model_info import device_and_dtype, example_inputs as default_inputs, require_module, unwrap
+from .model_info import example_inputs as default_inputs, require_module, unwrap
 from .surgery import refconv_layers, replace_modules
+from .verify import (VERIFY_BATCH_SIZES, CallInputs, tensor_leaves, Unit, as_call_inputs, check_runs, first_diverging_module,
+                     verify_equivalence)
 
-Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
-VERIFY_BATCH_SIZES = (1, 2)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# the norms fused into the conv before them: BatchNorm, and the frozen one torchvision's detectors train with
+_NORMS = (_BatchNorm, FrozenBatchNorm2d)
+
+# a tensor, a tuple of positional inputs (each any nesting of tensors: `([image],)` for a detector), or a
+# dict of keyword inputs
+Inputs = Any
 # torch functions that read a tensor's metadata, not its values: not a use of a conv output
 _METADATA_FUNCTIONS = frozenset([
     "__get__", "dim", "size", "numel", "nelement", "stride", "is_floating_point", "is_complex", "is_contiguous",
@@ -52,6 +58,8 @@ class FuseReport:
     atol: float = 0.0
     input_shapes: List[List[int]] = field(default_factory=list)
     fold_only: bool = False  # RefConvs folded, norms and Rep blocks left as they were: the original keys
+    modules_verified: int = 0  # units checked one by one on the inputs they received (verify.py)
+    compared_outputs: List[str] = field(default_factory=list)  # modules whose outputs were compared; []: the model's
 
     def __str__(self) -> str:
         if self.fold_only:
@@ -65,8 +73,10 @@ class FuseReport:
         for norm, why in self.left_alone:
             lines.append(f"  left alone: {norm} ({why})")
         if self.verified:
+            outputs = f" (outputs of {', '.join(self.compared_outputs)})" if self.compared_outputs else ""
             lines.append(
-                f"verified on inputs {self.input_shapes}: max abs error {self.max_abs_error:.3g}, "
+                f"verified on inputs {self.input_shapes}: {self.modules_verified} folded/fused modules each on the "
+                f"input it received, and end to end{outputs}: max abs error {self.max_abs_error:.3g}, "
                 f"max rel error {self.max_rel_error:.3g} (rtol={self.rtol:g}, atol={self.atol:g})"
             )
         else:
@@ -112,6 +122,7 @@ def fuse(
     model: nn.Module,
     *,
     example_inputs: Optional[Inputs] = None,
+    example_kwargs: Optional[Dict[str, Any]] = None,
     verify: bool = True,
     rtol: float = 1e-4,
     atol: float = 0.0,
@@ -122,9 +133,13 @@ def fuse(
 
     The result is a fused copy; `model` is left as it was (its train/eval modes too). With `inplace` the
     model itself is changed, also when verification then fails (it saves a copy's memory; keep your own
-    copy if you need one). `example_inputs` shape the random verification inputs (default: one image of
-    the model's timm config size). Verification (`verify_equivalence`) runs float64 copies of both models at
-    batch 1 and 2 and passes when the max abs error is at most `atol + rtol * max|output|`.
+    copy if you need one). `example_inputs` (and `example_kwargs`) shape the random verification inputs
+    (default: one image of the model's configured size; a list of one image for a detector): a tensor, a
+    tuple of positional inputs each any nesting of tensors (`([image],)`), or a dict of keyword inputs.
+    Verification (`reparam_zoo.verify`) runs float64 copies of both models at batch 1 and 2: every folded,
+    fused or re-parameterized module on the input it received, and the continuous outputs end to end (a
+    detector's backbone and heads before post-processing); each passes when its max abs error is at most
+    `atol + rtol * max|its output|`.
     `fold_only` stops after folding: the result has the original model's structure and state_dict keys
     (loadable into the unconverted architecture), verified the same way. Raises `EquivalenceError` when
     verification fails; `result.fuse_report` says what was done.
@@ -136,7 +151,8 @@ def fuse(
     modes = [(m, m.training) for m in model.modules()]
     original = model.eval()
     try:
-        inputs = _as_tuple(example_inputs) if example_inputs is not None else default_inputs(model)
+        inputs = as_call_inputs(example_inputs if example_inputs is not None else default_inputs(model),
+                                example_kwargs)
         reference = copy.deepcopy(original) if (inplace and verify) else original
         model = original if inplace else copy.deepcopy(original)
         previous = getattr(original, "fuse_report", None)
@@ -147,21 +163,27 @@ def fuse(
         model = fold(model, inplace=True)
         fused: List[Tuple[str, str]] = []
         if fold_only:
-            _check_runs(model, inputs)
+            check_runs(model, inputs)
         else:
             # blocks an earlier fuse re-parameterized are merged already: their methods must not run again
             report.reparameterized = _reparameterize_blocks(
                 model, skip=set(previous.reparameterized) if previous is not None else None)
             fused, report.left_alone = fuse_conv_bn(model, inputs)
             report.fused = fused
+        units = changed_units(report.folded, fused, report.reparameterized)  # this fuse's, not the history's
         if previous is not None:
             report = _with_history(previous, report)
         model.eval()
 
         if verify:
+            from .torchvision_models import continuous_output_modules
+
+            outputs = continuous_output_modules(model)
             report.max_abs_error, report.max_rel_error, report.input_shapes = verify_equivalence(
-                reference, model, inputs, rtol=rtol, atol=atol, absorbed=dict(fused)
+                reference, model, inputs, rtol=rtol, atol=atol, absorbed=dict(fused), units=units,
+                output_modules=outputs,
             )
+            report.modules_verified, report.compared_outputs = len(units), list(outputs or [])
             report.verified = True
         model.__dict__.pop("fuse_report", None)
         model.fuse_report = report
@@ -190,7 +212,26 @@ def _with_history(previous: FuseReport, latest: FuseReport) -> FuseReport:
     )
 
 
-def fuse_conv_bn(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+def changed_units(folded: Sequence[str], fused: Sequence[Tuple[str, str]], reparameterized: Sequence[str]) -> List[Unit]:
+    """What one fuse changed, as units the verifier checks one by one: each re-parameterized block, each
+    conv+norm pair (the norm's output from the conv's input), each folded RefConv not in a pair. Anything
+    inside a re-parameterized block is checked with the block (its inner names may be new)."""
+    blocks = list(reparameterized)
+
+    def inside(name: str) -> bool:
+        return any(name.startswith(b + ".") for b in blocks)
+
+    units = [Unit(b, b, b, (b,)) for b in blocks]
+    paired = set()
+    for conv, norm in fused:
+        paired.add(conv)
+        if not inside(conv):
+            units.append(Unit(conv, conv, norm, (conv, norm)))
+    units += [Unit(n, n, n, (n,)) for n in folded if n not in paired and not inside(n) and n]
+    return units
+
+
+def fuse_conv_bn(model: nn.Module, inputs: CallInputs) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
     """Fuse every BatchNorm that directly normalizes one conv's untouched output (found by tracing once).
 
     Returns (fused (conv, norm) pairs, norms left alone with the reason).
@@ -211,126 +252,6 @@ def fuse_conv_bn(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[List
         replacements[id(bn)] = _after_norm(bn)
     replace_modules(model, lambda m: replacements.get(id(m)))
     return pairs, left_alone
-
-
-def verify_equivalence(
-    reference: nn.Module, candidate: nn.Module, inputs: Sequence[torch.Tensor], *, rtol: float, atol: float,
-    absorbed: Optional[Dict[str, str]] = None, in_float64: bool = True,
-) -> Tuple[float, float, List[List[int]]]:
-    """Compare outputs on random inputs shaped like `inputs`, at several batch sizes.
-
-    Returns (max abs error, max rel error, input shapes); raises EquivalenceError on disagreement.
-    With `in_float64` both models run as float64 copies, so the check sees the fold/fuse math and not
-    float32 rounding, which in deep trained networks can exceed any tolerance tight enough to catch a
-    wrong fold. Low-precision models widen `rtol` to their resolution (their fused weights are rounded to
-    it). `absorbed` maps a conv that absorbed a BN to that BN: the fused conv's output must match the BN's.
-    """
-    dtype = device_and_dtype(candidate)[1]
-    if dtype in _LOW_PRECISION:
-        rtol = max(rtol, torch.finfo(dtype).eps * 8)
-    compute = torch.float64 if in_float64 and dtype.is_floating_point else None
-    generator = torch.Generator().manual_seed(1234)
-    trials = [tuple(_random_like(t, batch, generator) for t in inputs) for batch in VERIFY_BATCH_SIZES]
-    if compute is not None:
-        trials = [tuple(t.to(compute) if t.is_floating_point() else t for t in trial) for trial in trials]
-    # one model copy at a time: a float64 copy is twice the model's float32 size
-    expected_all = _outputs(reference, trials, compute)
-    actual_all = _outputs(candidate, trials, compute)
-    max_abs = max_rel = 0.0
-    for trial, expected, actual in zip(trials, expected_all, actual_all):
-        if len(expected) != len(actual):
-            raise EquivalenceError("verification failed: the fused model returns a different number of outputs")
-        for e, a in zip(expected, actual):
-            if e.shape != a.shape:
-                raise EquivalenceError(
-                    f"verification failed: output shape {tuple(a.shape)} differs from {tuple(e.shape)}"
-                )
-            diff = (e.double() - a.double()).abs()
-            abs_err = diff.max().item() if diff.numel() else 0.0
-            scale = e.double().abs().max().item() if e.numel() else 0.0
-            rel_err = abs_err / scale if scale > 0 else abs_err
-            max_abs, max_rel = max(max_abs, abs_err), max(max_rel, rel_err)
-            if not torch.isfinite(a).all() or not _close(e, a, rtol=rtol, atol=atol):
-                where = first_diverging_module(_as_dtype(reference, compute), _as_dtype(candidate, compute), trial,
-                                               rtol=rtol, atol=atol, absorbed=absorbed)
-                noise = ""
-                if compute is not None:  # how far the original itself is from exact, to judge a looser rtol by
-                    own = _outputs(reference, [tuple(t.to(dtype) if t.is_floating_point() else t for t in trial)],
-                                   None)[0]
-                    own_err = max(((o.double() - r).abs().max() / r.abs().max().clamp_min(1e-300)).item()
-                                  for o, r in zip(own, expected) if r.numel())
-                    noise = f"; the original's own {str(dtype).replace('torch.', '')} rounding error is {own_err:.3g}"
-                raise EquivalenceError(
-                    f"verification failed: max abs error {abs_err:.3g}, max rel error {rel_err:.3g} "
-                    f"(rtol={rtol:g}, atol={atol:g}){noise}; first diverging module: {where or 'unknown'}",
-                    max_abs_error=abs_err, max_rel_error=rel_err, first_diverging_module=where,
-                )
-    return max_abs, max_rel, [list(trial[0].shape) for trial in trials]
-
-
-def _as_dtype(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
-    return copy.deepcopy(model).to(dtype).eval() if dtype is not None else model.eval()
-
-
-def _outputs(model: nn.Module, trials, dtype: Optional[torch.dtype]) -> List[List[torch.Tensor]]:
-    model = _as_dtype(model, dtype)
-    with torch.no_grad():
-        return [_flatten(model(*trial)) for trial in trials]
-
-
-def first_diverging_module(reference: nn.Module, candidate: nn.Module, inputs, *, rtol: float, atol: float,
-                           absorbed: Optional[Dict[str, str]] = None):
-    """The first module (in the reference's execution order) whose output differs between the models.
-
-    A weightless module (Identity, activation) that differs passes on an earlier difference that could not
-    be compared (a fused BN has no counterpart): the module with weights that ran last before it is named.
-    """
-    absorbed = absorbed or {}
-    ref_out = _record_outputs(reference, inputs)
-    ref_by_name = dict(ref_out)
-    cand_out = dict(_record_outputs(candidate, inputs))
-    modules = dict(reference.named_modules())
-    last_weighted = None
-    for name, outputs in ref_out:
-        if any(True for _ in modules[name].parameters()):
-            last_weighted = name
-        if name in absorbed:  # a fused conv computes what its BN computed
-            outputs = ref_by_name.get(absorbed[name], [])
-        other = cand_out.get(name)
-        if other is None or len(other) != len(outputs):
-            continue
-        for e, a in zip(outputs, other):
-            if e.shape == a.shape and not _close(e, a, rtol=rtol, atol=atol):
-                return last_weighted or name
-    return None
-
-
-def _close(expected: torch.Tensor, actual: torch.Tensor, *, rtol: float, atol: float) -> bool:
-    """`max|a - e| <= atol + rtol * max|e|`: relative to the output's scale, so that deep random-weight
-    models with huge or tiny activations are judged by significant digits, not by elements that sit near
-    zero. `atol` (0 by default) is slack for outputs that should be exactly zero; any fixed value would
-    accept everything from a model whose outputs are all smaller than it."""
-    if not expected.numel():
-        return True
-    e, a = expected.double(), actual.double()
-    return bool((a - e).abs().max() <= atol + rtol * e.abs().max())
-
-
-def _record_outputs(model: nn.Module, inputs) -> List[Tuple[str, List[torch.Tensor]]]:
-    recorded: List[Tuple[str, List[torch.Tensor]]] = []
-    handles = []
-    for name, module in model.named_modules():
-        if name and not list(module.children()):
-            def hook(mod, args, out, name=name):
-                recorded.append((name, [t.detach().clone() for t in _flatten(out)]))
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return recorded
 
 
 def _trace_conv_bn_pairs(model: nn.Module, inputs):
@@ -362,12 +283,12 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
             return func(*args, **(kwargs or {}))
 
     for name, module in model.named_modules():
-        if not name or list(module.children()) and not isinstance(module, _BatchNorm):
+        if not name or list(module.children()) and not isinstance(module, _NORMS):
             continue
 
         def pre_hook(mod, args, name=name):
             calls[name] = calls.get(name, 0) + 1
-            if isinstance(mod, _BatchNorm):
+            if isinstance(mod, _NORMS):
                 x = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 src = None if x is None else conv_of_output.get(id(x))
                 unchanged = src is not None and src[1] is x and src[2] == x._version
@@ -377,7 +298,7 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
                 normalizing.append(None if x is None else id(x))
 
         handles.append(module.register_forward_pre_hook(pre_hook))
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, _NORMS):
             def done(mod, args, out):
                 normalizing.pop()  # (a hook that returns a value would replace the output)
             handles.append(module.register_forward_hook(done))
@@ -389,10 +310,9 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
     model.eval()
     try:
         with torch.no_grad(), Uses():
-            outputs = _check_runs(model, inputs)
-        for value in pytree.tree_leaves(outputs):
-            if isinstance(value, torch.Tensor):
-                use(value)  # returned as it is: the unnormalized map is part of the result
+            outputs = check_runs(model, inputs)
+        for value in tensor_leaves(outputs):
+            use(value)  # returned as it is: the unnormalized map is part of the result
     finally:
         for h in handles:
             h.remove()
@@ -401,7 +321,7 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
     modules = dict(model.named_modules())
     pairs, left_alone = [], []
     for name, module in modules.items():
-        if not isinstance(module, _BatchNorm):
+        if not isinstance(module, _NORMS):
             continue
         source = bn_input.get(name)
         if name not in calls:
@@ -415,7 +335,7 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
         elif modules[source[0]].transposed and modules[source[0]].groups > 1:
             # torch's fuse_conv_bn_weights scales a transposed weight as if it had one group
             left_alone.append((name, "grouped transposed conv"))
-        elif modules[source[0]].out_channels != module.num_features:
+        elif modules[source[0]].out_channels != _channels(module):
             left_alone.append((name, "channel count differs from the conv"))
         elif module.running_mean is None or module.running_var is None:
             left_alone.append((name, "no running statistics"))
@@ -439,7 +359,7 @@ def apply_fuse_structure(model: nn.Module, report: FuseReport) -> nn.Module:
     replacements: Dict[int, nn.Module] = {}
     for conv_name, bn_name in report.fused:
         conv, bn = modules.get(conv_name), modules.get(bn_name)
-        if not isinstance(conv, nn.modules.conv._ConvNd) or not isinstance(bn, _BatchNorm):
+        if not isinstance(conv, nn.modules.conv._ConvNd) or not isinstance(bn, _NORMS):
             raise ConversionError(f"cannot re-apply fuse structure: no conv+norm pair {conv_name} + {bn_name}")
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
@@ -457,25 +377,43 @@ def _reparameterize_blocks(model: nn.Module, only: Optional[set] = None, skip: O
     done: List[str] = []
 
     def walk(parent: nn.Module, prefix: str):
-        for child_name, child in list(parent.named_children()):
+        for child_name in list(parent._modules):
+            # looked up now: a sibling's own method may have removed or replaced it meanwhile
+            child = parent._modules.get(child_name)
             name = f"{prefix}{child_name}"
-            if isinstance(child, nn.modules.conv._ConvNd):
+            if child is None or isinstance(child, nn.modules.conv._ConvNd):
                 continue
             if (only is not None and name not in only) or (skip is not None and name in skip):
                 pass
-            elif hasattr(child, "fuse") and callable(child.fuse):
-                setattr(parent, child_name, child.fuse())
+            elif _has_method(child, "fuse"):
+                merged = child.fuse()
+                # `fuse` may merge in place and return None (or self), or return the merged module
+                if isinstance(merged, nn.Module):
+                    setattr(parent, child_name, merged)
                 done.append(name)
-            elif hasattr(child, "reparameterize") and callable(child.reparameterize):
+            elif _has_method(child, "reparameterize"):
                 child.reparameterize()
                 done.append(name)
-            elif hasattr(child, "switch_to_deploy") and callable(child.switch_to_deploy):
+            elif _has_method(child, "switch_to_deploy"):
                 child.switch_to_deploy()
                 done.append(name)
-            walk(getattr(parent, child_name), name + ".")
+            now = parent._modules.get(child_name)
+            if isinstance(now, nn.Module):  # the block's method may have removed it from its parent
+                walk(now, name + ".")
 
     walk(model, "")
     return done
+
+
+def _channels(norm: nn.Module) -> Optional[int]:
+    stats = getattr(norm, "running_mean", None)
+    return stats.numel() if isinstance(stats, torch.Tensor) else None
+
+
+def _has_method(module: nn.Module, name: str) -> bool:
+    """A method of that name (a submodule called `fuse` is no method: calling it would run its forward)."""
+    value = getattr(module, name, None)
+    return callable(value) and not isinstance(value, nn.Module)
 
 
 def _after_norm(bn: nn.Module) -> nn.Module:
@@ -486,40 +424,4 @@ def _after_norm(bn: nn.Module) -> nn.Module:
         return nn.Identity()
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
-
-def _as_tuple(inputs: Inputs) -> Tuple[torch.Tensor, ...]:
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,)
-    inputs = tuple(inputs)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise ConversionError("example_inputs must be a tensor or a tuple of tensors")
-    return inputs
-
-
-def _check_runs(model: nn.Module, inputs):
-    """The model's output on a batch of one; a clear error when it cannot take these inputs."""
-    try:
-        with torch.no_grad():
-            return model(*_batch_of_one(inputs))
-    except Exception as e:  # wrong input size or channels: the user's to fix
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in _batch_of_one(inputs))
-        raise ConversionError(f"cannot run {type(model).__name__} on input {shapes}: "
-                              f"{type(e).__name__}: {first_line(e)}") from None
-
-
-def _batch_of_one(inputs):
-    return tuple(t[:1] for t in inputs)
-
-
-def _random_like(t: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
-    shape = (batch,) + tuple(t.shape[1:])
-    if t.is_floating_point():
-        return torch.randn(shape, generator=generator, dtype=t.dtype).to(t.device)
-    # integer inputs (token ids, indices): resample within the observed range
-    low, high = int(t.min()), int(t.max()) + 1
-    return torch.randint(low, high, shape, generator=generator, dtype=t.dtype).to(t.device)
-
-
-def _flatten(out) -> List[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 

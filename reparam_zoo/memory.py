@@ -10,6 +10,8 @@ that RefConv layers keep while their transforms train. Only what the model's `re
 make autograd record counts, so a RefConv model in `transforms` scope and the plain model it came from
 show what each kind of training keeps; a RevCol with `save_memory=True` shows its reversible saving.
 The model is left as it was: modes, buffers (BatchNorm statistics) and the RNG state are restored.
+A detector trains on images with targets: it gets made-up ones of the structure it trains on (boxes and
+labels, masks or keypoints where it predicts them; `torchvision_models.training_inputs`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch.nn as nn
 from .errors import first_line
 from .layers.refconv import RefConvNd
 from .model_info import device_and_dtype
+from .torchvision_models import training_inputs
 
 __all__ = ["TrainingMemory", "training_memory", "tensor_bytes", "MEASURE_BATCH"]
 
@@ -83,10 +86,11 @@ def _saved_bytes(model: nn.Module, shape: Sequence[int]) -> int:
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         x = torch.randn(tuple(shape), device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
+        inputs = training_inputs(model, x, torch.Generator().manual_seed(0))
         model.train()
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(x)
+                model(*inputs)
         finally:
             for module, training in modes:
                 module.training = training

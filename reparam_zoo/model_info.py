@@ -53,12 +53,15 @@ def device_and_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def example_inputs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, ...]:
-    """One seeded random input of `input_size` (default: the config's evaluation size) in the model's dtype."""
+def example_inputs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Tuple[object, ...]:
+    """One seeded random input of `input_size` (default: the config's evaluation size) in the model's dtype,
+    as the model takes it: `(image_batch,)`, or `([image],)` for a torchvision detector."""
     size = tuple(input_size) if input_size is not None else cfg_input_size(model, test=True)
     if not size:
         raise ReparamError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
                            "pass --input-size C,H,W / example_inputs=")
     device, dtype = device_and_dtype(model)
     x = torch.randn((1,) + size, generator=torch.Generator().manual_seed(0))
-    return (x.to(device=device, dtype=dtype),)
+    from .torchvision_models import example_inputs as call_inputs
+
+    return call_inputs(model, x.to(device=device, dtype=dtype))

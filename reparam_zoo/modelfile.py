@@ -76,12 +76,12 @@ class ArchitectureUnknownError(CheckpointError):
 
 def is_architecture(name: str) -> bool:
     """Whether `name` is a timm or zoo model name (optionally with a pretrained tag, `resnet18.a1_in1k`) or
-    a torchvision classification model as `torchvision:<name>`."""
+    a torchvision classification, detection or segmentation model as `torchvision:<name>`."""
     import timm
 
     tv_name = torchvision_models.split_name(name)
     if tv_name is not None:
-        return torchvision_models.is_classifier(tv_name)
+        return torchvision_models.is_known(tv_name)
     return isinstance(name, str) and bool(name) and timm.is_model(name)
 
 
@@ -163,7 +163,16 @@ def _create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, tor
         kwargs["in_chans"] = in_chans
         with torch.device("meta"):
             skeleton = create_model(name, num_classes=num_classes, **kwargs)
-    head = checkpoint_head_size(skeleton, state)
+    tv_name = torchvision_models.split_name(name)
+    implied = torchvision_models.checkpoint_kwargs(tv_name, state, skeleton) if tv_name else {}
+    if implied.pop(torchvision_models.FROZEN_BN, False) and torchvision_models.FROZEN_BN not in kwargs:
+        notes.append("backbone BatchNorms frozen, as in the checkpoint (trained on backbone weights)")
+        kwargs[torchvision_models.FROZEN_BN] = True
+        with torch.device("meta"):
+            skeleton = create_model(name, num_classes=num_classes, **kwargs)
+    head = checkpoint_head_size(skeleton, state) or implied.get("num_classes")
+    if head is not None and head == (getattr(skeleton, "pretrained_cfg", None) or {}).get("num_classes"):
+        head = None  # the built head fits
     if head is not None:
         built = (getattr(skeleton, "num_classes", None)
                  or (getattr(skeleton, "pretrained_cfg", None) or {}).get("num_classes"))
@@ -220,7 +229,7 @@ def _unknown_architecture_message(name: str) -> str:
     if tv_name is not None:
         close = torchvision_models.close_matches(tv_name)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return f"unknown architecture '{name}' (not a torchvision classification model){hint}"
+        return f"unknown architecture '{name}' (not a torchvision classification, detection or segmentation model){hint}"
     close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.75)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return (f"unknown architecture '{name}' (not a timm, reparam-zoo or torchvision:NAME model name, nor an "

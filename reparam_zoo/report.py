@@ -40,8 +40,9 @@ from .deploy import STAGES, model_stage
 from .errors import ReparamError, first_line, preview
 from .layers.refconv import RefConvNd
 from .memory import MEASURE_BATCH, tensor_bytes, training_memory
-from .model_info import cfg_input_size, device_and_dtype, require_module, timm_cfg, unwrap
+from .model_info import cfg_input_size, device_and_dtype, example_inputs, require_module, timm_cfg, unwrap
 from .surgery import refconv_layers
+from . import torchvision_models
 
 __all__ = [
     "report", "compare", "layer_params", "Report", "Comparison", "LayerParams", "MacsCheck", "ModuleRow",
@@ -102,6 +103,7 @@ class ModuleRow:
     inference_params: int
     macs: int
     inference_buffers: int = 0  # reports written before this field counted none
+    group: str = ""  # backbone / neck / heads of a detector or segmenter ("" for other models)
 
 
 class LayerParams(NamedTuple):
@@ -135,6 +137,8 @@ class Report:
     unit: str = UNIT
     memory_error: Optional[str] = None  # why the activations could not be measured
     architecture: Optional[str] = None  # timm's name (or the class name); `model` may be a file's name
+    resized_input: Optional[Tuple[int, ...]] = None  # what a detector's own resize makes of `input_size`
+    groups: Dict[str, Dict[str, int]] = field(default_factory=dict)  # backbone / neck / heads totals
 
     @property
     def flags(self) -> List[str]:
@@ -158,6 +162,8 @@ class Report:
             "unsupported_ops": dict(self.unsupported_ops),
             "uncalled_modules": list(self.uncalled_modules),
             "depth": self.depth,
+            "resized_input": None if self.resized_input is None else list(self.resized_input),
+            "groups": {k: dict(v) for k, v in self.groups.items()},
             "modules": [asdict(r) for r in self.modules],
         }
 
@@ -174,6 +180,8 @@ class Report:
                 modules=[ModuleRow(**r) for r in data.get("modules", [])], depth=data.get("depth", 1),
                 refconv_layers=data.get("refconv_layers", 0), unit=data.get("unit", UNIT),
                 memory_error=data.get("memory_error"),
+                resized_input=tuple(data["resized_input"]) if data.get("resized_input") else None,
+                groups={str(k): dict(v) for k, v in (data.get("groups") or {}).items()},
             )
         except (KeyError, TypeError) as e:
             raise ReparamError(f"not a reparam-zoo report: {type(e).__name__} {e}") from None
@@ -201,7 +209,10 @@ class Report:
     def _title(self) -> str:
         size = "x".join(str(s) for s in self.input_size)
         stage = f"{self.stage}, {self.refconv_layers} RefConv layers" if self.stage == "refconv" else self.stage
-        return (f"{self.model} ({stage}) at 1x{size}: {_si(self.inference['params'])} params, "
+        resized = ""
+        if self.resized_input is not None:
+            resized = f" (resized by the model to {'x'.join(str(s) for s in self.resized_input)})"
+        return (f"{self.model} ({stage}) at 1x{size}{resized}: {_si(self.inference['params'])} params, "
                 f"{_si(self.inference['macs'])} MACs deployed")
 
     def _notes(self) -> List[str]:
@@ -214,23 +225,41 @@ class Report:
             notes.append(f"not counted by fvcore: {_format_counts(self.unsupported_ops)}")
         if self.uncalled_modules:
             notes.append(f"not run by an eval forward, so no MACs counted: {preview(self.uncalled_modules)}")
+        if self.resized_input is not None:
+            notes.append("a detector resizes its images itself (min_size/max_size, then pads): MACs and "
+                         f"activations are those of its {'x'.join(map(str, self.resized_input))} input, and "
+                         "activations were measured in train mode with made-up targets")
         return [f"WARNING: {f}" for f in self.flags] + notes
 
+    def _group_lines(self) -> List[List[object]]:
+        return [[g, _num(v.get("training_params")), _num(v.get("inference_params")), _num(v.get("macs"))]
+                for g, v in self.groups.items()]
+
     def _module_rows(self) -> List[List[object]]:
-        return [[_indent(r.name), r.type, r.training_params, r.trainable_params, r.inference_params, r.macs,
-                 r.transform_macs] for r in self.modules]
+        grouped = bool(self.groups)
+        return [([r.group] if grouped else []) + [_indent(r.name, grouped), r.type, r.training_params,
+                r.trainable_params, r.inference_params, r.macs, r.transform_macs] for r in self.modules]
 
     _MODULE_HEADERS = ["module", "type", "training params", "trainable", "inference params", "MACs",
                        "transform MACs"]
+    _GROUP_HEADERS = ["group", "training params", "inference params", "MACs"]
+
+    def _module_headers(self) -> List[str]:
+        return (["group"] if self.groups else []) + self._MODULE_HEADERS
 
     def to_table(self) -> str:
         lines = [self._title(), ""]
         lines += aligned_lines(["", "training", "inference"], [[m, _num(a), _num(b)] for m, a, b in self._summary_rows()])
         lines.append("")
         lines += self._notes()
+        if self.groups:
+            lines += ["", "by part:"]
+            lines += aligned_lines(self._GROUP_HEADERS, self._group_lines())
         if self.modules:
-            lines += ["", f"per module (depth {self.depth}):"]
-            lines += aligned_lines(self._MODULE_HEADERS, [[_num(v) for v in row] for row in self._module_rows()], left=2)
+            lines += ["", f"per module (depth {self.depth}{' below each part' if self.groups else ''}):"]
+            left = 3 if self.groups else 2
+            lines += aligned_lines(self._module_headers(), [[_num(v) for v in row] for row in self._module_rows()],
+                                   left=left)
         return "\n".join(lines)
 
     __str__ = to_table
@@ -241,15 +270,19 @@ class Report:
                                  [[m.strip(), _num(a), _num(b)] for m, a, b in self._summary_rows()], numeric_from=1)
         lines.append("")
         lines += [f"- {n}" for n in self._notes()]
+        if self.groups:
+            lines += ["", "By part:", ""]
+            lines += markdown_lines(self._GROUP_HEADERS, self._group_lines(), numeric_from=1)
         if self.modules:
             lines += ["", f"Per module (depth {self.depth}):", ""]
-            rows = [[f"`{r.name}`", r.type, _num(r.training_params), _num(r.trainable_params),
-                     _num(r.inference_params), _num(r.macs), _num(r.transform_macs)] for r in self.modules]
-            lines += markdown_lines(self._MODULE_HEADERS, rows, numeric_from=2)
+            rows = [([r.group] if self.groups else []) + [
+                f"`{r.name}`", r.type, _num(r.training_params), _num(r.trainable_params), _num(r.inference_params),
+                _num(r.macs), _num(r.transform_macs)] for r in self.modules]
+            lines += markdown_lines(self._module_headers(), rows, numeric_from=3 if self.groups else 2)
         return "\n".join(lines)
 
     _CSV_FIELDS = ["module", "type", "training_params", "trainable_params", "frozen_params", "training_buffers",
-                   "transform_macs", "inference_params", "inference_buffers", "macs"]
+                   "transform_macs", "inference_params", "inference_buffers", "macs", "group"]
 
     def to_csv(self) -> str:
         """One row per module; the first row, module `(model)`, holds the totals. Exact integers."""
@@ -258,10 +291,10 @@ class Report:
         writer.writerow(self._CSV_FIELDS)
         t, i = self.training, self.inference
         writer.writerow(["(model)", self.model, t["params"], t["trainable_params"], t["frozen_params"],
-                         t["buffers"], t["transform_macs"], i["params"], i["buffers"], i["macs"]])
+                         t["buffers"], t["transform_macs"], i["params"], i["buffers"], i["macs"], ""])
         for r in self.modules:
             writer.writerow([r.name, r.type, r.training_params, r.trainable_params, r.frozen_params, r.buffers,
-                             r.transform_macs, r.inference_params, r.inference_buffers, r.macs])
+                             r.transform_macs, r.inference_params, r.inference_buffers, r.macs, r.group])
         return out.getvalue()
 
     def render(self, fmt: str = "table") -> str:
@@ -402,15 +435,18 @@ def report(
         "buffers": sum(b.numel() for b in _unique(deployed.buffers())),
     }
     memory = training_memory(model, input_size)
+    groups = torchvision_models.module_groups(model)
     training.update(weight_bytes=memory.weight_bytes, gradient_bytes=memory.gradient_bytes,
                     activation_bytes=memory.activation_bytes)
     inference["weight_bytes"] = tensor_bytes(list(deployed.parameters()) + list(deployed.buffers()))
-    modules = _module_rows(model, deployed, macs_by_module, depth) if depth else []
+    modules = _module_rows(model, deployed, macs_by_module, depth, groups) if depth else []
     return Report(
         model=name, architecture=model_name(model), stage=stage, input_size=input_size, training=training,
         inference=inference,
         macs_check=check, unsupported_ops=unsupported, uncalled_modules=uncalled, modules=modules, depth=depth,
         refconv_layers=len(refconvs), memory_error=memory.error,
+        resized_input=torchvision_models.resized_size(model, input_size),
+        groups=_group_totals(model, deployed, macs_by_module, groups) if groups else {},
     )
 
 
@@ -466,20 +502,19 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str):
             f"{name} is on the meta device: MACs need real tensors (build it on cpu; params alone can be "
             "counted on meta with layer_params or sum(p.numel()))"
         )
-    x = torch.randn((1,) + tuple(input_size), device=device, dtype=dtype,
-                    generator=torch.Generator(device=device).manual_seed(0))
+    inputs = example_inputs(model, input_size)  # a detector takes a list of images
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            analysis = (FlopCountAnalysis(model, x).unsupported_ops_warnings(False)
+            analysis = (FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False)
                         .uncalled_modules_warnings(False).tracer_warnings("none"))
             by_module = dict(analysis.by_module())
             by_op = analysis.by_operator()
             unsupported = dict(sorted(analysis.unsupported_ops().items()))
             uncalled = _outermost_with_weights(model, analysis.uncalled_modules())
             with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
-                model(x)
+                model(*inputs)
     except Exception as e:  # the user's model failed to run: one line, not a traceback
         raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
                            f"{type(e).__name__}: {first_line(e)}") from None
@@ -565,19 +600,51 @@ def _tensors_in(value) -> Iterable[torch.Tensor]:
                 yield v
 
 
-def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], depth: int) -> List[ModuleRow]:
+def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], depth: int,
+                 groups: Optional[Dict[str, str]] = None) -> List[ModuleRow]:
+    """Rows down to `depth`; for a detector or segmenter (`groups`: part module -> backbone/neck/heads) each
+    part's module and its submodules down to `depth` levels below it, tagged with the part."""
+    if not groups:
+        return _rows_below(model, deployed, macs, "", depth)
+    rows = []
+    for root, group in groups.items():
+        for row in _rows_below(model, deployed, macs, root, depth - 1, include_root=True):
+            row.group = group
+            rows.append(row)
+    return rows
+
+
+def _group_totals(model: nn.Module, deployed: nn.Module, macs: Dict[str, int],
+                  groups: Dict[str, str]) -> Dict[str, Dict[str, int]]:
+    totals: Dict[str, Dict[str, int]] = {}
+    for root, group in groups.items():
+        row = _rows_below(model, deployed, macs, root, 0, include_root=True)
+        entry = totals.setdefault(group, {"training_params": 0, "inference_params": 0, "macs": 0})
+        for r in row:
+            entry["training_params"] += r.training_params
+            entry["inference_params"] += r.inference_params
+            entry["macs"] += r.macs
+    return totals
+
+
+def _rows_below(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], root: str, depth: int,
+                include_root: bool = False) -> List[ModuleRow]:
+    base = root.count(".") + 1 if root else 0
+    full = base + depth  # rows are the modules with at most `full` name parts
     refconvs = refconv_layers(model)
     base_ids = {id(m.weight_base) for _, m in refconvs}
-    params = _by_module(model.named_parameters(), depth)
-    trainable = _by_module(((n, p) for n, p in model.named_parameters() if p.requires_grad), depth)
-    bases = _by_module(((_join(n, "weight_base"), m.weight_base) for n, m in refconvs), depth)
-    buffers = _by_module(((n, b) for n, b in model.named_buffers() if id(b) not in base_ids), depth)
-    transform = _by_module(((_join(n, "transform_weight"), m.transform_macs()) for n, m in refconvs), depth)
-    deployed_params = params if deployed is model else _by_module(deployed.named_parameters(), depth)
-    deployed_buffers = buffers if deployed is model else _by_module(deployed.named_buffers(), depth)
+    params = _by_module(model.named_parameters(), full)
+    trainable = _by_module(((n, p) for n, p in model.named_parameters() if p.requires_grad), full)
+    bases = _by_module(((_join(n, "weight_base"), m.weight_base) for n, m in refconvs), full)
+    buffers = _by_module(((n, b) for n, b in model.named_buffers() if id(b) not in base_ids), full)
+    transform = _by_module(((_join(n, "transform_weight"), m.transform_macs()) for n, m in refconvs), full)
+    deployed_params = params if deployed is model else _by_module(deployed.named_parameters(), full)
+    deployed_buffers = buffers if deployed is model else _by_module(deployed.named_buffers(), full)
     rows = []
     for name, module in model.named_modules():
-        if not name or name.count(".") >= depth:
+        if root and not (name == root or name.startswith(root + ".")):
+            continue
+        if name == root and not include_root or not name or name.count(".") >= full:
             continue
         total = params.get(name, 0) + bases.get(name, 0)
         row = ModuleRow(
@@ -690,8 +757,8 @@ def _si(n: int) -> str:
     return str(n)
 
 
-def _indent(name: str) -> str:
-    return "  " * name.count(".") + name
+def _indent(name: str, grouped: bool = False) -> str:
+    return name if grouped else "  " * name.count(".") + name
 
 
 def _format_counts(counts: Dict[str, int]) -> str:
