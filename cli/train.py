@@ -6,6 +6,7 @@ import os
 import click
 
 from reparam_zoo.train.config import OPTIMIZERS, SGD_MOMENTUM, TrainConfig
+from reparam_zoo.train.tasks import TASKS
 
 from .common import TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
 
@@ -29,7 +30,15 @@ def _check_device(ctx, param, value):
 @click.command("train")
 @click.argument("model", metavar="MODEL", required=False)
 @click.option("--data", "data_dir", type=click.Path(), metavar="DIR",
-              help="Image folders DIR/train/<class>/* and DIR/val/<class>/*.")
+              help="classification: image folders DIR/train/<class>/* and DIR/val/<class>/*; detection: COCO "
+                   "(DIR/annotations/instances_{train,val}.json and the image folders they name); segmentation: "
+                   "DIR/{train,val}/{images,masks}/ and DIR/classes.txt, or Pascal VOC's layout.")
+@click.option("--task", type=click.Choice(list(TASKS)),
+              help="What is learnt.  [default: detection for a torchvision detector, segmentation for a "
+                   "torchvision segmenter, else classification]")
+@click.option("--ignore-index", type=click.IntRange(min=0, max=65535), default=DEFAULTS.ignore_index,
+              show_default=True, help="segmentation: the mask value that counts neither in the loss nor in the "
+                                      "metrics.")
 @output_option("Run folder, new or empty (default: runs/<model>-<time>).")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True,
@@ -141,9 +150,11 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     if result.model is None:  # not rank 0: rank 0 reports
         return
     if not quiet:
+        from reparam_zoo.train.tasks import get_task
+
         best = result.best
-        click.echo(f"best: epoch {best['epoch']}, val acc {100 * best['val_acc']:.2f}%, "
-                   f"val loss {best['val_loss']:.4f}")
+        loss = f", val loss {best['val_loss']:.4f}" if "val_loss" in best else ""
+        click.echo(f"best: epoch {best['epoch']}, {get_task(result.task).headline(best)}{loss}")
         for key in ("best", "last", "deploy", "metrics", "plot", "log"):
             if key in result.files:
                 click.echo(f"wrote {result.files[key]}")
