@@ -334,7 +334,7 @@ class _Run:
 
         deployed = fuse_model(best_model, example_inputs=example_inputs(best_model, example))
         report = deployed.fuse_report
-        save_model(run_dir, deployed, run_dir.file(DEPLOY_FILE), {"train": dict(best)},
+        save_model(run_dir, deployed, run_dir.file(DEPLOY_FILE), {"train": dict(best), **data.metadata},
                    data.classes, self.notes, self.log)
         self.log(f"deploy model (best, epoch {best['epoch']}): {len(report.folded)} RefConvs folded, "
                  f"{len(report.fused)} conv+BN fused, verified (max abs error {report.max_abs_error:.2g}) -> "

@@ -68,6 +68,8 @@ class TaskData:
     digest: str  # identifies the files (their paths within the data folder), not where the folder lives
     collate: Callable  # list of dataset items -> (inputs, targets, unreadable indices)
     describe: Dict[str, Any] = field(default_factory=dict)  # extra facts for the start line
+    # extra metadata of every model file the run writes (a detector's label -> COCO category id map)
+    metadata: Dict[str, Any] = field(default_factory=dict)
 
 
 class Evaluator(abc.ABC):
