@@ -285,3 +285,40 @@ def test_cli_infers_detection_from_a_torchvision_detector(data_dir, tmp_path):
 
     model = reparam_zoo.load(os.path.join(out, "last.safetensors"))
     assert model.transform.min_size == (64,) and model.transform.max_size == 64
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_train_detection import tiny_detector
+from reparam_zoo.train import train
+torch.set_num_threads(1)
+r = train(tiny_detector(), {data!r}, output_dir={out!r}, epochs=1, batch_size=2, workers=0, verbose=False,
+          task="detection")
+"""
+
+
+def test_two_processes_gather_every_prediction_for_the_same_map_as_one(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "data")
+    make_detection_set(root, train=8, val=5, size=64, seed=7)  # 5 val images: shards of 3 and 2
+    single = train(tiny_detector(), root, output_dir=str(tmp_path / "one"), epochs=1, **FAST)
+    script = tmp_path / "ddp.py"
+    out = str(tmp_path / "two")
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), data=root, out=out))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
+    # epoch 0 is the same input model: two ranks' gathered predictions score exactly what one process scores
+    assert rows[0] == single.history[0]
+    assert rows[0]["val_images"] == rows[1]["val_images"] == 5 and rows[1]["train_images"] == 8
