@@ -94,7 +94,8 @@ def test_coco_map_of_perfect_predictions_is_one_and_a_crowd_region_is_ignored():
     # a detection inside the crowd region matches the crowd: neither a true nor a false positive
     inside_crowd = {"image_id": 1, "category_id": 7, "bbox": [52, 52, 30, 30], "score": 0.95}
     metrics = coco_metrics(truth, perfect + [inside_crowd], [1, 2], masks=False)
-    assert metrics["val_map"] == metrics["val_map50"] == metrics["val_map75"] == 1.0
+    for key in ("val_map", "val_map50", "val_map75"):
+        assert metrics[key] == pytest.approx(1.0, abs=1e-12)
     assert metrics["val_images"] == 2
     assert coco_metrics(truth, [], [1, 2], masks=False)["val_map"] == 0.0
 
@@ -216,8 +217,11 @@ def test_real_world_files_degenerate_boxes_crowds_empty_images_grayscale_and_rgb
     os.remove(os.path.join(root, "train", "train_0002.jpg"))
     rgba.save(os.path.join(root, "train", "train_0002.png"))
     _edit(files["train"], lambda d: d["images"][2].update(file_name="train_0002.png"))
+    # a labelling tool's export: no area, no iscrowd (COCOeval reads both)
+    _edit(files["val"], lambda d: [(a.pop("area"), a.pop("iscrowd")) for a in d["annotations"]])
     result = train(tiny_detector(), root, output_dir=str(tmp_path / "out"), epochs=1, **FAST)
-    assert result.final["train_images"] == 4
+    assert result.final["train_images"] == 4 and result.final["val_images"] == 2
+    assert 0.0 <= result.final["val_map"] <= 1.0
     assert "instances_train.json: dropped 1 degenerate box(es)" in open(result.files["log"]).read()
 
 

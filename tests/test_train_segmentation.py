@@ -251,3 +251,27 @@ def test_cli_bad_ignore_index_is_a_usage_error(data_dir, tmp_path):
     result = CliRunner().invoke(main, ["train", "m", "--data", data_dir, "--task", "segmentation",
                                        "--ignore-index", "-1"])
     assert result.exit_code == 2 and "--ignore-index" in result.output
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_cli_dense_demo_runs_end_to_end_at_a_tiny_size(task, tmp_path, monkeypatch):
+    import dataclasses
+
+    from reparam_cli.main import main
+    from reparam_zoo import demo_dense
+
+    tiny = dataclasses.replace(demo_dense.DENSE_DEMOS[task], size=64 if task == "detection" else 32, train_images=4,
+                               val_images=2, pretrain_epochs=1, refocus_epochs=1, batch_size=2)
+    monkeypatch.setitem(demo_dense.DENSE_DEMOS, task, tiny)
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--task", task, "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    metric = "mAP@[.5:.95]" if task == "detection" else "mIoU"
+    assert f"[4/4] val {metric}: pretrained " in result.output and "inference (fused)" in result.output
+    log = (out / "refocus" / "train.log").read_text()
+    assert "-> identical" in log and "verified" in log
+    assert {"pretrained.safetensors", "report.json", "data", "refocus"} <= set(os.listdir(out))
+    # the metric printed before/after is the run's own epoch 0 and best
+    rows = [json.loads(line) for line in (out / "refocus" / "metrics.jsonl").read_text().splitlines()]
+    key = "val_map" if task == "detection" else "val_miou"
+    assert f"pretrained {100 * rows[0][key]:.1f}%" in result.output

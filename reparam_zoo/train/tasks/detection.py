@@ -220,8 +220,9 @@ def coco_metrics(coco: Dict[str, Any], results: List[Dict[str, Any]], image_ids:
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):  # COCO prints its progress and tables
         truth = COCO()
-        truth.dataset = {**coco, "annotations": [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3])}
-                                                 for a in coco["annotations"]]}
+        # labelling tools leave out what COCOeval reads: the area (for the size ranges) and iscrowd
+        truth.dataset = {**coco, "annotations": [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3]),
+                                                  "iscrowd": a.get("iscrowd", 0)} for a in coco["annotations"]]}
         truth.createIndex()
         for iou_type, prefix in kinds:
             if not results or not image_ids:
