@@ -129,7 +129,11 @@ def _instance_mask(segmentation: Any, height: int, width: int) -> Optional[np.nd
             rle = mask_utils.frPyObjects(rle, height, width)
     else:
         return None
-    return mask_utils.decode(rle)
+    import warnings
+
+    with warnings.catch_warnings():  # pycocotools' own numpy-2 deprecation, nothing the user can act on
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 class CocoSplit(torch.utils.data.Dataset):
