@@ -326,3 +326,14 @@ def test_two_processes_gather_every_prediction_for_the_same_map_as_one(tmp_path)
     # epoch 0 is the same input model: two ranks' gathered predictions score exactly what one process scores
     assert rows[0] == single.history[0]
     assert rows[0]["val_images"] == rows[1]["val_images"] == 5 and rows[1]["train_images"] == 8
+
+
+def test_unreadable_images_are_skipped_counted_and_not_evaluated(tmp_path):
+    root = str(tmp_path / "data")
+    make_detection_set(root, train=4, val=3, size=64, seed=8)
+    for split in ("train", "val"):
+        with open(os.path.join(root, split, f"{split}_0001.jpg"), "wb") as f:
+            f.write(b"not an image")
+    result = train(tiny_detector(), root, output_dir=str(tmp_path / "out"), epochs=1, **FAST)
+    assert result.unreadable_images == ["train_0001.jpg", "val_0001.jpg"]
+    assert result.final["val_images"] == 2 and result.final["train_images"] == 4

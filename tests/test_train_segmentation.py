@@ -275,3 +275,14 @@ def test_cli_dense_demo_runs_end_to_end_at_a_tiny_size(task, tmp_path, monkeypat
     rows = [json.loads(line) for line in (out / "refocus" / "metrics.jsonl").read_text().splitlines()]
     key = "val_map" if task == "detection" else "val_miou"
     assert f"pretrained {100 * rows[0][key]:.1f}%" in result.output
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    root = _copy_set(tmp_path)
+    for split in ("train", "val"):
+        with open(os.path.join(root, split, "images", "0001.jpg"), "wb") as f:
+            f.write(b"not an image")
+    result = train(tiny_seg(), root, output_dir=str(tmp_path / "out"), epochs=1, **FAST)
+    assert result.unreadable_images == [os.path.join("images", "0001.jpg")]
+    assert result.final["val_images"] == 3  # the blank stand-in does not count
+    assert "skipped 1 unreadable image(s)" in open(result.files["log"]).read()
