@@ -56,8 +56,8 @@ def _check_device(ctx, param, value):
                    "update.  [default: 1, or 0 with --epochs 1]")
 @input_size_option("Training crop size (default: the model's timm config; needed when the model has none).")
 @click.option("--num-classes", type=click.IntRange(min=1), metavar="N",
-              help="Replace the classifier head for N classes (must equal the data's classes); the new head "
-                   "trains too.")
+              help="Replace the classifier head for N classes (must equal the data's classes; for a detector "
+                   "the background counts, as in torchvision); the new head trains too.")
 @click.option("--train-scope", type=click.Choice(TRAIN_SCOPES),
               help="What trains: only the transforms, also norm layers, or everything but the base kernels.  "
                    "[default: an already converted MODEL's own scope (what `reparam convert --train-scope` "
@@ -84,7 +84,8 @@ def _check_device(ctx, param, value):
               help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines (OUTDIR/train.log has them).")
 def train_command(model, data_dir, output, resume, device, quiet, input_size, **settings):
-    """Refocus-train MODEL on an image-folder data set: only the RefConv transforms learn.
+    """Refocus-train MODEL on an image-folder data set (or, with --task, on COCO-format detection data or
+    segmentation masks): only the RefConv transforms learn.
 
     MODEL is anything `reparam convert` accepts; a model without RefConv layers is converted first (zero
     init: it starts exactly as MODEL). Validates once before training (the converted model must score what
