@@ -9,16 +9,28 @@ import click
               type=click.Path(file_okay=False), help="Folder for every artifact (must be new or empty).")
 @click.option("--seed", default=0, show_default=True, help="Seed for data generation and training.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_command(output_dir, seed, quiet):
+@click.option("--task", type=click.Choice(["classification", "detection", "segmentation"]), default="classification",
+              show_default=True, help="detection: a torchvision Faster R-CNN on generated COCO-format shapes "
+                                      "(mAP); segmentation: a torchvision LR-ASPP on generated masks (mIoU).")
+def demo_command(output_dir, seed, quiet, task):
     """Run convert -> refocus-train -> fuse -> report on a built-in example, offline, in about 2 minutes.
 
     Generates a small 4-class texture data set, pretrains mobilenetv3_small_050 on it briefly, converts every spatial
     conv to RefConv, trains only the transforms (with progress bars), writes the verified fused deploy
     model and prints the training-vs-inference table.
+
+    --task detection / segmentation does the same for a torchvision detector (Faster R-CNN, mAP) or segmenter
+    (LR-ASPP, mIoU) on generated shapes (COCO JSON / index masks), printing the metric before and after.
     """
     from reparam_zoo.demo import run_demo
     from reparam_zoo.processes import keep_freed_memory
 
     keep_freed_memory()  # as `reparam train` does
+    if task != "classification":
+        from reparam_zoo.demo_dense import run_dense_demo
+
+        dense = run_dense_demo(task, output_dir, seed=seed, verbose=not quiet, echo=click.echo)
+        click.echo(f"\ndone in {dense.seconds:.0f} s; artifacts in {dense.output_dir}")
+        return
     result = run_demo(output_dir, seed=seed, verbose=not quiet, echo=click.echo)
     click.echo(f"\ndone in {result.seconds:.0f} s; artifacts in {result.output_dir}")

@@ -6,6 +6,7 @@ import os
 import click
 
 from reparam_zoo.train.config import OPTIMIZERS, SGD_MOMENTUM, TrainConfig
+from reparam_zoo.train.tasks import TASKS
 
 from .common import TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
 
@@ -29,7 +30,15 @@ def _check_device(ctx, param, value):
 @click.command("train")
 @click.argument("model", metavar="MODEL", required=False)
 @click.option("--data", "data_dir", type=click.Path(), metavar="DIR",
-              help="Image folders DIR/train/<class>/* and DIR/val/<class>/*.")
+              help="classification: image folders DIR/train/<class>/* and DIR/val/<class>/*; detection: COCO "
+                   "(DIR/annotations/instances_{train,val}.json and the image folders they name); segmentation: "
+                   "DIR/{train,val}/{images,masks}/ and DIR/classes.txt, or Pascal VOC's layout.")
+@click.option("--task", type=click.Choice(list(TASKS)),
+              help="What is learnt.  [default: detection for a torchvision detector, segmentation for a "
+                   "torchvision segmenter, else classification]")
+@click.option("--ignore-index", type=click.IntRange(min=0, max=65535), default=DEFAULTS.ignore_index,
+              show_default=True, help="segmentation: the mask value that counts neither in the loss nor in the "
+                                      "metrics.")
 @output_option("Run folder, new or empty (default: runs/<model>-<time>).")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True,
@@ -47,8 +56,8 @@ def _check_device(ctx, param, value):
                    "update.  [default: 1, or 0 with --epochs 1]")
 @input_size_option("Training crop size (default: the model's timm config; needed when the model has none).")
 @click.option("--num-classes", type=click.IntRange(min=1), metavar="N",
-              help="Replace the classifier head for N classes (must equal the data's classes); the new head "
-                   "trains too.")
+              help="Replace the classifier head for N classes (must equal the data's classes; for a detector "
+                   "the background counts, as in torchvision); the new head trains too.")
 @click.option("--train-scope", type=click.Choice(TRAIN_SCOPES),
               help="What trains: only the transforms, also norm layers, or everything but the base kernels.  "
                    "[default: an already converted MODEL's own scope (what `reparam convert --train-scope` "
@@ -76,7 +85,8 @@ def _check_device(ctx, param, value):
               help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines (OUTDIR/train.log has them).")
 def train_command(model, data_dir, output, resume, device, quiet, input_size, **settings):
-    """Refocus-train MODEL on an image-folder data set: only the RefConv transforms learn.
+    """Refocus-train MODEL on an image-folder data set (or, with --task, on COCO-format detection data or
+    segmentation masks): only the RefConv transforms learn.
 
     MODEL is anything `reparam convert` accepts; a model without RefConv layers is converted first (zero
     init: it starts exactly as MODEL). Validates once before training (the converted model must score what
@@ -149,9 +159,11 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     if result.model is None:  # not rank 0: rank 0 reports
         return
     if not quiet:
+        from reparam_zoo.train.tasks import get_task
+
         best = result.best
-        click.echo(f"best: epoch {best['epoch']}, val acc {100 * best['val_acc']:.2f}%, "
-                   f"val loss {best['val_loss']:.4f}")
+        loss = f", val loss {best['val_loss']:.4f}" if "val_loss" in best else ""
+        click.echo(f"best: epoch {best['epoch']}, {get_task(result.task).headline(best)}{loss}")
         for key in ("best", "last", "deploy", "metrics", "plot", "log"):
             if key in result.files:
                 click.echo(f"wrote {result.files[key]}")

@@ -95,7 +95,8 @@ class TrainConfig:
     trust_pickle: bool = False
     world_size: int = 1
     model_files: str = "safetensors"  # set when the run starts: "pickle" for a model without an architecture
-    task: str = "classification"
+    task: str = "classification"  # `train` infers it from the model when not given (tasks.infer_task)
+    ignore_index: int = 255  # segmentation: the mask value that counts neither in the loss nor in the metrics
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
@@ -131,6 +132,8 @@ class TrainConfig:
         from .tasks import TASKS
 
         _one_of("task", self.task, TASKS)
+        if not (_is_int(self.ignore_index) and 0 <= self.ignore_index <= 65535):
+            raise SettingError("ignore_index", f"<ignore_index> must be an integer in [0, 65535], got {self.ignore_index!r}")
 
 
 def default_warmup_epochs(epochs: Any) -> int:

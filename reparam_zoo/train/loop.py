@@ -242,10 +242,11 @@ class Trainer:
 
     # -- files (rank 0) --------------------------------------------------------------------------------------------
     def save_best(self, tag: Dict[str, Any]) -> None:
-        save_model(self.run_dir, self.model, self.run_dir.file(BEST_FILE), {"train": tag}, self.data.classes,
+        save_model(self.run_dir, self.model, self.run_dir.file(BEST_FILE), {"train": tag, **self.data.metadata},
+                   self.data.classes,
                    self.notes, self.log)
 
     def save_checkpoint(self, ranks=None) -> None:
         save_checkpoint(self.run_dir, self.model, self.progress, optimizer=self.opt.optimizer, scaler=self.opt.scaler,
                         trainable=self.opt.trainable, classes=self.data.classes, digest=self.data.digest,
-                        notes=self.notes, log=self.log, ranks=ranks)
+                        notes=self.notes, log=self.log, ranks=ranks, metadata=self.data.metadata)

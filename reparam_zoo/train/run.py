@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..data import check_data_dir
 from ..deploy import fuse as fuse_model
 from ..processes import Processes, StopRequest
 from .config import RunStopped, TrainConfig, TrainError, check_momentum, default_warmup_epochs
@@ -22,7 +21,7 @@ from .setup import (Reference, build_loaders, build_optimizer, describe_start, f
                     prepare_model)
 from .state import (Progress, check_can_continue, load_weights, read_model_file, read_state, restore_progress,
                     restore_rank_state, save_model, set_trainable)
-from .tasks import Task, TaskData, get_task
+from .tasks import Task, TaskData, get_task, infer_task
 
 __all__ = ["train", "resume", "TrainResult"]
 
@@ -43,6 +42,7 @@ class TrainResult:
     unreadable_images: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     resume_command: str = ""  # the command line that continues the run
+    task: str = "classification"
 
     @property
     def final(self) -> Dict[str, Any]:
@@ -74,9 +74,10 @@ def train(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     pretrained: bool = False,
     trust_pickle: bool = False,
-    task: str = "classification",
     device: Optional[Union[str, torch.device]] = None,
     verbose: bool = True,
+    task: Optional[str] = None,
+    ignore_index: int = 255,
 ) -> TrainResult:
     """Refocus-train `model` on the image folders `data_dir/train/<class>/*`, `data_dir/val/<class>/*`.
 
@@ -98,8 +99,12 @@ def train(
     anyway), else as bare safetensors state_dicts. The model files record the class names in output index
     order (`read_info(path).extra["classes"]`, `reparam_extra["classes"]` of a loaded model). Ctrl-C / SIGTERM
     stops after the current step with a checkpoint; `resume(output_dir)` continues it. A run that fails
-    before its first checkpoint removes the files it wrote (and the folder it made). `task` names what is
-    learnt (`reparam_zoo.train.tasks.TASKS`): its data, loss, metrics and sanity check.
+    before its first checkpoint removes the files it wrote (and the folder it made).
+
+    `task` is what is learnt: "classification" (the image folders above), "detection" (COCO-format data,
+    torchvision detectors; metric COCO mAP) or "segmentation" (images and index masks; metric mIoU, with
+    `ignore_index` the mask value that does not count); None infers it from the model (a torchvision detector
+    or segmenter, else classification). See `reparam_zoo.train.tasks`.
     """
     spec = model if isinstance(model, nn.Module) else _absolute_if_file(model)
     if warmup_epochs is None:
@@ -111,7 +116,7 @@ def train(
         input_size=input_size, num_classes=num_classes, train_scope=train_scope, map_k=map_k, amp=amp,
         channels_last=channels_last, workers=workers, seed=seed, fuse=fuse, arch=arch,
         checkpoint=None if checkpoint is None else _absolute_if_file(checkpoint), pretrained=pretrained,
-        trust_pickle=trust_pickle, task=task,
+        trust_pickle=trust_pickle, task=infer_task(spec) if task is None else task, ignore_index=ignore_index,
     )
     given = spec if isinstance(spec, nn.Module) else None
     return _Run(config, None if output_dir is None else os.fspath(output_dir), given, resuming=False,
@@ -205,8 +210,8 @@ class _Run:
                              "them, which runs code from the run folder: pass --trust-pickle / trust_pickle=True to "
                              "resume it, only if you trust it")
         config.check()
-        self.task = get_task(config.task)
-        check_data_dir(config.data_dir)  # before loading what may be a large model
+        self.task = get_task(config.task, config)
+        self.task.check_data_dir(config.data_dir)  # before loading what may be a large model
         if not self.resuming:
             config.world_size = procs.world_size
         # checked first, created only once the model and the data have passed their checks: a run that cannot
@@ -275,6 +280,7 @@ class _Run:
             output_dir=run_dir.path, history=progress.history, best=progress.best, sanity=progress.sanity,
             files=files, classes=data.classes, model=model if procs.is_main else None, interrupted=interrupted,
             unreadable_images=progress.unreadable, notes=self.notes, resume_command=run_dir.resume_command(),
+            task=config.task,
         )
 
     def _read_state(self) -> Dict[str, Any]:
@@ -361,9 +367,11 @@ class _Run:
         tensors, _ = read_model_file(run_dir.file(BEST_FILE), run_dir.model_files, self.config.trust_pickle)
         best_model.load_state_dict(tensors, strict=True)
         example = torch.randn(1, *data.input_size, generator=torch.Generator().manual_seed(0))
-        deployed = fuse_model(best_model, example_inputs=example)
+        from ..torchvision_models import example_inputs
+
+        deployed = fuse_model(best_model, example_inputs=example_inputs(best_model, example))
         report = deployed.fuse_report
-        save_model(run_dir, deployed, run_dir.file(DEPLOY_FILE), {"train": dict(best)},
+        save_model(run_dir, deployed, run_dir.file(DEPLOY_FILE), {"train": dict(best), **data.metadata},
                    data.classes, self.notes, self.log)
         self.log(f"deploy model (best, epoch {best['epoch']}): {len(report.folded)} RefConvs folded, "
                  f"{len(report.fused)} conv+BN fused, verified (max abs error {report.max_abs_error:.2g}) -> "

@@ -183,8 +183,12 @@ class RunDir:
         fig = Figure(figsize=(5 * len(panels), 4))
         axes = fig.subplots(1, len(panels))
         for ax, (metric, label, scale) in zip(axes if len(panels) > 1 else [axes], panels):
-            ax.plot([r["epoch"] for r in trained], [scale * r[f"train_{metric}"] for r in trained], "o-", label="train")
-            ax.plot([r["epoch"] for r in history], [scale * r[f"val_{metric}"] for r in history], "s-", label="val")
+            # a task may score a metric on one split only (a detector's loss in training, its mAP in validation)
+            for split, rows, marker in (("train", trained, "o-"), ("val", history, "s-")):
+                rows = [r for r in rows if r.get(f"{split}_{metric}") is not None]
+                if rows:
+                    ax.plot([r["epoch"] for r in rows], [scale * r[f"{split}_{metric}"] for r in rows], marker,
+                            label=split)
             ax.set_xlabel("epoch (0 = before training)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)

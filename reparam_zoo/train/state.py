@@ -118,12 +118,14 @@ def restore_rank_state(state: Dict[str, Any], procs, model: nn.Module, progress:
 
 def save_checkpoint(run_dir: RunDir, model: nn.Module, progress: Progress, *, optimizer, scaler,
                     trainable: Sequence[str], classes: Sequence[str], digest: str, notes: List[str], log,
-                    ranks: Optional[List[Dict[str, Any]]] = None) -> None:
-    """last.safetensors, then train_state.pt (the commit point: both carry the global step). Rank 0."""
+                    ranks: Optional[List[Dict[str, Any]]] = None, metadata: Optional[Dict[str, Any]] = None) -> None:
+    """last.safetensors, then train_state.pt (the commit point: both carry the global step). Rank 0.
+    `metadata`: the task's extra metadata for the model file."""
     from ..modelfile import atomic_write
 
     tag = progress.tag()
-    save_model(run_dir, model, run_dir.file("last.safetensors"), {"train": tag}, classes, notes, log)
+    save_model(run_dir, model, run_dir.file("last.safetensors"), {"train": tag, **(metadata or {})}, classes, notes,
+               log)
     state = {
         "version": STATE_VERSION, **tag, "partial": dict(progress.partial), "ranks": ranks,
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

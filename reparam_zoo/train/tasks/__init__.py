@@ -24,15 +24,37 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-__all__ = ["Task", "TaskData", "Evaluator", "TASKS", "get_task"]
+__all__ = ["Task", "TaskData", "Evaluator", "TASKS", "get_task", "infer_task"]
 
 # name -> "module:class" (imported when a run uses it: this registry imports no torch)
-TASKS = {"classification": "reparam_zoo.train.tasks.classification:ClassificationTask"}
+TASKS = {"classification": "reparam_zoo.train.tasks.classification:ClassificationTask",
+         "detection": "reparam_zoo.train.tasks.detection:DetectionTask",
+         "segmentation": "reparam_zoo.train.tasks.segmentation:SegmentationTask"}
 
 
-def get_task(name: str) -> "Task":
+def get_task(name: str, config: Any = None) -> "Task":
     module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    task = getattr(importlib.import_module(module), cls)()
+    if config is not None:
+        task.configure(config)
+    return task
+
+
+def infer_task(model: Any) -> str:
+    """The task a model is made for: a torchvision detector (name `torchvision:<detector>` or a module) trains
+    for detection, a torchvision segmenter for segmentation, anything else for classification."""
+    from ...torchvision_models import split_name  # no torch at import
+
+    name = split_name(model)
+    if name is not None:
+        from ...torchvision_models import kind_of
+
+        return kind_of(name) or "classification"
+    if isinstance(model, str):
+        return "classification"
+    from ...torchvision_models import is_detector, is_segmenter
+
+    return "detection" if is_detector(model) else "segmentation" if is_segmenter(model) else "classification"
 
 
 @dataclass
@@ -46,6 +68,9 @@ class TaskData:
     digest: str  # identifies the files (their paths within the data folder), not where the folder lives
     collate: Callable  # list of dataset items -> (inputs, targets, unreadable indices)
     warnings: List[str] = field(default_factory=list)  # what was left out of the data, one line each
+    describe: Dict[str, Any] = field(default_factory=dict)  # extra facts for the start line
+    # extra metadata of every model file the run writes (a detector's label -> COCO category id map)
+    metadata: Dict[str, Any] = field(default_factory=dict)
 
 
 class Evaluator(abc.ABC):
@@ -63,6 +88,15 @@ class Task(abc.ABC):
     name: str = ""
     # (metric, axis label, scale) per plot panel: train_<metric> and val_<metric> over the epochs
     plot_panels: Sequence[Tuple[str, str, float]] = ()
+
+    def configure(self, config) -> None:
+        """Take the task's own settings from the run's TrainConfig (e.g. the ignore index)."""
+
+    def check_data_dir(self, data_dir: str) -> None:
+        """A quick look at the data folder's layout, before the model is loaded."""
+        from ...data import check_data_dir
+
+        check_data_dir(data_dir)
 
     def sample_name(self, dataset, index: int) -> str:
         """How warnings name sample `index` of a split (an unreadable file)."""

@@ -1,0 +1,274 @@
+"""COCO-format detection data (boxes, and instance masks for Mask R-CNN), read resumably and checked.
+
+Layouts found in `DIR` (per split `train` / `val`):
+
+    DIR/annotations/instances_<split>*.json   images in DIR/<name after "instances_">/, DIR/images/<...>/,
+                                              DIR/images/ or DIR/ (COCO's own: instances_train2017.json and
+                                              train2017/; labelling-tool exports: a file_name under images/)
+    DIR/<split>/_annotations.coco.json        images beside it (Roboflow's export)
+
+The first image of the file decides which folder is the image folder; every other image must be there.
+
+Category ids need not be 1..N: they are mapped to contiguous labels in id order, label 0 is the background
+(torchvision's detectors reserve it), and the map (`label_to_category_id`) goes into the model files.
+Images without annotations are kept (they teach the background). `iscrowd` annotations are left out of the
+training targets and given to the evaluator, as COCO does. Boxes with zero (or negative) width or height,
+(under 1 pixel) are dropped and counted; boxes are clipped to the image. Grayscale, palette and RGBA images become RGB.
+
+A file that is not COCO, an annotation of an image that is not listed or a category that is not in
+`categories`, a listed image that is not in the image folder: errors naming the file, before any training.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import UNREADABLE_ERRORS, DataError, MAX_CONSECUTIVE_UNREADABLE, _seeded_rng
+
+__all__ = ["CocoSplit", "CocoData", "build_coco_data", "find_coco_split", "read_coco", "detection_collate",
+           "BACKGROUND"]
+
+BACKGROUND = "__background__"
+MAX_JSON_BYTES = 2 << 30
+
+
+def find_coco_split(data_dir: str, split: str) -> str:
+    """The annotation file of `split` in one of the layouts above."""
+    pattern = os.path.join(data_dir, "annotations", f"instances_{split}*.json")
+    found = sorted(glob.glob(pattern))
+    roboflow = os.path.join(data_dir, split, "_annotations.coco.json")
+    if os.path.isfile(roboflow):
+        found.append(roboflow)
+    if len(found) != 1:
+        what = "no annotation file" if not found else f"{len(found)} annotation files ({', '.join(found)})"
+        raise DataError(f"{data_dir}: {what} for the {split} split (expected {data_dir}/annotations/"
+                        f"instances_{split}.json, or {roboflow})")
+    return found[0]
+
+
+def read_coco(path: str) -> Dict[str, Any]:
+    """The JSON of a COCO annotation file, its structure checked (one-line errors naming the file)."""
+    try:
+        if os.path.getsize(path) > MAX_JSON_BYTES:
+            raise DataError(f"{path}: larger than {MAX_JSON_BYTES >> 30} GiB; not read")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a COCO annotation file (a JSON {type(data).__name__}, not an object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: not a COCO annotation file (no '{key}' list)")
+    for kind, required in (("images", ("id", "file_name")), ("categories", ("id", "name")),
+                           ("annotations", ("id", "image_id", "category_id", "bbox"))):
+        for i, entry in enumerate(data[kind]):
+            if not isinstance(entry, dict) or any(k not in entry for k in required):
+                raise DataError(f"{path}: {kind}[{i}] is not a COCO {kind[:-1]} (needs {', '.join(required)})")
+    images = {img["id"]: img for img in data["images"]}
+    if len(images) != len(data["images"]):
+        raise DataError(f"{path}: image ids appear twice")
+    categories = {c["id"] for c in data["categories"]}
+    for ann in data["annotations"]:
+        if ann["image_id"] not in images:
+            raise DataError(f"{path}: annotation {ann['id']} is of image_id {ann['image_id']}, which is not in 'images'")
+        if ann["category_id"] not in categories:
+            raise DataError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, which is not in "
+                            "'categories'")
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise DataError(f"{path}: annotation {ann['id']} has bbox {box!r}, not [x, y, width, height]")
+    for img in data["images"]:
+        name = img["file_name"]
+        if not isinstance(name, str) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise DataError(f"{path}: image {img['id']} has file_name {name!r}, not a path inside the data folder")
+    return data
+
+
+def _image_folder(data_dir: str, annotation_file: str, split: str, data: Dict[str, Any]) -> str:
+    """Where the file's images are: the first candidate folder that holds its first image; every image must be
+    there."""
+    if not data["images"]:
+        raise DataError(f"{annotation_file}: lists no images")
+    stem = os.path.basename(annotation_file)
+    named = stem[len("instances_"):-len(".json")] if stem.startswith("instances_") else split
+    here = os.path.dirname(annotation_file)
+    candidates = [os.path.join(data_dir, named), os.path.join(data_dir, "images", named),
+                  os.path.join(data_dir, "images"), data_dir, here]
+    first = data["images"][0]["file_name"]
+    folder = next((c for c in candidates if os.path.isfile(os.path.join(c, first))), None)
+    if folder is None:
+        raise DataError(f"{annotation_file}: its image {first} is not in {', '.join(dict.fromkeys(candidates))}")
+    missing = [img["file_name"] for img in data["images"] if not os.path.isfile(os.path.join(folder, img["file_name"]))]
+    if missing:
+        raise DataError(f"{annotation_file}: {len(missing)} listed image(s) missing from {folder} "
+                        f"(e.g. {missing[0]})")
+    return folder
+
+
+def _instance_mask(segmentation: Any, height: int, width: int) -> Optional[np.ndarray]:
+    """A polygon list or an RLE (compressed or not) as an (H, W) uint8 mask; None for what is neither."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list) and segmentation:
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
+        if not polygons:
+            return None
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        rle = segmentation
+        if isinstance(rle["counts"], list):
+            rle = mask_utils.frPyObjects(rle, height, width)
+    else:
+        return None
+    import warnings
+
+    with warnings.catch_warnings():  # pycocotools' own numpy-2 deprecation, nothing the user can act on
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
+
+
+class CocoSplit(torch.utils.data.Dataset):
+    """One split. Items are `(image, target, unreadable_indices)`, `target` a dict of `boxes` (XYXY, in pixels
+    of the image as read), `labels`, `image_id` (the COCO id) and with `masks` the instance masks. Index with
+    `(index, seed)` to augment with a fixed seed. An unreadable training image is replaced by the next readable
+    one; an unreadable validation image gives a blank image whose target says `unreadable` (not evaluated)."""
+
+    def __init__(self, annotation_file: str, folder: str, data: Dict[str, Any], label_of: Dict[int, int], transform,
+                 *, masks: bool, substitute_unreadable: bool):
+        self.annotation_file, self.folder, self.transform = annotation_file, folder, transform
+        self.masks, self.substitute_unreadable = masks, substitute_unreadable
+        self.images = sorted(data["images"], key=lambda img: img["id"])
+        self.label_of = label_of
+        by_image: Dict[Any, List[dict]] = {img["id"]: [] for img in self.images}
+        self.degenerate = 0
+        for ann in data["annotations"]:
+            if ann.get("iscrowd", 0):
+                continue  # not a training target; the evaluator reads it from the annotation file
+            x, y, w, h = ann["bbox"]
+            if w < 1 or h < 1:  # what SanitizeBoundingBoxes would drop anyway, counted here
+                self.degenerate += 1
+                continue
+            by_image[ann["image_id"]].append(ann)
+        self.annotations = by_image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def filename(self, index: int) -> str:
+        return self.images[index]["file_name"]
+
+    def __getitem__(self, item):
+        from torchvision import tv_tensors
+
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        unreadable: List[int] = []
+        image = self._load(index)
+        while image is None:
+            unreadable.append(index)
+            if not self.substitute_unreadable:
+                return (torch.zeros(3, 32, 32), {"image_id": self.images[index]["id"], "unreadable": True,
+                                                  "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+                        unreadable)
+            if len(unreadable) >= min(MAX_CONSECUTIVE_UNREADABLE, len(self)):
+                raise DataError(f"{self.folder}: {len(unreadable)} unreadable images in a row "
+                                f"(e.g. {self.filename(unreadable[0])})")
+            index = (index + 1) % len(self)
+            image = self._load(index)
+        height, width = image.shape[-2:]
+        anns = self.annotations[self.images[index]["id"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
+        target: Dict[str, Any] = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+            "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+        }
+        if self.masks:
+            masks = [_instance_mask(a.get("segmentation"), height, width) for a in anns]
+            empty = np.zeros((height, width), dtype=np.uint8)
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(np.stack([m if m is not None else empty for m in masks])
+                                                               if masks else np.zeros((0, height, width), np.uint8)))
+        sample = (tv_tensors.Image(image), target)
+        # boxes leaving the image are clipped; boxes left without width or height are dropped (with their
+        # labels and masks) by SanitizeBoundingBoxes at the end of the transform
+        if seed is None:
+            image, target = self.transform(*sample)
+        else:
+            with _seeded_rng(seed):
+                image, target = self.transform(*sample)
+        out = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
+        out["image_id"] = self.images[index]["id"]
+        return image.as_subclass(torch.Tensor), out, unreadable
+
+    def _load(self, index: int) -> Optional[torch.Tensor]:
+        try:
+            with Image.open(os.path.join(self.folder, self.images[index]["file_name"])) as img:
+                return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+        except UNREADABLE_ERRORS:
+            return None
+
+
+@dataclass
+class CocoData:
+    train: CocoSplit
+    val: CocoSplit
+    classes: List[str]  # label order: the background first, then the categories in id order
+    label_to_category_id: List[Optional[int]]
+    val_coco: Dict[str, Any]  # the validation annotations, for the evaluator (iscrowd included)
+    digest: str
+    notes: List[str] = field(default_factory=list)
+
+
+def build_coco_data(data_dir: str, *, masks: bool) -> CocoData:
+    from torchvision.transforms import v2
+
+    train_file, val_file = find_coco_split(data_dir, "train"), find_coco_split(data_dir, "val")
+    train_json, val_json = read_coco(train_file), read_coco(val_file)
+    categories = sorted(train_json["categories"], key=lambda c: c["id"])
+    if [(c["id"], c["name"]) for c in categories] != sorted((c["id"], c["name"]) for c in val_json["categories"]):
+        raise DataError(f"{val_file}: its categories differ from {train_file}'s")
+    if not categories:
+        raise DataError(f"{train_file}: no categories")
+    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    classes = [BACKGROUND] + [str(c["name"]) for c in categories]
+    ids: List[Optional[int]] = [None] + [c["id"] for c in categories]
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
+    train_tf = v2.Compose([v2.RandomPhotometricDistort(p=0.5), v2.RandomHorizontalFlip(0.5), *tail])
+    val_tf = v2.Compose([v2.ToDtype(torch.float32, scale=True)])
+    splits, notes = {}, []
+    h = hashlib.sha256()
+    for split, path, data, transform in (("train", train_file, train_json, train_tf), ("val", val_file, val_json, val_tf)):
+        folder = _image_folder(data_dir, path, split, data)
+        splits[split] = CocoSplit(path, folder, data, label_of, transform, masks=masks,
+                                  substitute_unreadable=split == "train")
+        if splits[split].degenerate:
+            notes.append(f"{path}: dropped {splits[split].degenerate} degenerate box(es) (width or height under 1 "
+                         "pixel)")
+        with open(path, "rb") as f:
+            h.update(f"{split}/{os.path.relpath(path, data_dir)}\n".encode() + hashlib.sha256(f.read()).digest())
+    if masks:
+        _check_masks(train_file, train_json)
+    val_coco = {**val_json, "annotations": [a for a in val_json["annotations"] if a["bbox"][2] >= 1 and a["bbox"][3] >= 1]}
+    return CocoData(train=splits["train"], val=splits["val"], classes=classes, label_to_category_id=ids,
+                    val_coco=val_coco, digest=h.hexdigest(), notes=notes)
+
+
+def _check_masks(path: str, data: Dict[str, Any]) -> None:
+    without = [a["id"] for a in data["annotations"] if not a.get("iscrowd", 0) and not a.get("segmentation")]
+    if without:
+        raise DataError(f"{path}: {len(without)} annotation(s) without a 'segmentation' (e.g. id {without[0]}); "
+                        "an instance-segmentation model trains on polygon or RLE masks")
+
+
+def detection_collate(batch):
+    """-> (list of images, list of targets, unreadable indices): images keep their own sizes (the detector
+    resizes and batches them itself)."""
+    return [b[0] for b in batch], [b[1] for b in batch], [i for b in batch for i in b[2]]
