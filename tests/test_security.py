@@ -126,7 +126,7 @@ def test_architecture_name_source_and_fields_are_checked(tmp_path, good_file):
         ({**arch, "name": "local-dir:/tmp"}, r"'local-dir:/tmp' is not a model name"),
         ({**arch, "source": "torchvision"}, r"architecture source: 'torchvision' does not go with the name"),
         ({**arch, "source": "zoo"}, r"test_resnet is a timm model, not zoo"),
-        ({**arch, "source": "pip"}, r"architecture source: 'pip', expected one of timm, zoo, torchvision"),
+        ({**arch, "source": "pip"}, r"architecture source: 'pip', expected one of timm, zoo, zoo-dense, torchvision"),
         ({**arch, "loader": "x"}, r"unknown architecture metadata field 'loader'"),
         ({**arch, "kwargs": [1]}, r"architecture kwargs: not a JSON object"),
         ([arch], r"architecture: not a JSON object"),
