@@ -98,7 +98,7 @@ def clamp_magnitude_(tensors: List[torch.Tensor], min_magnitude: float) -> None:
     with torch.no_grad():
         smallest: List[torch.Tensor] = []
         for t in tensors:
-            if t.numel() > 0:
+            if t.numel() > 0 and not t.is_meta:  # meta tensors (shape inference) have no values to check
                 smallest.append(t.detach().abs().amin().to(torch.float32))
         if len(smallest) > 0 and bool((torch.stack(smallest) < min_magnitude).any()):
             for t in tensors:
