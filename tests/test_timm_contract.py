@@ -237,7 +237,9 @@ def test_revcol_hooked_features_are_the_level_states_with_gradients_in_reversibl
     results = {}
     for feature_cls in ("hook", "getter"):
         torch.manual_seed(0)
-        features = timm.create_model("revcol_tiny", features_only=True, feature_cls=feature_cls, save_memory=True)
+        features = timm.create_model(
+            "revcol_tiny", features_only=True, feature_cls=feature_cls, save_memory=True, drop_path_rate=0.0
+        )
         maps = features.train()(images(2))
         sum(m.square().mean() for m in maps).backward()
         results[feature_cls] = (maps, grads(features))
@@ -270,14 +272,16 @@ def test_scripted_reversible_revcol_trains_with_the_gradients_of_eager_reversibl
     """TorchScript cannot call the reversible autograd Function: a scripted save_memory=True model runs
     ordinary backprop. Its gradients are those of the eager reversible model (activations are kept)."""
     torch.manual_seed(0)
-    model = build_scriptable("revcol_tiny", num_classes=10, save_memory=True).train()
+    # no drop path: the two runs draw different random masks. float64: the reversible backward
+    # reconstructs the states, exact only up to rounding
+    model = build_scriptable("revcol_tiny", num_classes=10, save_memory=True, drop_path_rate=0.0).double().train()
     scripted = torch.jit.script(model)
-    model(images(2)).logsumexp(1).mean().backward()
+    model(images(2).double()).logsumexp(1).mean().backward()
     eager = grads(model)
     model.zero_grad(set_to_none=True)
-    scripted(images(2)).logsumexp(1).mean().backward()
+    scripted(images(2).double()).logsumexp(1).mean().backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_torchscript_level_limit_is_a_clear_error():
@@ -313,19 +317,20 @@ def test_fx_forward_matches_eager(name, kwargs):
 
 @pytest.mark.parametrize("name,kwargs", SMALL_CASES, ids=SMALL_IDS)
 def test_fx_backward_gives_the_eager_gradients(name, kwargs):
-    model = timm.create_model(name, num_classes=42, **kwargs).train()
+    # float64: eager reversible RevCol reconstructs its states, exact only up to rounding
+    model = timm.create_model(name, num_classes=42, **kwargs).double().train()
     graph = fx_graph(model, train=True)
     torch.manual_seed(1)  # the same dropout masks in both runs
-    out = only_output(graph(images(2)))
+    out = only_output(graph(images(2).double()))
     assert out.shape == (2, 42)
     out.mean().backward()
     traced = grads(graph)
     assert len(traced) == len(list(model.parameters()))
     graph.zero_grad(set_to_none=True)
     torch.manual_seed(1)
-    model(images(2)).mean().backward()
+    model(images(2).double()).mean().backward()
     for name_, p in model.named_parameters():
-        torch.testing.assert_close(traced[name_], p.grad, rtol=1e-5, atol=1e-7, msg=name_)
+        torch.testing.assert_close(traced[name_], p.grad, rtol=1e-9, atol=1e-12, msg=name_)
 
 
 @pytest.mark.parametrize("name,kwargs", SMALL_CASES, ids=SMALL_IDS)
