@@ -321,6 +321,8 @@ def test_fx_forward_matches_eager(name, kwargs):
 @pytest.mark.parametrize("name,kwargs", SMALL_CASES, ids=SMALL_IDS)
 def test_fx_backward_gives_the_eager_gradients(name, kwargs):
     # float64: eager reversible RevCol reconstructs its states, exact only up to rounding
+    if is_revcol(name):
+        kwargs = dict(kwargs, drop_path_rate=0.0)
     model = timm.create_model(name, num_classes=42, **kwargs).double().train()
     graph = fx_graph(model, train=True)
     torch.manual_seed(1)  # the same dropout masks in both runs
@@ -352,4 +354,4 @@ def test_fx_graph_keeps_the_alpha_clamp():
     with torch.no_grad():
         model.subnet2.alpha1[0, 3] = -1e-5
     graph(images())
-    assert model.subnet2.alpha1[0, 3].item() == -1e-3
+    assert model.subnet2.alpha1[0, 3].item() == torch.tensor(-1e-3).item()  # float32 -1e-3
