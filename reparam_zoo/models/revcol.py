@@ -11,9 +11,21 @@ Module and parameter names follow the authors' release, so their checkpoints loa
 `stem.{0,1}`, `subnet{j}.alpha{l}`, `subnet{j}.level{l}.fusion.{down,up,up2}`,
 `subnet{j}.level{l}.blocks.{b}.{dwconv,norm,pwconv1,pwconv2,gamma}`, `cls.classifier.{0,1}`, and for
 pre-training with intermediate supervision `cls_blocks.{0..3}` and `decoder_blocks.{0..2}`.
-"""
-from __future__ import annotations
 
+timm's model contract (its tests/test_models.py, checked by tests/test_timm_contract.py):
+- `torch.jit.script` compiles `forward` with a scripting path of its own (`Column.forward`,
+  `RevCol._run_columns_scripted`), because TorchScript cannot call the column list builders or the
+  reversible autograd Function; a scripted `save_memory=True` model trains with ordinary backprop
+  (same values and gradients, activations kept). At most `MAX_SCRIPTABLE_LEVELS` levels script.
+- `torch.fx` records the same ordinary path; the alpha clamp is a leaf (data-dependent check).
+- The level maps pass through `level_maps.{l}` (parameter-free Identity taps, after the columns), which
+  feature_info names: hook-based features (`feature_cls='hook'`, fx) then read the same differentiable
+  tensors as the getter (`forward_intermediates`, the default), also in reversible mode.
+- `feature_cls='list'` (FeatureListNet) is refused with a clear error: it runs the model's top-level
+  children as one sequence, and the columns each take the stem output and the previous column's state.
+- Pooling goes through timm's `SelectAdaptivePool2d`; `''` gives the head's unpooled, normed map.
+  `catavgmax` is refused, as timm's NormMlpClassifierHead refuses it: the head's LayerNorm has C weights.
+"""
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,7 +37,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import pretrained_filter as checkpoint_filter_fn, register_checkpoint_adapter
-from .reversible import ReversibleColumn, clamp_magnitude_, run_columns
+from .pooling import select_global_pool
+from .reversible import ReversibleColumn, clamp_magnitude_, level_update, run_columns
+
+# plain torch.fx.symbolic_trace keeps the clamp (data-dependent control flow) as one call node
+torch.fx.wrap("clamp_magnitude_")
 
 __all__ = ["RevCol", "RevColSupervisionLoss", "REVCOL_VARIANTS"]
 
@@ -50,6 +66,8 @@ ALPHA_INIT = 0.5
 LAYER_SCALE_INIT = 1e-6
 NORM_EPS = 1e-6
 NUM_SUPERVISION_HEADS = 4
+# TorchScript cannot look attributes up by computed name: `Column.alpha_list` names alpha0..alpha7.
+MAX_SCRIPTABLE_LEVELS = 8
 
 
 class ConvNextBlock(nn.Module):
@@ -87,7 +105,7 @@ class UpSample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return F.interpolate(x, scale_factor=float(self.scale), mode="nearest")
 
 
 class Fusion(nn.Module):
@@ -109,12 +127,16 @@ class Fusion(nn.Module):
         with_up2 = top_to_bottom and not first_column and level == 0 and top > 1
         self.up2 = UpSample(channels[top], channels[level], 2 ** top) if with_up2 else None
 
-    def forward(self, down_input: torch.Tensor, upper_states: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    def forward(self, down_input: torch.Tensor, upper_states: List[Optional[torch.Tensor]]) -> torch.Tensor:
         x = self.down(down_input)
         if self.up is not None:
-            x = x + self.up(upper_states[0])
+            upper = upper_states[0]
+            assert upper is not None, "the first column has no upper states"
+            x = x + self.up(upper)
         if self.up2 is not None:
-            x = x + self.up2(upper_states[-1])
+            top = upper_states[-1]
+            assert top is not None, "the first column has no upper states"
+            x = x + self.up2(top)
         return x
 
 
@@ -137,7 +159,7 @@ class Level(nn.Module):
             ConvNextBlock(dim, 4 * dim, kernel_size, drop_path_rates[first_block + b]) for b in range(layers[level])
         ])
 
-    def forward(self, down_input: torch.Tensor, upper_states: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    def forward(self, down_input: torch.Tensor, upper_states: List[Optional[torch.Tensor]]) -> torch.Tensor:
         return self.blocks(self.fusion(down_input, upper_states))
 
 
@@ -163,19 +185,67 @@ class Column(ReversibleColumn):
                 Level(level, channels, layers, kernel_size, first_column, drop_path_rates, top_to_bottom),
             )
 
+    @torch.jit.unused
     def level_modules(self) -> List[nn.Module]:
         return [getattr(self, f"level{level}") for level in range(self.num_levels)]
 
+    @torch.jit.unused
     def level_alphas(self) -> List[torch.Tensor]:
         return [getattr(self, f"alpha{level}") for level in range(self.num_levels)]
 
+    def alpha_list(self) -> List[torch.Tensor]:
+        """`level_alphas` for TorchScript, which resolves `hasattr` on a module at compile time."""
+        alphas = [self.alpha0]
+        if hasattr(self, "alpha1"):
+            alphas.append(self.alpha1)
+        if hasattr(self, "alpha2"):
+            alphas.append(self.alpha2)
+        if hasattr(self, "alpha3"):
+            alphas.append(self.alpha3)
+        if hasattr(self, "alpha4"):
+            alphas.append(self.alpha4)
+        if hasattr(self, "alpha5"):
+            alphas.append(self.alpha5)
+        if hasattr(self, "alpha6"):
+            alphas.append(self.alpha6)
+        if hasattr(self, "alpha7"):
+            alphas.append(self.alpha7)
+        return alphas
+
+    def forward(self, x: torch.Tensor, states: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        """One column with ordinary autograd, as `reversible.column_forward`, in a form TorchScript
+        compiles: the levels are this module's only children, iterated in order."""
+        alphas = self.alpha_list()
+        new_states: List[Optional[torch.Tensor]] = []
+        down = x
+        level_index = 0
+        for level in self.children():
+            level_output = level(down, states[level_index + 1:])
+            down = level_update(alphas[level_index], states[level_index], level_output)
+            new_states.append(down)
+            level_index += 1
+        return new_states
+
+
+def _head_pool(pool_type: str) -> nn.Module:
+    # The authors' average is a mean over H and W: timm's 'fast' pool, the same values as 'avg'
+    # (AdaptiveAvgPool2d) but no pooling MACs for fvcore, so the published MAC counts stay exact.
+    return select_global_pool(
+        "fast" if pool_type == "avg" else pool_type, flatten=True, model_name="RevCol", same_width=True
+    )
+
 
 class Classifier(nn.Module):
-    """Global average pool, LayerNorm, Linear (keys `classifier.0`, `classifier.1`)."""
+    """Global pool, LayerNorm, Linear (keys `classifier.0`, `classifier.1`).
 
-    def __init__(self, in_chs: int, num_classes: int, drop_rate: float = 0.0):
+    The authors' head is an average pool; `pool_type` takes timm's other names. With `''` (no pooling)
+    the LayerNorm and the Linear act on every position of the map, as timm's NormMlpClassifierHead does.
+    """
+
+    def __init__(self, in_chs: int, num_classes: int, drop_rate: float = 0.0, pool_type: str = "avg"):
         super().__init__()
         self.in_chs = in_chs
+        self.global_pool = _head_pool(pool_type)
         self.classifier = nn.Sequential(
             nn.LayerNorm(in_chs, eps=NORM_EPS),
             nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity(),
@@ -183,16 +253,22 @@ class Classifier(nn.Module):
         # outside the Sequential so that `classifier.1` stays the Linear of the official layout
         self.head_drop = nn.Dropout(drop_rate)
 
-    def reset(self, num_classes: int) -> None:
+    def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
+        if pool_type is not None:
+            self.global_pool = _head_pool(pool_type)
         like = dict(device=self.classifier[0].weight.device, dtype=self.classifier[0].weight.dtype)
         self.classifier[1] = nn.Linear(self.in_chs, num_classes, **like) if num_classes > 0 else nn.Identity()
         self.classifier[1].apply(_init_weights)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.classifier[0](x.mean((2, 3)))
-        if pre_logits:
-            return x
-        return self.classifier[1](self.head_drop(x))
+        x = self.global_pool(x)
+        unpooled = self.global_pool.is_identity()
+        if unpooled:
+            x = x.permute(0, 2, 3, 1)  # channels-last: norm and Linear per position
+        x = self.classifier[0](x)
+        if not pre_logits:
+            x = self.classifier[1](self.head_drop(x))
+        return x.permute(0, 3, 1, 2) if unpooled else x
 
 
 class Decoder(nn.Module):
@@ -216,7 +292,7 @@ class Decoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for proj, blocks in zip(self.proj_layers, self.normal_layers):
-            x = F.interpolate(proj(x), scale_factor=2, mode="bilinear", align_corners=True)
+            x = F.interpolate(proj(x), scale_factor=2.0, mode="bilinear", align_corners=True)
             x = blocks(x)
         return self.projback(x)
 
@@ -285,10 +361,9 @@ class RevCol(nn.Module):
         super().__init__()
         if len(channels) != len(layers) or not channels:
             raise ValueError(f"channels {tuple(channels)} and layers {tuple(layers)} must name the same levels")
-        if global_pool != "avg":
-            raise ValueError(f"RevCol supports global_pool='avg' only, got {global_pool!r}")
         if num_columns < 1:
             raise ValueError("RevCol needs at least one column")
+        _head_pool(global_pool)  # fail before building
         self.channels = tuple(channels)
         self.layers = tuple(layers)
         self.num_columns = num_columns
@@ -300,6 +375,7 @@ class RevCol(nn.Module):
         self.inter_supv = inter_supv
         self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = channels[-1]
+        self.alpha_min_magnitude = ALPHA_MIN_MAGNITUDE  # an attribute: TorchScript reads no float globals
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, channels[0], kernel_size=4, stride=4), LayerNorm2d(channels[0], eps=NORM_EPS)
@@ -312,11 +388,11 @@ class RevCol(nn.Module):
                 Column(channels, layers, kernel_size, j == 0, drop_path_rates, top_to_bottom_fusion),
             )
 
-        self.supervised_columns: List[int] = []
+        self.supervised_columns = []  # no instance annotation: TorchScript refuses those on empty lists
         if inter_supv:
             self.supervised_columns = supervision_columns(num_columns)
             self.cls_blocks = nn.ModuleList([
-                Classifier(channels[-1], num_classes, drop_rate) for _ in range(NUM_SUPERVISION_HEADS)
+                Classifier(channels[-1], num_classes, drop_rate, global_pool) for _ in range(NUM_SUPERVISION_HEADS)
             ])
             stride = 4 * 2 ** (self.num_levels - 1)
 
@@ -327,10 +403,13 @@ class RevCol(nn.Module):
 
             self.decoder_blocks = nn.ModuleList([decoder() for _ in range(NUM_SUPERVISION_HEADS - 1)])
         else:
-            self.cls = Classifier(channels[-1], num_classes, drop_rate)
+            self.cls = Classifier(channels[-1], num_classes, drop_rate, global_pool)
 
+        # Parameter-free taps of the last column's level maps (the state, not the level module's output):
+        # hook-based feature extraction and fx return nodes read them; the state_dict does not change.
+        self.level_maps = nn.ModuleList([nn.Identity() for _ in channels])
         self.feature_info = [
-            dict(num_chs=c, reduction=4 * 2 ** level, module=f"subnet{num_columns - 1}.level{level}")
+            dict(num_chs=c, reduction=4 * 2 ** level, module=f"level_maps.{level}")
             for level, c in enumerate(channels)
         ]
         self.apply(_init_weights)
@@ -378,11 +457,13 @@ class RevCol(nn.Module):
         return head.classifier[1] if head is not None else nn.Identity()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"RevCol supports global_pool='avg' only, got {global_pool!r}")
+        """timm's contract: `num_classes=0` removes the Linear (forward gives pooled, normed features);
+        `global_pool=''` also removes pooling (forward gives the normed 4-D map). Every head changes alike."""
+        if global_pool is not None:
+            _head_pool(global_pool)
         self.num_classes = num_classes
         for head in self._heads():
-            head.reset(num_classes)
+            head.reset(num_classes, global_pool)
 
     def forward_intermediates(
         self,
@@ -398,7 +479,7 @@ class RevCol(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("RevCol features are NCHW only")
         take_indices, _ = feature_take_indices(self.num_levels, indices)
-        states, _ = self._run_columns(self.stem(x))
+        states = self._forward_levels(x)
         intermediates = [states[i] for i in take_indices]
         if intermediates_only:
             return intermediates
@@ -423,14 +504,15 @@ class RevCol(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        states, _ = self._run_columns(self.stem(x))
-        return states[-1]
+        return self._forward_levels(x)[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        head = self._final_head()
-        if head is None:  # pruned for feature extraction: pooled features
-            return x.mean((2, 3))
-        return head(x, pre_logits=pre_logits)
+        # hasattr, not _final_head(): TorchScript resolves it at compile time
+        if hasattr(self, "cls"):
+            return self.cls(x, pre_logits=pre_logits)
+        if hasattr(self, "cls_blocks"):
+            return self.cls_blocks[-1](x, pre_logits=pre_logits)
+        return x.mean((2, 3))  # pruned for feature extraction: pooled features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -445,13 +527,53 @@ class RevCol(nn.Module):
         reconstructions = [decoder(c) for decoder, c in zip(self.decoder_blocks, tapped)]
         return logits, reconstructions
 
+    def _forward_levels(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The last column's level maps, each through its `level_maps` tap."""
+        x = self.stem(x)
+        if torch.jit.is_scripting():
+            states = self._run_columns_scripted(x)
+        else:
+            states = list(self._run_columns(x)[0])
+        maps: List[torch.Tensor] = []
+        for level, tap in enumerate(self.level_maps):
+            maps.append(tap(states[level]))
+        return maps
+
+    @torch.jit.unused
     def _run_columns(self, x: torch.Tensor, taps: Sequence[Tuple[int, int]] = ()):
-        # the clamp's data-dependent check can be neither traced nor exported
+        # the clamp's data-dependent check can be neither jit-traced nor exported (fx keeps it as a leaf)
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             clamp_magnitude_(self.alphas(), ALPHA_MIN_MAGNITUDE)
         return run_columns(
             self.columns(), x, reversible=self.save_memory, taps=taps, grad_checkpointing=self.grad_checkpointing
         )
+
+    def _run_columns_scripted(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """`_run_columns` as TorchScript compiles it: the ordinary path (no reversible Function, no
+        gradient checkpointing), the same clamp first. Iterating `children()` with a static isinstance
+        check reaches the columns without computed attribute names."""
+        alphas: List[torch.Tensor] = []
+        for module in self.children():
+            if hasattr(module, "alpha0"):  # a column (isinstance misses columns of a mangled TorchScript type)
+                alphas.extend(module.alpha_list())
+        clamp_magnitude_(alphas, self.alpha_min_magnitude)
+        states: List[Optional[torch.Tensor]] = []
+        for _ in range(self.num_levels):
+            states.append(None)
+        for module in self.children():
+            if hasattr(module, "alpha0"):  # a column (isinstance misses columns of a mangled TorchScript type)
+                states = module(x, states)
+        maps: List[torch.Tensor] = []
+        for state in states:
+            assert state is not None
+            maps.append(state)
+        return maps
+
+    def __prepare_scriptable__(self) -> "RevCol":
+        # torch.jit.script calls this first: a clear error instead of a wrong compile
+        if self.num_levels > MAX_SCRIPTABLE_LEVELS:
+            raise ValueError(f"TorchScript supports RevCol with at most {MAX_SCRIPTABLE_LEVELS} levels, got {self.num_levels}")
+        return self
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -613,7 +735,20 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _check_feature_cls(variant: str, kwargs: dict) -> None:
+    """FeatureListNet/FeatureDictNet run the model's top-level children as one sequence; RevCol's columns
+    each take two inputs (the stem output and the previous column's state), so that cannot work."""
+    feature_cls = kwargs.get("feature_cls", (kwargs.get("feature_cfg") or {}).get("feature_cls"))
+    name = feature_cls.lower() if isinstance(feature_cls, str) else getattr(feature_cls, "__name__", "")
+    if kwargs.get("features_only") and name in ("list", "dict", "FeatureListNet", "FeatureDictNet"):
+        raise ValueError(
+            f"{variant}: feature_cls={feature_cls!r} needs a model whose top-level children run in sequence, "
+            "which RevCol's columns do not; use feature_cls='getter' (the default), 'hook' or 'fx'"
+        )
+
+
 def _create_revcol(variant: str, pretrained: bool = False, **kwargs) -> RevCol:
+    _check_feature_cls(variant, kwargs)
     model_args = {**REVCOL_VARIANTS[variant], **kwargs}
     return build_model_with_cfg(
         RevCol,

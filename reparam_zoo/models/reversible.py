@@ -27,15 +27,18 @@ Caveats of recomputation (as for any activation checkpointing): levels must be d
 the RNG state, must not change the module mode (train/eval) between forward and backward, and must not
 update buffers in forward (BatchNorm running statistics would be updated twice). Double backward is not
 supported.
-"""
-from __future__ import annotations
 
+Scripting and fx tracing: `torch.jit.script` and `torch.fx.symbolic_trace` record the ordinary path
+(the autograd Function and its per-level recomputation are eager-only); its values and gradients are
+those of the reversible path, but every column's activations are kept.
+"""
 import contextlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
@@ -82,24 +85,37 @@ def column_forward(column: ReversibleColumn, x: torch.Tensor, states: States) ->
     return tuple(new_states)
 
 
-@torch.no_grad()
-def clamp_magnitude_(tensors: Sequence[torch.Tensor], min_magnitude: float) -> None:
+def clamp_magnitude_(tensors: List[torch.Tensor], min_magnitude: float) -> None:
     """In place: entries with |t| < min_magnitude become +-min_magnitude, keeping the sign (0 -> +).
 
     Done before a forward under no_grad, so forward and reconstruction divide by the same values. The
     tensors are written only when some entry is actually too small: an unconditional in-place write would
     bump their version counters and break a pending backward of an earlier forward.
+
+    Written for TorchScript (no decorator, no early return inside `no_grad`), and an fx leaf: its check
+    is data-dependent control flow, so a traced graph calls it as one opaque, side-effecting node.
     """
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return
-    smallest = torch.stack([t.detach().abs().amin().to(torch.float32) for t in tensors])
-    if not bool((smallest < min_magnitude).any()):
-        return
-    for t in tensors:
-        too_small = t.abs() < min_magnitude
-        signed_min = torch.where(t < 0, -min_magnitude, min_magnitude).to(t.dtype)
-        t.copy_(torch.where(too_small, signed_min, t))
+    with torch.no_grad():
+        smallest: List[torch.Tensor] = []
+        for t in tensors:
+            if t.numel() > 0 and not t.is_meta:  # meta tensors (shape inference) have no values to check
+                smallest.append(t.detach().abs().amin().to(torch.float32))
+        if len(smallest) > 0 and bool((torch.stack(smallest) < min_magnitude).any()):
+            for t in tensors:
+                too_small = t.abs() < min_magnitude
+                signed_min = torch.where(t < 0, -min_magnitude, min_magnitude).to(t.dtype)
+                t.copy_(torch.where(too_small, signed_min, t))
+
+
+# fx leaf for timm's tracers (register_notrace_function) and for plain `torch.fx.symbolic_trace`
+# (torch.fx.wrap in the calling modules); kept by dead-code elimination although it returns nothing.
+register_notrace_function(clamp_magnitude_)
+torch.fx.node.has_side_effect(clamp_magnitude_)
+
+
+def is_symbolic_tracing(x: torch.Tensor) -> bool:
+    """True while torch.fx traces: `x` is then a Proxy, and a graph can only record the ordinary path."""
+    return isinstance(x, torch.fx.Proxy)
 
 
 def run_columns(
@@ -118,6 +134,7 @@ def run_columns(
     `reversible=True` keeps no activations inside the columns (see the module docstring); it falls back
     to the ordinary path when no gradient is being recorded or under a JIT trace. `grad_checkpointing`
     (ordinary path only) recomputes each column in backward instead of keeping its activations.
+    Under `torch.jit.trace` or `torch.fx` tracing the ordinary path is recorded (see the module docstring).
     """
     if not columns:
         raise ValueError("run_columns needs at least one column")
@@ -131,8 +148,9 @@ def run_columns(
         if not (0 <= column_index < len(columns) and 0 <= level_index < num_levels):
             raise ValueError(f"tap {(column_index, level_index)} outside {len(columns)} columns x {num_levels} levels")
 
-    # A JIT trace (e.g. fvcore's MAC counting) cannot record the custom Function; it needs no gradients.
-    if reversible and torch.is_grad_enabled() and not torch.jit.is_tracing():
+    # Neither a JIT trace (e.g. fvcore's MAC counting) nor an fx graph can record the custom Function;
+    # both get the ordinary path, which computes the same values and gradients.
+    if reversible and torch.is_grad_enabled() and not (torch.jit.is_tracing() or is_symbolic_tracing(x)):
         return _run_reversible(columns, x, states, taps, num_levels)
 
     current: States = tuple(states) if states is not None else (None,) * num_levels

@@ -12,9 +12,12 @@ model folds back into exactly that layout. timm-layout weights (`stem.conv`, `fe
 
 Registered with timm as `rexnetv1_090/100/130/150/200/300`; any other width or depth through kwargs,
 e.g. `timm.create_model('rexnetv1_100', width_mult=1.2)`.
-"""
-from __future__ import annotations
 
+timm's model contract (its tests/test_models.py, checked by tests/test_timm_contract.py): pooling goes
+through timm's `SelectAdaptivePool2d` with timm's names; the classifier is the release's 1x1 conv, so
+`global_pool=''` with classes gives a map of logits (as timm's conv classifiers do), and without classes
+the unpooled 4-D map. No postponed annotations here: fx copies them into code TorchScript must read.
+"""
 from math import ceil
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -32,6 +35,7 @@ from timm.models.rexnet import RexNet  # only as the reference for timm's key or
 
 from ..checkpoint import pretrained_filter as checkpoint_filter_fn, register_checkpoint_adapter
 from ..errors import CheckpointError, preview
+from .pooling import select_global_pool
 
 __all__ = ["ReXNetV1", "BlockConfig", "rexnet_block_configs", "checkpoint_filter_fn"]
 
@@ -167,6 +171,7 @@ class ReXNetV1(nn.Module):
         final_ch: channels added over all blocks before width scaling.
         use_se: squeeze-excite in stages 3 to 6.
         se_ratio: SE reduction divisor (`C -> C // se_ratio`).
+        global_pool: timm's pool name ('avg', 'max', 'avgmax', 'catavgmax', 'fast'; '' for none).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth on residual blocks, rising linearly to this rate.
     """
@@ -181,10 +186,12 @@ class ReXNetV1(nn.Module):
             final_ch: int = 180,
             use_se: bool = True,
             se_ratio: int = 12,
+            global_pool: str = "avg",
             drop_rate: float = 0.2,
             drop_path_rate: float = 0.0,
     ):
         super().__init__()
+        select_global_pool(global_pool, flatten=False, model_name="ReXNetV1")  # fail before building
         self.width_mult = width_mult
         self.depth_mult = depth_mult
         self.use_se = use_se
@@ -216,8 +223,9 @@ class ReXNetV1(nn.Module):
         layers += _conv_bn_silu(prev_chs, self.num_features)
         self.features = nn.Sequential(*layers)
 
-        # Parameter-free and outside `features`, so forward_features returns the unpooled map.
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        # Parameter-free and outside `features`, so forward_features returns the unpooled map. Not flattened:
+        # the classifier is a 1x1 conv ('avg' is the release's AdaptiveAvgPool2d(1)).
+        self.global_pool = select_global_pool(global_pool, flatten=False, model_name="ReXNetV1")
         self.output = nn.Sequential(nn.Dropout(drop_rate), self._make_classifier(num_classes))
 
         # Replaced by the registered cfg when built through timm.create_model.
@@ -227,7 +235,8 @@ class ReXNetV1(nn.Module):
     def _make_classifier(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
             return nn.Identity()
-        return nn.Conv2d(self.num_features, num_classes, 1, bias=True)
+        # catavgmax pools to twice the channels
+        return nn.Conv2d(self.num_features * self.global_pool.feat_mult(), num_classes, 1, bias=True)
 
     def _init_weights(self) -> None:
         # timm's ReXNet init: fan-out divided by groups, so depthwise layers keep the signal's scale; the
@@ -253,8 +262,10 @@ class ReXNetV1(nn.Module):
         return self.output[1]
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"ReXNetV1 supports only average pooling, got global_pool={global_pool!r}")
+        """timm's contract: `num_classes=0` removes the classifier (forward gives pooled features);
+        `global_pool=''` also removes pooling (forward gives the 4-D map); other names pick timm's pooling."""
+        if global_pool is not None:
+            self.global_pool = select_global_pool(global_pool, flatten=False, model_name="ReXNetV1")
         self.num_classes = num_classes
         stem_weight = self.features[0].weight
         self.output[1] = self._make_classifier(num_classes).to(device=stem_weight.device, dtype=stem_weight.dtype)
@@ -311,10 +322,12 @@ class ReXNetV1(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.output[0](self.global_pool(x))
-        if pre_logits:
-            return x.flatten(1)
+        if not pre_logits:
+            x = self.output[1](x)
+        if self.global_pool.is_identity():
+            return x  # no pooling: a 4-D map (of features, or of logits from the 1x1 conv classifier)
         # flatten, not squeeze: keeps the batch dimension at batch size 1
-        return self.output[1](x).flatten(1)
+        return x.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
