@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from .errors import ReparamError, first_line
+from .errors import ConversionError, first_line
 from .train.config import PLAIN_SCOPE, SGD_MOMENTUM, SettingError, TrainError, default_warmup_epochs
 
 __all__ = ["ARMS", "DEFAULT_ARMS", "BASELINE", "AblationConfig", "AblationError", "AblationResult", "ablate",
@@ -380,11 +380,16 @@ class _Ablation:
             self.notes.append(f"{config.model} was converted but never refocused (zero transforms); its folded form, "
                               "the plain model, is what every arm starts from")
         if any(arm in REFCONV_ARMS for arm in config.arms):
-            with torch.random.fork_rng():
-                converted = convert(model, map_k=config.map_k or 3)
-            if not refconv_layers(converted):
+            try:
+                with torch.random.fork_rng():
+                    converted = convert(model, map_k=config.map_k or 3)
+            except ConversionError as e:
+                converted, why = None, f" ({e})"
+            else:
+                why = ""
+            if converted is None or not refconv_layers(converted):
                 raise AblationError(f"{config.model} has no convolution RefConv can refocus: the refocus arms would "
-                                    "train nothing")
+                                    "train nothing" + why)
         return model.eval()
 
     def _continue_lr(self) -> Optional[float]:
