@@ -309,8 +309,8 @@ class _Ablation:
                          f"{lrs[arm]['lr']:g} -> {run_dir}")
                 record = self._train(arm, run_dir, lrs[arm]["lr"], config.epochs, config.seed + k, fuse=True)
                 records[arm].append(record)
-                self.say(f"[ablate] {arm}, seed {k + 1}: {self.metric_label} {record['metric']:.2f} (best epoch "
-                         f"{record['best']['epoch']}), last epoch {record['final_metric']:.2f}, "
+                self.say(f"[ablate] {arm}, seed {k + 1}: {self.metric_label} {record['metric']:.2f} at the last epoch, "
+                         f"{record['best_metric']:.2f} at the best (epoch {record['best']['epoch']}), "
                          f"{record['train_time_s']:.1f} s training")
         results = self._results(records, lrs)
         files = self.procs.on_main(lambda: self._write_results(results, records))
@@ -452,7 +452,7 @@ class _Ablation:
             self.say(f"[ablate] lr grid: {arm} at lr {lr:g}, {epochs} epoch(s) -> {run_dir}")
             record = self._train(arm, run_dir, lr, epochs, config.seed, fuse=False)
             tried[lr] = record
-        best = max(config.lr_grid, key=lambda lr: self.task.best_key(tried[lr]["best"]))
+        best = max(config.lr_grid, key=lambda lr: self.task.best_key(tried[lr]["final"]))
         self.say(f"[ablate] lr grid: {arm} chooses lr {best:g} ("
                  + ", ".join(f"{lr:g}: {tried[lr]['metric']:.2f}" for lr in config.lr_grid) + ")")
         return {"lr": best, "source": "grid", "tried": {lr: tried[lr]["metric"] for lr in config.lr_grid},
@@ -492,7 +492,8 @@ class _Ablation:
             history, best = result.history, result.best
         record = {
             "arm": arm, "lr": lr, "epochs": epochs, "run_seed": run_seed, "output_dir": run_dir,
-            "metric": self.score(best), "final_metric": self.score(history[-1]),
+            # the last epoch: every arm the same budget, no epoch picked on the validation split
+            "metric": self.score(history[-1]), "best_metric": self.score(best), "final": history[-1],
             "curve": [self.score(row) for row in history], "best": best, "history": history,
             "train_time_s": sum(row.get("epoch_time_s", 0.0) for row in history),
             "wall_s": time.perf_counter() - start if result is not None else None,
@@ -515,14 +516,15 @@ class _Ablation:
         cost, cost_note, input_size = self._deploy_costs()
         results = {
             "model": config.model, "data_dir": config.data_dir, "arms": config.arms, "baseline": BASELINE,
-            "metric": {"label": self.metric_label, "at": "best epoch, validation split"},
+            "metric": {"label": self.metric_label, "at": "last epoch, validation split"},
             "settings": {**asdict(config), "grid_epochs": config.grid_epochs or max(1, config.epochs // 3)},
             "lrs": {arm: {k: v for k, v in lrs[arm].items()} for arm in config.arms},
             "lr_grid": {arm: lrs[arm]["tried"] for arm in config.arms if "tried" in lrs[arm]},
             "summary": summary, "deploy_cost": cost, "deploy_cost_note": cost_note, "input_size": input_size,
             "notes": self.notes + [
-                "the validation split both picks each run's best epoch (and, with an lr grid, the rate) and "
-                "measures it; hold out a test split of your own for an unbiased final number",
+                "the validation split measures the arms"
+                + (" and picked the learning rates from the grid" if config.lr_grid else "")
+                + "; hold out a test split of your own for an unbiased final number",
                 "peak RSS is this process's resident memory (data-loading workers not included)"],
         }
         results["reading"] = _reading(results)
@@ -664,7 +666,7 @@ def _read_record(path: str) -> Dict[str, Any]:
             record = json.load(f)
         if not isinstance(record, dict) or not isinstance(record.get("best"), dict):
             raise ValueError("not a run record")
-        for key in ("metric", "final_metric", "lr"):
+        for key in ("metric", "best_metric", "lr"):
             if not isinstance(record.get(key), (int, float)):
                 raise ValueError(f"no {key}")
         return record

@@ -2,8 +2,9 @@
 difference of every arm to the baseline seed by seed, the markdown report and the per-epoch plot.
 
 Pure arithmetic over the per-run records (plain dicts, as `ablate` writes them to OUT/<arm>/seed<k>/arm.json);
-no torch. A record carries `metric` (the task's best-model metric at the best epoch, display scale),
-`final_metric` (at the last epoch), `curve` (the metric per epoch, epoch 0 = before training),
+no torch. A record carries `metric` (the task's best-model metric at the last epoch, display scale: every
+arm the same budget, no epoch picked on the validation split), `best_metric` (at the best epoch, the
+model each run keeps for deployment), `curve` (the metric per epoch, epoch 0 = before training),
 `train_time_s` and `peak_rss_mib`.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
 def summarize(records: Dict[str, List[Dict[str, Any]]], baseline: str) -> Dict[str, Dict[str, Any]]:
     """Per arm (records in seed order, the same seeds for every arm): the metric's mean and sample std, the
     per-seed differences to `baseline` (paired by seed), their mean and std, the seeds the arm wins (a
-    strictly higher metric) and ties, the last epoch's metric, training time and peak memory."""
+    strictly higher metric) and ties, the best epoch's metric, training time and peak memory."""
     base = [r["metric"] for r in records[baseline]]
     summary = {}
     for arm, runs in records.items():
@@ -38,7 +39,7 @@ def summarize(records: Dict[str, List[Dict[str, Any]]], baseline: str) -> Dict[s
         rss = [r["peak_rss_mib"] for r in runs if r.get("peak_rss_mib") is not None]
         summary[arm] = {
             "metric": _mean_std(values), "per_seed": values,
-            "final_metric": _mean_std([r["final_metric"] for r in runs]),
+            "best_metric": _mean_std([r["best_metric"] for r in runs]),
             "vs_baseline": None if arm == baseline else {
                 **_mean_std(diffs), "per_seed": diffs, "wins": sum(d > 0 for d in diffs),
                 "ties": sum(d == 0 for d in diffs), "seeds": len(diffs)},
@@ -64,11 +65,12 @@ def markdown(results: Dict[str, Any]) -> str:
              f"{settings['optimizer']} (weight decay {settings['weight_decay']}), warmup "
              f"{settings['warmup_epochs']} epoch(s) then cosine, with the same data order and augmentation for a "
              "given seed and the same validation; only what trains and the learning rate differ.", "",
-             f"{metric['label']} on the validation split at the best epoch (the deploy model kept), mean ± sample "
-             f"std over seeds; the difference to {baseline} is paired by seed (wins: seeds where the arm scores "
-             "strictly higher).", ""]
+             f"{metric['label']} on the validation split after the last epoch (every arm the same budget, no epoch "
+             f"picked), mean ± sample std over seeds; the difference to {baseline} is paired by seed (wins: seeds "
+             "where the arm scores strictly higher). Best epoch: the model each run keeps for deployment "
+             "(epoch 0, the model as it started, counts).", ""]
     header = ["arm", "what trains", "lr", f"{metric['label']}", "per seed", f"vs {baseline} (paired)", "wins",
-              "last epoch", "train time (s)", "peak RSS (MiB)"]
+              "best epoch (kept)", "train time (s)", "peak RSS (MiB)"]
     rows = []
     for arm in results["arms"]:
         a = s[arm]
@@ -80,7 +82,7 @@ def markdown(results: Dict[str, Any]) -> str:
             _pm(a["metric"]), " ".join(f"{v:.2f}" for v in a["per_seed"]),
             "—" if vs is None else _pm(vs, signed=True),
             "—" if vs is None else f"{vs['wins']}/{vs['seeds']}" + (f" ({vs['ties']} tied)" if vs["ties"] else ""),
-            _pm(a["final_metric"]),
+            _pm(a["best_metric"]),
             "" if a["train_time_s"] is None else f"{a['train_time_s']:.1f}",
             "" if a["peak_rss_mib"] is None else f"{a['peak_rss_mib']:.0f}",
         ])
@@ -88,7 +90,7 @@ def markdown(results: Dict[str, Any]) -> str:
     grid = results.get("lr_grid")
     if grid:
         lines += ["", f"Learning rates tried on the validation split ({results['settings']['grid_epochs']} epoch(s), "
-                      f"seed {settings['seed']}; {metric['label']} at the best epoch):", ""]
+                      f"seed {settings['seed']}; {metric['label']} after the last epoch):", ""]
         rates = sorted({lr for tried in grid.values() for lr in tried})
         lines += _table(["arm", *[f"lr {lr:g}" for lr in rates], "chosen"],
                         [[arm, *[f"{tried[lr]:.2f}" if lr in tried else "" for lr in rates],
