@@ -196,7 +196,7 @@ class AblationResult:
     output_dir: str
     results: Dict[str, Any]  # what ablation.json holds (empty when interrupted)
     records: Dict[str, List[Dict[str, Any]]]  # per arm, per seed: what each run measured
-    files: Dict[str, str]
+    files: Dict[str, str]  # empty on ranks other than 0 under torchrun
     interrupted: bool = False
 
 
@@ -315,7 +315,8 @@ class _Ablation:
         results = self._results(records, lrs)
         files = self.procs.on_main(lambda: self._write_results(results, records))
         self.procs.barrier()
-        return AblationResult(self.out, results, records, files or {})
+        # files: on rank 0 only, which speaks for every rank
+        return AblationResult(self.out, results, records, files if self.procs.is_main else {})
 
     # -- setting up ----------------------------------------------------------------------------------------
     def _check_new_output(self) -> None:

@@ -325,3 +325,28 @@ def test_cli_resume_takes_no_other_settings_and_needs_an_ablation_folder(tmp_pat
     assert run.exit_code == 2 and "leave out --epochs" in run.output
     run = CliRunner().invoke(main, ["ablate", "--resume", str(tmp_path)])
     assert run.exit_code == 1 and "not an ablation folder" in run.output
+
+
+def test_two_process_ablation_under_torchrun(data_dir, tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "pretrained.safetensors")
+    reparam_zoo.save(reparam_zoo.create_model("test_resnet", num_classes=3), path)
+    out = str(tmp_path / "out")
+    script = os.path.join(os.path.dirname(sys.executable), "reparam")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "--no-python", script, "ablate", path, "--data", data_dir, "-o", out, "--epochs", "1", "--batch-size", "4",
+           "--workers", "0", "--input-size", "32", "--lr", "0.05", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count(f"wrote {os.path.join(out, 'ablation.md')}") == 1  # rank 0 speaks
+    for arm in ("refocus", "finetune"):
+        with open(os.path.join(out, arm, "seed0", "config.json")) as f:
+            assert json.load(f)["world_size"] == 2
+        assert os.path.exists(os.path.join(out, arm, "seed0", "deploy.safetensors"))
+    results = json.load(open(os.path.join(out, "ablation.json")))
+    assert results["summary"]["refocus"]["per_seed"] == [pytest.approx(_last_top1(out, "refocus", 0))]
