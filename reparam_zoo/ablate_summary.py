@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["summarize", "markdown", "plot"]
+__all__ = ["summarize", "markdown", "plot", "reading"]
 
 WHAT_TRAINS = {
     "refocus": "RefConv (scope {scope}) over the pretrained, frozen base",
@@ -143,3 +143,28 @@ def plot(results: Dict[str, Any], curves: Dict[str, List[List[float]]], path: st
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return True
+
+
+def reading(results: Dict[str, Any]) -> str:
+    """What the numbers say, and nothing more: per arm the paired difference and how often it won."""
+    s, baseline, label = results["summary"], results["baseline"], results["metric"]["label"]
+    parts = []
+    for arm in results["arms"]:
+        vs = s[arm]["vs_baseline"]
+        if vs is None:
+            continue
+        n, wins, ties = vs["seeds"], vs["wins"], vs["ties"]
+        losses = n - wins - ties
+        spread = "" if vs["std"] is None else f" ± {vs['std']:.2f}"
+        if n == 1:
+            verdict = "one seed: no estimate of the seed-to-seed spread, so no evidence either way"
+        elif ties == n:
+            verdict = "equal on every seed"
+        elif wins == n:
+            verdict = "higher on every seed"
+        elif losses == n:
+            verdict = "lower on every seed"
+        else:
+            verdict = f"higher on {wins}, lower on {losses}" + (f", equal on {ties}" if ties else "") + f" of {n} seeds"
+        parts.append(f"{arm} minus {baseline}: {vs['mean']:+.2f}{spread} points of {label} ({verdict})")
+    return "; ".join(parts) + "."
