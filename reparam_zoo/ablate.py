@@ -121,7 +121,7 @@ class _Ablation:
         self.procs = Processes.from_env(device)  # one process group for every run (train joins it)
         self.echo = echo or _tqdm_write
         self.notes: List[str] = []
-        self.made_output_dir = False
+        self.made_output_dir = self.wrote_config = False
 
     def say(self, line: str) -> None:
         if self.verbose and self.procs.is_main:
@@ -189,9 +189,13 @@ class _Ablation:
             os.makedirs(self.out)
             self.made_output_dir = True
         write_json(os.path.join(self.out, CONFIG_FILE), asdict(self.config))
+        self.wrote_config = True
 
     def _remove_unstarted(self) -> None:
-        """A fresh ablation that failed before any run could be resumed leaves nothing behind."""
+        """A fresh ablation that failed before any run could be resumed leaves nothing behind (only what it
+        wrote itself is removed)."""
+        if not self.wrote_config:
+            return
         for root, _, files in os.walk(self.out):
             if "train_state.pt" in files or RECORD_FILE in files:
                 return

@@ -271,9 +271,10 @@ def test_a_converted_but_never_refocused_model_starts_every_arm_from_its_folded_
 
 def test_a_non_empty_output_folder_is_refused_and_left_alone(data_dir, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(AblationError, match="not empty"):
+    (tmp_path / "ablation_config.json").write_text("{}")  # an earlier ablation's: never removed
+    with pytest.raises(AblationError, match="not empty; choose a new one; continue it with --resume"):
         reparam_zoo.ablate(tiny_net(), data_dir, str(tmp_path), epochs=1, **FAST)
-    assert os.listdir(tmp_path) == ["keep.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["ablation_config.json", "keep.txt"]
 
 
 def test_cli_grid_continue_from_the_recorded_pretraining_rate_and_resume(data_dir, tmp_path):
@@ -350,3 +351,12 @@ def test_two_process_ablation_under_torchrun(data_dir, tmp_path):
         assert os.path.exists(os.path.join(out, arm, "seed0", "deploy.safetensors"))
     results = json.load(open(os.path.join(out, "ablation.json")))
     assert results["summary"]["refocus"]["per_seed"] == [pytest.approx(_last_top1(out, "refocus", 0))]
+
+
+def test_an_ablation_whose_first_run_cannot_start_leaves_nothing_behind(data_dir, tmp_path):
+    from reparam_zoo.train import TrainError
+
+    out = tmp_path / "new" / "out"
+    with pytest.raises(TrainError, match="has 4 outputs but .* has 3 classes; pass --num-classes 3"):
+        reparam_zoo.ablate(tiny_net().__class__(num_classes=4), data_dir, str(out), epochs=1, **FAST)
+    assert not out.exists()
