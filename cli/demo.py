@@ -10,7 +10,7 @@ import click
 @click.option("--seed", default=0, show_default=True, help="Seed for data generation and training.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(output_dir, seed, quiet):
-    """Run convert -> refocus-train -> fuse -> report on a built-in example, offline, in about 3 minutes,
+    """Run convert -> refocus-train -> fuse -> report on a built-in example, offline, in a few minutes,
     beside the baseline: fine-tuning the same model for the same epochs.
 
     Generates a small 4-class texture data set, pretrains mobilenetv3_small_050 on it briefly, converts every
