@@ -360,3 +360,22 @@ def test_an_ablation_whose_first_run_cannot_start_leaves_nothing_behind(data_dir
     with pytest.raises(TrainError, match="has 4 outputs but .* has 3 classes; pass --num-classes 3"):
         reparam_zoo.ablate(tiny_net().__class__(num_classes=4), data_dir, str(out), epochs=1, **FAST)
     assert not out.exists()
+
+
+def test_train_scope_all_is_plain_training_and_refuses_refconv_models_and_map_k(data_dir, tmp_path):
+    from reparam_zoo.train import TrainError, train
+
+    with pytest.raises(TrainError, match="train scope all trains a plain model's weights, but the model has 2 RefConv"):
+        train(reparam_zoo.convert(tiny_net()), data_dir, output_dir=str(tmp_path / "a"), epochs=1, train_scope="all",
+              **FAST)
+    with pytest.raises(SettingError, match="map-k applies to RefConv training, not train-scope all"):
+        train(tiny_net(), data_dir, output_dir=str(tmp_path / "b"), epochs=1, train_scope="all", map_k=3, **FAST)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    model = tiny_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, data_dir, output_dir=str(tmp_path / "c"), epochs=1, lr=0.1, train_scope="all", **FAST)
+    assert not refconv_layers(result.model)
+    last, _ = read_state_dict(tmp_path / "c" / "last.safetensors")
+    moved = {k for k in before if k in last and not torch.equal(before[k], last[k])}
+    assert {n for n, _ in tiny_net().named_parameters()} <= moved  # every weight trained
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model untouched
