@@ -12,6 +12,7 @@ from .modelfile import create_model, load, load_model, save
 from .surgery import ConversionSummary, convert
 from . import models  # noqa: F401  (registers the zoo with timm)
 from .train import TrainResult, resume, train
+from .ablate import AblationResult, ablate, resume_ablation  # noqa: E402  (after train: ablate builds on it)
 
 __version__ = "0.1.0"
 
@@ -19,7 +20,7 @@ __all__ = [
     "RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd",
     "convert", "fold", "fuse", "ConversionSummary", "FuseReport",
     "load_checkpoint", "create_model", "save", "load", "load_model",
-    "train", "resume", "TrainResult",
+    "train", "resume", "TrainResult", "ablate", "resume_ablation", "AblationResult",
     "report", "compare", "Report", "Comparison",
     "ReparamError", "ArgumentConflictError", "ConversionError", "CheckpointError", "EquivalenceError",
     "__version__",

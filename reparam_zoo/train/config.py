@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from ..errors import ReparamError
 
-__all__ = ["TrainConfig", "TrainError", "RunStopped", "SettingError", "OPTIMIZERS", "MODEL_FILES", "RESUMABLE_OVERRIDES",
-           "PERMISSIONS", "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup", "check_momentum",
+__all__ = ["TrainConfig", "TrainError", "RunStopped", "SettingError", "OPTIMIZERS", "MODEL_FILES", "PLAIN_SCOPE",
+           "RESUMABLE_OVERRIDES", "PERMISSIONS", "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup",
+           "check_momentum",
            "check_resume_overrides", "keyword_name"]
 
 OPTIMIZERS = {"sgd": "momentum", "adamw": "adamw"}  # our name -> timm's (timm's "sgd" is Nesterov)
@@ -30,6 +31,9 @@ RESUMABLE_OVERRIDES = ("epochs", "workers", "fuse", "data_dir")
 # Permissions rather than settings: given by the caller every time, never taken from a run folder (a run
 # folder is data; what it says cannot grant itself the right to be unpickled).
 PERMISSIONS = ("trust_pickle",)
+# The training scope of ordinary training: a plain model (no RefConv layers, none made), every weight trains.
+# The baseline refocusing is compared with (`reparam ablate`'s finetune and continue arms).
+PLAIN_SCOPE = "all"
 DEFAULT_MAP_K = 3  # the transform kernel of a model converted here when map_k is not given
 _NAME = re.compile(r"<(\w+)>")
 
@@ -127,7 +131,9 @@ class TrainConfig:
         if self.train_scope is not None:
             from ..surgery import TRAIN_SCOPES  # torch: only when a run is being set up
 
-            _one_of("train_scope", self.train_scope, TRAIN_SCOPES)
+            _one_of("train_scope", self.train_scope, (*TRAIN_SCOPES, PLAIN_SCOPE))
+            if self.train_scope == PLAIN_SCOPE and self.map_k is not None:
+                raise SettingError("map_k", f"<map_k> applies to RefConv training, not <train_scope> {PLAIN_SCOPE}")
         _one_of("model_files", self.model_files, MODEL_FILES)
         from .tasks import TASKS
 
