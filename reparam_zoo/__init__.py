@@ -12,6 +12,8 @@ from .modelfile import create_model, load, load_model, save
 from .surgery import ConversionSummary, convert
 from . import models  # noqa: F401  (registers the zoo with timm)
 from .train import TrainResult, resume, train
+from .quantize import QuantizationError, export_int8, quant_compare, quant_report
+from .latency import measure_latency
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,7 @@ __all__ = [
     "load_checkpoint", "create_model", "save", "load", "load_model",
     "train", "resume", "TrainResult",
     "report", "compare", "Report", "Comparison",
+    "export_int8", "quant_report", "quant_compare", "QuantizationError", "measure_latency",
     "ReparamError", "ArgumentConflictError", "ConversionError", "CheckpointError", "EquivalenceError",
     "__version__",
 ]
