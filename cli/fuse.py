@@ -114,8 +114,12 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
 def _int8_format(ctx, int8: bool, calib, fmt: str) -> str:
     """--int8 writes ONNX and needs --calib; the INT8 options mean nothing without --int8."""
     if not int8:
-        if calib is not None:
-            raise click.UsageError("--calib is for --int8 (calibration images of an INT8 model)")
+        given = [option for name, option in (("calib", "--calib"), ("calib_images", "--calib-images"),
+                                             ("held_out_images", "--held-out-images"),
+                                             ("min_agreement", "--min-agreement"))
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{given[0]} is for --int8 (the INT8 model's calibration and check)")
         return fmt
     if ctx.get_parameter_source("fmt") is ParameterSource.COMMANDLINE and fmt != "onnx":
         raise click.BadParameter(f"--int8 writes an ONNX model, but --format is {fmt}", param_hint="--format")

@@ -22,7 +22,7 @@ from reparam_zoo.quantize import (QuantizationError, compare_outputs, export_int
                                   quant_report, sqnr_db)
 
 from helpers import randomize_bn  # noqa: E402
-from test_cli import fails, invoke, ok  # noqa: E402
+from test_cli import fails, ok  # noqa: E402
 
 SIZE = (3, 32, 32)
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200), "grey": (128, 128, 128)}
@@ -235,8 +235,9 @@ def test_cli_fuse_int8_writes_and_refuses(tmp_path, data, model_file):
     write_images(bad, 4, seed=0, constant=True)
     work = tmp_path / "work"
     work.mkdir()
-    # held out from the same constant images they agree trivially; a threshold above 1 is a usage error
-    fails(work, 2, r"--min-agreement", "fuse", model_file, "--int8", "--calib", bad, "--min-agreement", "1.5")
+    # a threshold above 1 is a usage error, found before any work
+    fails(work, 2, r"Invalid value for '--min-agreement'", "fuse", model_file, "--int8", "--calib", bad,
+          "--min-agreement", "1.5")
     os.symlink(data / "val", bad / "val")
     (bad / "train").mkdir()
     for name in COLOURS:
@@ -245,6 +246,7 @@ def test_cli_fuse_int8_writes_and_refuses(tmp_path, data, model_file):
           "--input-size", "32", "-o", work / "m.int8.onnx")
     fails(work, 2, r"--int8 needs --calib", "fuse", model_file, "--int8", "-o", work / "x.onnx")
     fails(work, 2, r"--calib is for --int8", "fuse", model_file, "--calib", data, "-o", work / "x.onnx")
+    fails(work, 2, r"--min-agreement is for --int8", "fuse", model_file, "--min-agreement", "0.5")
     fails(work, 2, r"--int8 writes an ONNX model, but --format is pt2", "fuse", model_file, "--int8", "--format",
           "pt2", "--calib", data)
     fails(work, 2, r"no such folder", "fuse", model_file, "--int8", "--calib", tmp_path / "nope", "-o", work / "x.onnx")
