@@ -13,6 +13,8 @@ from .surgery import ConversionSummary, convert
 from . import models  # noqa: F401  (registers the zoo with timm)
 from .train import TrainResult, resume, train
 from .ablate import AblationResult, ablate, resume_ablation  # noqa: E402  (after train: ablate builds on it)
+from .quantize import QuantizationError, export_int8, quant_compare, quant_report
+from .latency import measure_latency
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,7 @@ __all__ = [
     "load_checkpoint", "create_model", "save", "load", "load_model",
     "train", "resume", "TrainResult", "ablate", "resume_ablation", "AblationResult",
     "report", "compare", "Report", "Comparison",
+    "export_int8", "quant_report", "quant_compare", "QuantizationError", "measure_latency",
     "ReparamError", "ArgumentConflictError", "ConversionError", "CheckpointError", "EquivalenceError",
     "__version__",
 ]
