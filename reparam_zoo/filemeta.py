@@ -263,13 +263,15 @@ def check_extra(extra: Any, source: str) -> None:
 
 
 def _metric(value: Any) -> bool:
-    """A number (NaN and infinities are not JSON), a short string, or a list of numbers (per-class IoU)."""
+    """A number, a short string, or numbers per class (a list, or an object by class name: per-class IoU)."""
     if value is None or isinstance(value, (bool, int, float)):
         return True
     if isinstance(value, str):
         return len(value) <= 200
-    return (isinstance(value, list) and len(value) <= MAX_CLASSES
-            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value))
+    number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    if isinstance(value, dict):
+        return len(value) <= MAX_CLASSES and all(isinstance(k, str) and number(v) for k, v in value.items())
+    return isinstance(value, list) and len(value) <= MAX_CLASSES and all(number(v) for v in value)
 
 
 def loads_metadata(text: str, key: str, source: str) -> Any:
