@@ -182,7 +182,7 @@ def test_refconv_fuse_and_extra_metadata_are_checked(tmp_path):
         (fused_file, {"fuse": {**fuse, "input_shapes": [[1, -3]]}}, r"\(fuse input_shapes: not a list of shapes"),
         (fused_file, {"fuse": {**fuse, "run": "x"}}, r"unknown fuse metadata field 'run'"),
         (fused_file, {"extra": {"classes": [1, 2]}}, r"\(extra classes: not a list of names"),
-        (fused_file, {"extra": {"train": {"global_step": "7"}}}, r"\(extra train: not an object of non-negative"),
+        (fused_file, {"extra": {"train": {"global_step": "7"}}}, r"\(extra train 'global_step': '7' is not a non-negative integer count\)"),
         (fused_file, {"extra": [1]}, r"\(extra: not a JSON object"),
         (fused_file, {"extra": json.loads("[" * 40 + "]" * 40)}, r"\(extra: not a JSON object"),
         (fused_file, {"extra": {"a": json.loads("[" * 40 + "]" * 40)}}, r"\(extra: nested deeper than 32 levels"),
