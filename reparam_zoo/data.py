@@ -213,14 +213,14 @@ def open_regular_file(path: str):
         raise
 
 
-def open_image(path: str) -> Image.Image:
+def open_image(path: str, fileobj=None) -> Image.Image:
     """The decoded image at `path`, read only if it is a regular file (never blocking), and only if its header
     asks for no more than PIL's `Image.MAX_IMAGE_PIXELS` pixels: `ImageTooLargeError` naming the file
     otherwise (PIL itself only warns up to twice its limit, and would allocate what the header asks). Other
-    failures raise what PIL raises (`UNREADABLE_ERRORS`)."""
+    failures raise what PIL raises (`UNREADABLE_ERRORS`). `fileobj`: `path` opened already (it is closed)."""
     import warnings
 
-    with open_regular_file(path) as f:
+    with fileobj if fileobj is not None else open_regular_file(path) as f:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
@@ -317,9 +317,12 @@ class ImageFolderSplit(ImageDataset):
 
     def _load(self, index: int):
         """(RGB image, target), or (None, target) when the file cannot be read or decoded."""
-        path, target = self.reader.samples[index]
         try:
-            with open_image(path) as img:
+            fileobj, target = self.reader[index]  # a regular file, or OSError
+        except OSError:
+            return None, None
+        try:
+            with open_image(self.reader.samples[index][0], fileobj) as img:
                 return img.convert(self.input_img_mode), target
         except ImageTooLargeError:
             raise  # an error naming the file, not an unreadable image to skip
