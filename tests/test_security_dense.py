@@ -315,3 +315,51 @@ def test_dense_demo_refuses_a_non_empty_or_file_output(tmp_path, task):
     with pytest.raises(ReparamError, match=rf"{file} exists and is not a folder"):
         run_dense_demo(task, str(file), verbose=False)
     assert file.read_text() == "mine"
+
+
+# -- run folders of dense runs: resume reads JSON and weights_only tensors, nothing else ---------------------------
+
+class Payload:
+    """Unpickling it creates `marker`: proof that a file's pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resuming_a_hostile_segmentation_run_folder_runs_nothing(tmp_path):
+    from reparam_zoo.train import resume, train
+    from reparam_zoo.train.config import TrainError
+
+    root = _seg_dir(tmp_path)
+    out = str(tmp_path / "run")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    train(model, root, output_dir=out, task="segmentation", epochs=1, batch_size=4, workers=0, verbose=False,
+          input_size=32)
+    marker = tmp_path / "payload-ran"
+    state = os.path.join(out, "train_state.pt")
+    good_state = open(state, "rb").read()
+    torch.save({"version": 2, "epoch": 0, "step": 1, "global_step": Payload(marker)}, state)
+    with pytest.raises(CheckpointError, match=r"train_state\.pt: unreadable training state"):
+        resume(out, model=model, epochs=2, verbose=False)
+    assert not marker.exists()
+    with open(state, "wb") as f:
+        f.write(good_state)
+    config_path = os.path.join(out, "config.json")
+    good_config = open(config_path).read()
+    for change, message in ((dict(task="os:system"), r"unknown task 'os:system', expected one of classification, "),
+                            (dict(ignore_index=-1), r"ignore.index must be an integer in \[0, 65535\], got -1"),
+                            (dict(task=["segmentation"]), r"unknown task '\['segmentation'\]', expected one of")):
+        _rewrite_json(config_path, lambda c: c.update(change))
+        with pytest.raises((TrainError, ReparamError), match=message):
+            resume(out, model=model, epochs=2, verbose=False)
+        with open(config_path, "w") as f:
+            f.write(good_config)
+    os.remove(os.path.join(out, "last.safetensors"))
+    os.mkfifo(os.path.join(out, "last.safetensors"))  # a FIFO where the weights were: never opened
+    with pytest.raises(ReparamError):
+        resume(out, model=model, epochs=2, verbose=False)
+    assert not marker.exists()
