@@ -248,7 +248,7 @@ class CocoSplit(torch.utils.data.Dataset):
             "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
         }
         if self.masks:
-            masks = [_instance_mask(a.get("segmentation"), height, width) for a in anns]
+            masks = [self._mask(a, height, width) for a in anns]
             empty = np.zeros((height, width), dtype=np.uint8)
             target["masks"] = tv_tensors.Mask(torch.from_numpy(np.stack([m if m is not None else empty for m in masks])
                                                                if masks else np.zeros((0, height, width), np.uint8)))
@@ -263,6 +263,20 @@ class CocoSplit(torch.utils.data.Dataset):
         out = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
         out["image_id"] = self.images[index]["id"]
         return image.as_subclass(torch.Tensor), out, unreadable
+
+    def _mask(self, ann: Dict[str, Any], height: int, width: int) -> Optional[np.ndarray]:
+        """The instance mask of `ann`; an RLE must be the size of its image (its `size` is what pycocotools
+        would allocate) and decode (a DataError naming the annotation otherwise: raised in a loader worker, it
+        reaches the training process as this one line)."""
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, dict) and list(segmentation.get("size", [])) != [height, width]:
+            raise DataError(f"{self.annotation_file}: annotation {ann['id']} has an RLE of size "
+                            f"{_short(segmentation.get('size'))}, but its image is {height}x{width}")
+        try:
+            return _instance_mask(segmentation, height, width)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise DataError(f"{self.annotation_file}: annotation {ann['id']} has an undecodable segmentation "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
     def _load(self, index: int) -> Optional[torch.Tensor]:
         try:

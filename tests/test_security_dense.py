@@ -363,3 +363,29 @@ def test_resuming_a_hostile_segmentation_run_folder_runs_nothing(tmp_path):
     with pytest.raises(ReparamError):
         resume(out, model=model, epochs=2, verbose=False)
     assert not marker.exists()
+
+
+def test_instance_masks_cannot_ask_for_more_than_their_image(tmp_path):
+    root = _det_dir(tmp_path)
+    path = os.path.join(root, "annotations", "instances_train.json")
+
+    def hostile(data):  # on two images
+        anns = data["annotations"]
+        other = next(a for a in anns if a["image_id"] != anns[0]["image_id"])
+        anns[0]["segmentation"] = {"size": [100_000, 100_000], "counts": "PPYo1"}  # 10 GB if decoded
+        other["segmentation"] = {"size": [32, 32], "counts": [0, 5000]}  # more pixels than 32x32
+
+    _rewrite_json(path, hostile)
+    data = build_coco_data(root, masks=True)
+    with open(path) as f:
+        anns = json.load(f)["annotations"]
+    first = anns[0]
+    second = next(a for a in anns if a["image_id"] != first["image_id"])
+    index_of = {img["id"]: i for i, img in enumerate(data.train.images)}
+    with pytest.raises(DataError) as info:
+        data.train[index_of[first["image_id"]]]
+    assert str(info.value) == (f"{path}: annotation {first['id']} has an RLE of size [100000, 100000], but its image "
+                               "is 32x32")
+    with pytest.raises(DataError) as info:
+        data.train[index_of[second["image_id"]]]
+    assert str(info.value).startswith(f"{path}: annotation {second['id']} has an undecodable segmentation (")
