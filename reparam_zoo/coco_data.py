@@ -163,6 +163,11 @@ def _image_folder(data_dir: str, annotation_file: str, split: str, data: Dict[st
     if outside:
         raise DataError(f"{annotation_file}: {len(outside)} listed image(s) lead out of {folder} through a link "
                         f"(e.g. {_short(outside[0])}); not read")
+    special = [img["file_name"] for img in data["images"] if os.path.exists(os.path.join(folder, img["file_name"]))
+               and not os.path.isfile(os.path.join(folder, img["file_name"]))]
+    if special:
+        raise DataError(f"{annotation_file}: {len(special)} listed image(s) in {folder} are not regular files "
+                        f"(e.g. {_short(special[0])}: a folder, FIFO or device is never read)")
     missing = [img["file_name"] for img in data["images"] if not os.path.isfile(os.path.join(folder, img["file_name"]))]
     if missing:
         raise DataError(f"{annotation_file}: {len(missing)} listed image(s) missing from {folder} "

@@ -5,13 +5,12 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from reparam_zoo import coco_data, data as image_data
+from reparam_zoo import coco_data
 from reparam_zoo.coco_data import build_coco_data, read_coco
 from reparam_zoo.data import DataError, ImageTooLargeError, build_datasets, open_image
 from reparam_zoo.dense_examples import make_detection_set, make_segmentation_set
@@ -210,6 +209,13 @@ def test_coco_file_names_stay_in_the_image_folder(tmp_path):
 
 def test_coco_annotation_file_that_is_a_fifo_does_not_block(tmp_path):
     root = _det_dir(tmp_path)
+    os.mkfifo(os.path.join(root, "train", "pipe.png"))
+    _rewrite_json(os.path.join(root, "annotations", "instances_train.json"),
+                  lambda d: d["images"].append({"id": 999, "file_name": "pipe.png", "width": 32, "height": 32}))
+    with pytest.raises(DataError, match=r"1 listed image\(s\) in .*/train are not regular files \(e\.g\. 'pipe\.png': "
+                                        r"a folder, FIFO or device is never read\)"):
+        build_coco_data(root, masks=False)
+    root = _det_dir(tmp_path / "again")
     path = os.path.join(root, "annotations", "instances_val.json")
     os.remove(path)
     os.mkfifo(path)
