@@ -81,6 +81,9 @@ def read_coco(path: str) -> Dict[str, Any]:
                     raise DataError(f"{path}: {kind}[{i}] has {key} {_short(entry[key])}, not an integer")
             if kind == "categories" and not isinstance(entry["name"], str):
                 raise DataError(f"{path}: categories[{i}] has name {_short(entry['name'])}, not a string")
+            for key, check, what in _OPTIONAL_FIELDS.get(kind, ()):  # what the evaluator reads
+                if key in entry and not check(entry[key]):
+                    raise DataError(f"{path}: {kind}[{i}] has {key} {_short(entry[key])}, not {what}")
             if kind == "annotations" and "segmentation" in entry and not _is_segmentation(entry["segmentation"]):
                 raise DataError(f"{path}: annotation {entry['id']} has a segmentation that is neither polygons "
                                 "(lists of numbers) nor an RLE ({'size': [h, w], 'counts': ...})")
@@ -88,6 +91,10 @@ def read_coco(path: str) -> Dict[str, Any]:
     if len(images) != len(data["images"]):
         raise DataError(f"{path}: image ids appear twice")
     categories = {c["id"] for c in data["categories"]}
+    if len(categories) != len(data["categories"]):
+        raise DataError(f"{path}: category ids appear twice")
+    if len({a["id"] for a in data["annotations"]}) != len(data["annotations"]):
+        raise DataError(f"{path}: annotation ids appear twice")
     for ann in data["annotations"]:
         if ann["image_id"] not in images:
             raise DataError(f"{path}: annotation {ann['id']} is of image_id {ann['image_id']}, which is not in 'images'")
@@ -103,6 +110,15 @@ def read_coco(path: str) -> Dict[str, Any]:
             raise DataError(f"{path}: image {img['id']} has file_name {_short(name)}, not a path inside the data "
                             "folder")
     return data
+
+
+MAX_IMAGE_SIDE = 1 << 16
+_OPTIONAL_FIELDS = {
+    "images": [(k, lambda v: _is_int(v) and 1 <= v <= MAX_IMAGE_SIDE, f"an integer in [1, {MAX_IMAGE_SIDE}]")
+               for k in ("width", "height")],
+    "annotations": [("area", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+                    ("iscrowd", lambda v: v in (0, 1) and not isinstance(v, float), "0 or 1")],
+}
 
 
 def _no_constant(name: str):

@@ -243,6 +243,11 @@ def test_coco_json_size_nesting_and_types_are_bounded(tmp_path, monkeypatch):
         (lambda d: d["annotations"][0].update(segmentation=[["a"] * 6]), r"segmentation that is neither polygons"),
         (lambda d: d["annotations"][0].update(segmentation={"counts": "x"}), r"segmentation that is neither polygons"),
         (lambda d: d["annotations"][0].update(area=float("nan")), r"not a readable JSON file \(NaN is not JSON\)"),
+        (lambda d: d["annotations"][0].update(area="big"), r"annotations\[0\] has area 'big', not a number >= 0"),
+        (lambda d: d["annotations"][0].update(iscrowd=[1]), r"annotations\[0\] has iscrowd \[1\], not 0 or 1"),
+        (lambda d: d["images"][0].update(height=10**9), r"images\[0\] has height 1000000000, not an integer in \[1, "),
+        (lambda d: d["categories"].append(dict(d["categories"][0])), r"category ids appear twice"),
+        (lambda d: d["annotations"].append(dict(d["annotations"][0])), r"annotation ids appear twice"),
     ]
     for change, message in cases:
         with open(path, "w") as f:
