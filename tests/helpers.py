@@ -1,4 +1,7 @@
-"""What several test files need: non-trivial BatchNorm statistics and outputs without autograd."""
+"""What several test files need: non-trivial BatchNorm statistics, outputs without autograd, an alarm."""
+import contextlib
+import signal
+
 import torch
 import torch.nn as nn
 
@@ -19,3 +22,18 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(x)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging) when the block takes longer than `seconds`."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s (a hang?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

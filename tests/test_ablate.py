@@ -26,12 +26,7 @@ LRS = {"refocus": 0.5, "finetune": 0.05, "continue": 0.2, "random-base": 0.5}
 STEPS = 2 * (3 * 16 // 8)  # epochs x steps per epoch of every run (3 classes x 16 train images, batch 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ SMALL = {"min_size": 128, "max_size": 128}  # the detector's own resize, kept sm
 IMAGE = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model, seed=0):

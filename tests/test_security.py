@@ -29,19 +29,7 @@ ALARM_S = 300  # generous: the suite runs on shared, loaded CPUs; a hang still f
 SUBPROCESS_TESTS_S = 600  # the tests that start Python with torch several times
 
 
-@pytest.fixture(autouse=True)
-def deadline(request):
-    seconds = SUBPROCESS_TESTS_S if request.node.name.startswith(("test_a_full_disk", "test_a_signal", "test_a_crash")) \
-        else ALARM_S
-
-    def expired(signum, frame):
-        raise TimeoutError(f"test still running after {seconds} s (a hang?)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.alarm(ALARM_S)
 
 
 class Payload:
@@ -250,6 +238,7 @@ _WRITE_ALL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.alarm(SUBPROCESS_TESTS_S)
 def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_temp_file(tmp_path):
     result = subprocess.run([sys.executable, "-c", _WRITE_ALL], cwd=tmp_path, capture_output=True, text=True,
                             timeout=SUBPROCESS_TESTS_S - 30)
@@ -331,6 +320,7 @@ def _kill_mid_write(folder, sig):
     return process.returncode, stderr
 
 
+@pytest.mark.alarm(SUBPROCESS_TESTS_S)
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
 def test_a_signal_during_a_write_removes_the_temp_file(tmp_path, sig, code):
     returncode, stderr = _kill_mid_write(tmp_path, sig)
@@ -340,6 +330,7 @@ def test_a_signal_during_a_write_removes_the_temp_file(tmp_path, sig, code):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.alarm(SUBPROCESS_TESTS_S)
 def test_a_crash_leaves_a_recognised_temp_file_that_the_next_write_removes(tmp_path):
     returncode, _ = _kill_mid_write(tmp_path, signal.SIGKILL)  # nothing can clean up after SIGKILL
     assert returncode == -signal.SIGKILL

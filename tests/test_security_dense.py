@@ -3,7 +3,6 @@ metadata and demo output folders are data. Every hostile input is built here on 
 alarm, so a regression to a hang (a FIFO read, a link loop walked forever) fails instead of blocking."""
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -22,24 +21,7 @@ ALARM_S = 60
 SEG = dict(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), ignore_index=255)
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    def expired(signum, frame):
-        raise TimeoutError(f"test still running after {ALARM_S} s (a hang?)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(ALARM_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.alarm(ALARM_S), pytest.mark.usefixtures("one_thread")]
 
 
 def _seg_dir(tmp_path, **kwargs):

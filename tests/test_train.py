@@ -99,14 +99,7 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tensors this small: with several threads on a shared, loaded machine the OpenMP hand-offs cost more
-    # than the work (a 32x32 conv takes 30 ms instead of 0.5 ms).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,33 +18,14 @@ from click.testing import CliRunner
 from reparam_zoo.data import DataError, build_datasets, open_regular_file
 from reparam_zoo.errors import CheckpointError
 from reparam_zoo.train import TrainError, resume, train
+from helpers import deadline
 from test_train import FAST, SignalAt, TinyNet, make_dataset, tiny_net
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPARAM_SCRIPT = os.path.join(os.path.dirname(sys.executable), "reparam")
 
 
-@contextlib.contextmanager
-def deadline(seconds):
-    """Fail (instead of hanging) when the block takes longer than `seconds`."""
-    def expired(signum, frame):
-        raise TimeoutError(f"took more than {seconds} s: hung?")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
