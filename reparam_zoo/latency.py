@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
-import json
 import os
 import statistics
 import tempfile
@@ -24,6 +21,7 @@ import torch.nn as nn
 
 from .errors import ReparamError, first_line
 from .model_info import cfg_input_size, require_module, unwrap
+from .tables import render_table
 
 __all__ = ["RUNTIMES", "LatencyRow", "LatencyReport", "measure_latency", "latency_forms"]
 
@@ -252,23 +250,9 @@ class LatencyReport:
                 "median and quartiles (p25-p75); 'x first' = median / the first row's at that batch")
 
     def render(self, fmt: str = "table") -> str:
-        from .report import aligned_lines, markdown_lines
-
-        if fmt == "json":
-            return json.dumps(self.as_dict(), indent=2)
-        if fmt == "csv":
-            out = io.StringIO()
-            writer = csv.writer(out, lineterminator="\n")
-            writer.writerow([key for _, key in _COLUMNS])
-            writer.writerows([[getattr(r, key) for _, key in _COLUMNS] for r in self.rows])
-            return out.getvalue()
-        cells = [[_cell(getattr(r, key)) for _, key in _COLUMNS] for r in self.rows]
-        headers = [h for h, _ in _COLUMNS]
-        if fmt == "markdown":
-            return "\n".join([f"_{n}_  " for n in self.notes()] + [""] + markdown_lines(headers, cells, numeric_from=3))
-        if fmt == "table":
-            return "\n".join(self.notes() + [""] + aligned_lines(headers, cells, left=3))
-        raise ReparamError(f"unknown format '{fmt}', expected table, markdown, json or csv")
+        rows = [[getattr(r, key) for _, key in _COLUMNS] for r in self.rows]
+        return render_table(fmt, [h for h, _ in _COLUMNS], rows, cell=_cell, notes=self.notes(), as_dict=self.as_dict,
+                            csv_headers=[key for _, key in _COLUMNS], left=3, numeric_from=3)
 
 
 def _cell(value) -> str:

@@ -14,9 +14,6 @@ wider ranges than the rest; the report names them.
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import math
 import os
 import tempfile
@@ -30,6 +27,7 @@ import torch.nn.functional as F
 from .calibration import CalibrationImages, calibration_images
 from .errors import ReparamError, first_line
 from .model_info import cfg_input_size, require_module, unwrap
+from .tables import render_table
 
 __all__ = ["QuantizationError", "Int8Result", "export_int8", "compare_outputs", "OutputAgreement",
            "quant_report", "quant_compare", "QuantReport", "QuantComparison", "LayerQuant", "sqnr_db"]
@@ -429,23 +427,9 @@ class QuantReport:
                 f"every conv/linear in int8 at once: output SQNR {_cell(self.all_layers_sqnr_db)} dB"]
 
     def render(self, fmt: str = "table") -> str:
-        from .report import aligned_lines, markdown_lines
-
-        headers = [h for h, _ in _COLUMNS]
-        rows = [[_cell(getattr(r, key)) for _, key in _COLUMNS] for r in self.layers]
-        if fmt == "json":
-            return json.dumps(self.as_dict(), indent=2)
-        if fmt == "csv":
-            out = io.StringIO()
-            writer = csv.writer(out, lineterminator="\n")
-            writer.writerow([key for _, key in _COLUMNS])
-            writer.writerows([[getattr(r, key) for _, key in _COLUMNS] for r in self.layers])
-            return out.getvalue()
-        if fmt == "markdown":
-            return "\n".join([f"_{n}_  " for n in self._notes()] + [""] + markdown_lines(headers, rows, numeric_from=2))
-        if fmt == "table":
-            return "\n".join(self._notes() + [""] + aligned_lines(headers, rows, left=2))
-        raise ReparamError(f"unknown format '{fmt}', expected table, markdown, json or csv")
+        rows = [[getattr(r, key) for _, key in _COLUMNS] for r in self.layers]
+        return render_table(fmt, [h for h, _ in _COLUMNS], rows, cell=_cell, notes=self._notes(), as_dict=self.as_dict,
+                            csv_headers=[key for _, key in _COLUMNS], left=2, numeric_from=2)
 
 
 @dataclass
@@ -477,24 +461,13 @@ class QuantComparison:
                 "rows": [dict(zip(self.headers(), [_finite(v) for v in row])) for row in self.rows()]}
 
     def render(self, fmt: str = "table") -> str:
-        from .report import aligned_lines, markdown_lines
-
-        if fmt == "json":
-            return json.dumps(self.as_dict(), indent=2)
-        rows = [["" if v is None else (_cell(v) if fmt != "csv" else v) for v in row] for row in self.rows()]
-        if fmt == "csv":
-            out = io.StringIO()
-            csv.writer(out, lineterminator="\n").writerows([self.headers()] + rows)
-            return out.getvalue()
         notes = [f"INT8 sensitivity side by side (deployed models, per-layer output SQNR; higher is better; B's most "
                  f"sensitive layers first); calibration: {self.reports[1].calibration}"]
         notes += [f"{n}: every conv/linear in int8 at once: output SQNR {_cell(r.all_layers_sqnr_db)} dB"
                   for n, r in zip(self.names, self.reports)]
-        if fmt == "markdown":
-            return "\n".join([f"_{n}_  " for n in notes] + [""] + markdown_lines(self.headers(), rows))
-        if fmt == "table":
-            return "\n".join(notes + [""] + aligned_lines(self.headers(), rows))
-        raise ReparamError(f"unknown format '{fmt}', expected table, markdown, json or csv")
+        # csv writes None (a layer only one model has) as an empty field, the text formats as a blank cell
+        return render_table(fmt, self.headers(), self.rows(), cell=lambda v: "" if v is None else _cell(v),
+                            notes=notes, as_dict=self.as_dict)
 
 
 def quant_compare(a: Union[nn.Module, QuantReport], b: Union[nn.Module, QuantReport], calib=None, *,
