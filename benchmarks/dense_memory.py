@@ -227,9 +227,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--trainable-layers", type=int, default=5)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (torch.set_num_threads)")
-    parser.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "dense_memory.json"))
-    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    _common.add_run_options(parser, "dense_memory.json")
     parser.add_argument("--child", choices=["ordinary", "reversible"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -116,14 +116,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--eval-images", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-readme", action="store_true")
+    _common.add_run_options(parser, "dense_train.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {"command": _common.command_line("dense_train.py", argv), "machine": _common.machine_facts(),
                "step": step_times(args.model, args.size, args.batch, args.reps),
                "evaluator": evaluator_time(args.eval_images)}
-    _common.write_json(os.path.join(_common.RESULTS_DIR, "dense_train.json"), results)
+    _common.write_json(args.out, results)
     if not args.no_readme:
         _common.update_readme_block("dense_train", readme_block(results))
     print(readme_block(results))

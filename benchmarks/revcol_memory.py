@@ -203,9 +203,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (torch.set_num_threads)")
-    parser.add_argument("--out", default=os.path.join(_common.RESULTS_DIR, "revcol_memory.json"))
-    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    _common.add_run_options(parser, "revcol_memory.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
