@@ -14,11 +14,12 @@ from ...model_info import cfg_input_size
 from ..config import TrainError
 from . import Evaluator, Task, TaskData
 
-__all__ = ["ClassificationTask", "num_outputs", "logits_of"]
+__all__ = ["ClassificationTask", "num_outputs", "logits_of", "output_on_zeros"]
 
 
 class ClassificationTask(Task):
     name = "classification"
+    best_metric = "val_acc"
     plot_panels = (("loss", "cross-entropy loss", 1.0), ("acc", "top-1 accuracy (%)", 100.0))
     comparison_metric = ("top-1 %", 100.0)
 
@@ -51,14 +52,9 @@ class ClassificationTask(Task):
             raise TrainError(f"num-classes is {num_classes} but {data_dir} has {classes} classes")
         if num_classes == outputs:
             return set(), []
-        from ...modelfile import set_num_classes
-
-        before = {id(p) for p in model.parameters()}
-        set_num_classes(model, num_classes)
-        head = {n: p for n, p in model.named_parameters() if id(p) not in before}
-        count = sum(p.numel() for p in head.values())
-        return set(head), [f"head replaced: {outputs} -> {num_classes} classes; the new head ({count:,} params) "
-                           "trains too"]
+        head, count = self.replace_head(model, num_classes)
+        return head, [f"head replaced: {outputs} -> {num_classes} classes; the new head ({count:,} params) "
+                      "trains too"]
 
     def training_step(self, model: nn.Module, inputs, targets, autocast) -> Tuple[torch.Tensor, Dict[str, float]]:
         with autocast():
@@ -83,18 +79,6 @@ class ClassificationTask(Task):
 
     def evaluator(self) -> Evaluator:
         return _AccuracyEvaluator()
-
-    def compare(self, reference_outputs: torch.Tensor, outputs: torch.Tensor) -> Tuple[float, float]:
-        return (reference_outputs - outputs).abs().max().item(), reference_outputs.abs().max().item()
-
-    def sanity_equal(self, before, after, diff, scale, exact) -> bool:
-        if exact:
-            return before == after and diff == 0.0
-        # `fold` computes kernels in float64, so trained transforms agree closely, not bit for bit
-        return before["val_acc"] == after["val_acc"] and diff <= 1e-4 * max(1.0, scale)
-
-    def best_key(self, metrics: Dict[str, float]) -> Tuple:
-        return metrics["val_acc"], -metrics["val_loss"]
 
     def headline(self, metrics: Dict[str, float]) -> str:
         return f"val acc {100 * metrics['val_acc']:.2f}%"
@@ -134,16 +118,21 @@ def num_outputs(model: nn.Module, input_size: Tuple[int, ...]) -> int:
     for attr in ("out_features", "out_channels"):
         if isinstance(getattr(head, attr, None), int):
             return getattr(head, attr)
-    # no timm interface: ask the model itself
+    out = output_on_zeros(model, input_size)  # no timm interface: ask the model itself
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise TrainError(f"{type(model).__name__} does not output (batch, classes) logits; cannot train it")
+    return out.shape[1]
+
+
+def output_on_zeros(model: nn.Module, input_size: Tuple[int, ...]) -> Any:
+    """What `model` returns in eval mode for one all-zero input (its mode is restored); a model that fails on
+    the input size is a one-line TrainError."""
     was_training = model.training
     try:
         with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *input_size))
+            return model.eval()(torch.zeros(1, *input_size))
     except Exception as e:
         raise TrainError(f"{type(model).__name__} fails on a {'x'.join(map(str, input_size))} input "
                          f"({first_line(e)}); check --input-size / input_size=") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise TrainError(f"{type(model).__name__} does not output (batch, classes) logits; cannot train it")
-    return out.shape[1]

@@ -35,6 +35,7 @@ def _has_masks(model: nn.Module) -> bool:
 
 class DetectionTask(Task):
     name = "detection"
+    best_metric = "val_map"
     plot_panels = (("loss", "training loss (the detector's own)", 1.0), ("map", "mAP@[.5:.95] (%)", 100.0),
                    ("map50", "mAP@.5 (%)", 100.0))
 
@@ -88,14 +89,9 @@ class DetectionTask(Task):
                              f"background = {classes}")
         if num_classes == outputs:
             return set(), notes
-        from ...modelfile import set_num_classes
-
-        before = {id(p) for p in model.parameters()}
-        set_num_classes(model, num_classes)
-        head = {n: p for n, p in model.named_parameters() if id(p) not in before}
-        count = sum(p.numel() for p in head.values())
-        return set(head), notes + [f"class heads replaced: {outputs} -> {num_classes} classes (background included); "
-                                   f"the new heads ({count:,} params) train too"]
+        head, count = self.replace_head(model, num_classes)
+        return head, notes + [f"class heads replaced: {outputs} -> {num_classes} classes (background included); "
+                              f"the new heads ({count:,} params) train too"]
 
     def to_device(self, inputs, targets, device, channels_last: bool):
         images = [image.to(device, non_blocking=True) for image in inputs]
@@ -141,11 +137,6 @@ class DetectionTask(Task):
                 elif a[key].numel():
                     diff = max(diff, (a[key] - b[key]).abs().max().item())
         return diff, scale
-
-    def sanity_equal(self, before, after, diff, scale, exact) -> bool:
-        if exact:
-            return before == after and diff == 0.0
-        return before["val_map"] == after["val_map"] and diff <= 1e-4 * max(1.0, scale)
 
     def best_key(self, metrics: Dict[str, float]) -> Tuple:
         return metrics["val_map"], metrics["val_map50"]

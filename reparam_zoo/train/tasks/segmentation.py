@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...errors import first_line
 from ...segmentation_data import build_segmentation_data, check_segmentation_dir, segmentation_collate
 from ..config import TrainError
 from . import Evaluator, Task, TaskData
+from .classification import output_on_zeros
 
 __all__ = ["SegmentationTask", "confusion_matrix", "scores_of_confusion", "segmentation_logits"]
 
@@ -27,6 +27,7 @@ AUX_WEIGHT = 0.5  # torchvision's references/segmentation weight of the auxiliar
 
 class SegmentationTask(Task):
     name = "segmentation"
+    best_metric = "val_miou"
     plot_panels = (("loss", "cross-entropy loss (per pixel)", 1.0), ("miou", "mIoU (%)", 100.0),
                    ("pixel_acc", "pixel accuracy (%)", 100.0))
 
@@ -70,14 +71,9 @@ class SegmentationTask(Task):
             raise TrainError(f"num-classes is {num_classes} but {data_dir} has {classes} classes (classes.txt)")
         if num_classes == outputs:
             return set(), []
-        from ...modelfile import set_num_classes
-
-        before = {id(p) for p in model.parameters()}
-        set_num_classes(model, num_classes)
-        head = {n: p for n, p in model.named_parameters() if id(p) not in before}
-        count = sum(p.numel() for p in head.values())
-        return set(head), [f"head replaced: {outputs} -> {num_classes} classes; the new head ({count:,} params) "
-                           "trains too"]
+        head, count = self.replace_head(model, num_classes)
+        return head, [f"head replaced: {outputs} -> {num_classes} classes; the new head ({count:,} params) "
+                      "trains too"]
 
     def to_device(self, inputs, targets, device, channels_last: bool):
         masks, errors = targets
@@ -85,10 +81,7 @@ class SegmentationTask(Task):
             from ...data import DataError
 
             raise DataError(errors[0])
-        inputs = inputs.to(device, non_blocking=True)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs, masks.to(device, non_blocking=True)
+        return super().to_device(inputs, masks, device, channels_last)
 
     def training_step(self, model: nn.Module, inputs, targets, autocast):
         with autocast():
@@ -131,17 +124,6 @@ class SegmentationTask(Task):
 
     def evaluator(self) -> Evaluator:
         return _ConfusionEvaluator(self.classes, self.ignore_index)
-
-    def compare(self, reference_outputs: torch.Tensor, outputs: torch.Tensor) -> Tuple[float, float]:
-        return (reference_outputs - outputs).abs().max().item(), reference_outputs.abs().max().item()
-
-    def sanity_equal(self, before, after, diff, scale, exact) -> bool:
-        if exact:
-            return before == after and diff == 0.0
-        return before["val_miou"] == after["val_miou"] and diff <= 1e-4 * max(1.0, scale)
-
-    def best_key(self, metrics: Dict[str, float]) -> Tuple:
-        return metrics["val_miou"], -metrics["val_loss"]
 
     def headline(self, metrics: Dict[str, float]) -> str:
         return f"val mIoU {100 * metrics['val_miou']:.2f}%"
@@ -212,13 +194,4 @@ def segmentation_logits(outputs, size) -> torch.Tensor:
 
 
 def _num_outputs(model: nn.Module, input_size: Tuple[int, int, int]) -> int:
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *input_size))
-    except Exception as e:
-        raise TrainError(f"{type(model).__name__} fails on a {'x'.join(map(str, input_size))} input "
-                         f"({first_line(e)}); check --input-size / input_size=") from None
-    finally:
-        model.train(was_training)
-    return segmentation_logits(out, input_size[1:]).shape[1]
+    return segmentation_logits(output_on_zeros(model, input_size), input_size[1:]).shape[1]
