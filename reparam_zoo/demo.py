@@ -139,6 +139,26 @@ def _verdict(refocused: dict, finetuned: dict, refocused_cost: dict, finetuned_c
             "--seeds 3 --lr-grid 1e-4,1e-3,1e-2")
 
 
+def fit_one_cycle(model: nn.Module, optimizer: torch.optim.Optimizer, loader, *, epochs: int, lr: float,
+                  loss_of: Callable[[object], torch.Tensor], verbose: bool = True) -> None:
+    """`epochs` passes over `loader` (the loss of a batch: `loss_of(batch)`) with a one-cycle schedule up to `lr`,
+    the loss on a progress bar; `model` is left in eval mode. The demos' pretraining."""
+    steps = epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    model.train()
+    with tqdm(total=steps, desc="pretrain", disable=not verbose, leave=False) as bar:
+        for _ in range(epochs):
+            for batch in loader:
+                loss = loss_of(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
+    model.eval()
+
+
 def pretrain(model: nn.Module, data_dir: str, *, epochs: int, input_size: int, seed: int = 0,
              lr: float = PRETRAIN_LR, batch_size: int = 32, verbose: bool = True) -> float:
     """Ordinary training of all weights (the "pretrained model" a user would bring); returns val accuracy."""
@@ -151,19 +171,8 @@ def pretrain(model: nn.Module, data_dir: str, *, epochs: int, input_size: int, s
     train_loader = DataLoader(_Pairs(splits.train), batch_size=batch_size, shuffle=True, generator=generator)
     val_loader = DataLoader(_Pairs(splits.val), batch_size=64)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(train_loader))
-    model.train()
-    with tqdm(total=epochs * len(train_loader), desc="pretrain", disable=not verbose, leave=False) as bar:
-        for _ in range(epochs):
-            for images, targets in train_loader:
-                loss = F.cross_entropy(model(images), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update()
-    model.eval()
+    fit_one_cycle(model, optimizer, train_loader, epochs=epochs, lr=lr, verbose=verbose,
+                  loss_of=lambda batch: F.cross_entropy(model(batch[0]), batch[1]))
     correct = total = 0
     with torch.no_grad():
         for images, targets in val_loader:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict
 
 import torch
-from tqdm.auto import tqdm
 
+from .demo import fit_one_cycle
 from .errors import ReparamError
 
 __all__ = ["DENSE_DEMOS", "DenseDemoResult", "run_dense_demo"]
@@ -122,18 +122,11 @@ def pretrain(model: torch.nn.Module, task: str, data_dir: str, demo: _Demo, *, s
     loader = torch.utils.data.DataLoader(data.train, batch_size=demo.batch_size, shuffle=True, drop_last=True,
                                          generator=generator, collate_fn=data.collate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=demo.pretrain_lr, weight_decay=1e-4)
-    steps = demo.pretrain_epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=demo.pretrain_lr, total_steps=steps)
-    model.train()
-    with tqdm(total=steps, desc="pretrain", disable=not verbose, leave=False) as bar:
-        for _ in range(demo.pretrain_epochs):
-            for inputs, targets, _ in loader:
-                inputs, targets = spec.to_device(inputs, targets, torch.device("cpu"), False)
-                loss, _ = spec.training_step(model, inputs, targets, contextlib.nullcontext)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update()
-    model.eval()
+
+    def loss_of(batch) -> torch.Tensor:
+        inputs, targets, _ = batch
+        inputs, targets = spec.to_device(inputs, targets, torch.device("cpu"), False)
+        return spec.training_step(model, inputs, targets, contextlib.nullcontext)[0]
+
+    fit_one_cycle(model, optimizer, loader, epochs=demo.pretrain_epochs, lr=demo.pretrain_lr, loss_of=loss_of,
+                  verbose=verbose)
