@@ -25,13 +25,13 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, MAX_CONSECUTIVE_UNREADABLE, _seeded_rng,
-                   open_image, open_regular_file)
+from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, _seeded_rng, load_or_substitute, open_image,
+                   open_regular_file)
 
 __all__ = ["CocoSplit", "CocoData", "build_coco_data", "find_coco_split", "read_coco", "detection_collate",
            "BACKGROUND"]
@@ -247,19 +247,13 @@ class CocoSplit(torch.utils.data.Dataset):
         from torchvision import tv_tensors
 
         index, seed = item if isinstance(item, tuple) else (item, None)
-        unreadable: List[int] = []
-        image = self._load(index)
-        while image is None:
-            unreadable.append(index)
-            if not self.substitute_unreadable:
-                return (torch.zeros(3, 32, 32), {"image_id": self.images[index]["id"], "unreadable": True,
-                                                  "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
-                        unreadable)
-            if len(unreadable) >= min(MAX_CONSECUTIVE_UNREADABLE, len(self)):
-                raise DataError(f"{self.folder}: {len(unreadable)} unreadable images in a row "
-                                f"(e.g. {self.filename(unreadable[0])})")
-            index = (index + 1) % len(self)
-            image = self._load(index)
+        index, image, unreadable = load_or_substitute(self._load, index, len(self),
+                                                      substitute=self.substitute_unreadable, folder=self.folder,
+                                                      filename=self.filename)
+        if image is None:
+            return (torch.zeros(3, 32, 32), {"image_id": self.images[index]["id"], "unreadable": True,
+                                              "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+                    unreadable)
         height, width = image.shape[-2:]
         anns = self.annotations[self.images[index]["id"]]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)

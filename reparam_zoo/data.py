@@ -15,7 +15,7 @@ import re
 import signal
 import stat
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -79,6 +79,26 @@ def _seeded_rng(seed: int):
     finally:
         torch.set_rng_state(torch_state)
         random.setstate(py_state)
+
+
+def load_or_substitute(load: Callable[[int], Any], index: int, size: int, *, substitute: bool, folder: str,
+                       filename: Callable[[int], str], readable: Callable[[Any], bool] = lambda x: x is not None,
+                       ) -> Tuple[int, Any, List[int]]:
+    """(index, `load(index)`, []) when that is `readable`; else, with `substitute`, the next readable sample
+    (wrapping around a split of `size` samples): its index, what `load` gave, the unreadable indices before it;
+    without, (index, None, [index]). More than MAX_CONSECUTIVE_UNREADABLE (or the whole split) unreadable in a
+    row is a DataError."""
+    unreadable: List[int] = []
+    loaded = load(index)
+    while not readable(loaded):
+        unreadable.append(index)
+        if not substitute:
+            return index, None, unreadable
+        if len(unreadable) >= min(MAX_CONSECUTIVE_UNREADABLE, size):
+            raise DataError(f"{folder}: {len(unreadable)} unreadable images in a row (e.g. {filename(unreadable[0])})")
+        index = (index + 1) % size
+        loaded = load(index)
+    return index, loaded, unreadable
 
 
 class ImageFolderReader(Reader):
@@ -295,19 +315,13 @@ class ImageFolderSplit(ImageDataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        unreadable = []
-        image, target = self._load(index)
-        while image is None:
-            unreadable.append(index)
-            if not self.substitute_unreadable:
-                return self._blank_image(), IGNORE_TARGET, unreadable
-            if len(unreadable) >= min(MAX_CONSECUTIVE_UNREADABLE, len(self)):
-                raise DataError(
-                    f"{self.reader.root}: {len(unreadable)} unreadable images in a row "
-                    f"(e.g. {self.filename(unreadable[0])})"
-                )
-            index = (index + 1) % len(self)
-            image, target = self._load(index)
+        index, loaded, unreadable = load_or_substitute(self._load, index, len(self),
+                                                       substitute=self.substitute_unreadable, folder=self.reader.root,
+                                                       filename=self.filename,
+                                                       readable=lambda pair: pair[0] is not None)
+        if loaded is None:
+            return self._blank_image(), IGNORE_TARGET, unreadable
+        image, target = loaded
         if seed is None:
             image = self.transform(image)
         else:

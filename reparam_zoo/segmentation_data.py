@@ -26,14 +26,14 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, MAX_CONSECUTIVE_UNREADABLE, _seeded_rng,
-                   check_image_size, open_image, open_regular_file, walk_files)
+from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, _seeded_rng, check_image_size, load_or_substitute,
+                   open_image, open_regular_file, walk_files)
 
 __all__ = ["SegmentationSplit", "SegmentationData", "build_segmentation_data", "read_class_names", "segmentation_collate",
            "IMAGE_EXTENSIONS", "CLASSES_FILE", "check_segmentation_dir"]
@@ -200,18 +200,12 @@ class SegmentationSplit(torch.utils.data.Dataset):
         from torchvision import tv_tensors
 
         index, seed = item if isinstance(item, tuple) else (item, None)
-        unreadable: List[int] = []
-        loaded = self._load(index)
-        while loaded is None:
-            unreadable.append(index)
-            if not self.substitute_unreadable:
-                image = torch.zeros(3, self.size, self.size)
-                return image, torch.full((self.size, self.size), self.ignore_index, dtype=torch.int64), unreadable, None
-            if len(unreadable) >= min(MAX_CONSECUTIVE_UNREADABLE, len(self)):
-                raise DataError(f"{self.root}: {len(unreadable)} unreadable images in a row "
-                                f"(e.g. {self.filename(unreadable[0])})")
-            index = (index + 1) % len(self)
-            loaded = self._load(index)
+        index, loaded, unreadable = load_or_substitute(self._load, index, len(self),
+                                                       substitute=self.substitute_unreadable, folder=self.root,
+                                                       filename=self.filename)
+        if loaded is None:
+            image = torch.zeros(3, self.size, self.size)
+            return image, torch.full((self.size, self.size), self.ignore_index, dtype=torch.int64), unreadable, None
         image, mask, error = loaded
         if error is not None:  # raised where the batch arrives (one line, not a worker's traceback)
             blank = torch.zeros(3, self.size, self.size), torch.zeros(self.size, self.size, dtype=torch.int64)
