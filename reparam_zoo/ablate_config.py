@@ -3,14 +3,12 @@ arm or a grid, seeds. No torch at import (the command line checks a command agai
 anything heavy is loaded); messages name settings as `<keyword>` (`SettingError.render` respells them)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .errors import first_line
-from .train.config import SGD_MOMENTUM, SettingError, TrainError
+from .train.config import SGD_MOMENTUM, SettingError, TrainError, _positive_int, read_settings_file
 
 __all__ = ["ARMS", "DEFAULT_ARMS", "BASELINE", "REFCONV_ARMS", "CONFIG_FILE", "AblationConfig", "AblationError",
            "parse_arms", "parse_lrs", "parse_lr_grid", "read_ablation_config"]
@@ -78,9 +76,8 @@ class AblationConfig:
             raise SettingError("train_scope", f"<train_scope> of the RefConv arms must be one of "
                                               f"{', '.join(TRAIN_SCOPES)}, got {self.train_scope!r}")
         for name in ("seeds", "grid_epochs"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise SettingError(name, f"<{name}> must be a positive integer, got {value!r}")
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
         if self.grid_epochs is not None and not self.lr_grid:
             raise SettingError("grid_epochs", "<grid_epochs> applies with <lr_grid>")
         TrainConfig(model=self.model, data_dir=self.data_dir, epochs=self.epochs, batch_size=self.batch_size,
@@ -155,11 +152,4 @@ def read_ablation_config(output_dir: str) -> AblationConfig:
         raise AblationError(f"{output_dir}: no such ablation folder")
     if not os.path.exists(path):
         raise AblationError(f"{output_dir}: not an ablation folder ({CONFIG_FILE} missing)")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
-        return AblationConfig.from_dict(raw)
-    except (OSError, ValueError, TypeError, RecursionError) as e:
-        raise AblationError(f"{path}: unreadable ablation settings ({first_line(e)})") from None
+    return read_settings_file(path, AblationConfig.from_dict, AblationError, "ablation settings")

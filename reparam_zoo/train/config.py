@@ -7,13 +7,14 @@ its flag names, e.g. `--warmup-epochs` for `warmup_epochs`).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
-from ..errors import ReparamError
+from ..errors import ReparamError, first_line
 
 __all__ = ["TrainConfig", "TrainError", "RunStopped", "SettingError", "OPTIMIZERS", "MODEL_FILES", "PLAIN_SCOPE",
            "RESUMABLE_OVERRIDES", "PERMISSIONS", "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup",
@@ -65,6 +66,19 @@ class SettingError(TrainError):
         subject = f"<{self.setting}> "
         text = self._problem or (self.template[len(subject):] if self.template.startswith(subject) else self.template)
         return _NAME.sub(lambda m: name(m[1]), text)
+
+
+def read_settings_file(path: str, from_dict: Callable[[Dict[str, Any]], Any], error: type, what: str) -> Any:
+    """`from_dict` of the JSON object in `path` (a run or ablation folder is data: only plain JSON is read);
+    anything else is one `error` naming the file and `what` it should hold."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        return from_dict(raw)
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        raise error(f"{path}: unreadable {what} ({first_line(e)})") from None
 
 
 def keyword_name(name: str) -> str:

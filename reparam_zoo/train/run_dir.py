@@ -15,7 +15,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import first_line, preview
-from .config import TrainConfig, TrainError
+from .config import TrainConfig, TrainError, read_settings_file
 
 __all__ = ["CONFIG_FILE", "STATE_FILE", "LAST_FILE", "BEST_FILE", "DEPLOY_FILE", "PICKLE_FILES", "METRICS_FILE",
            "PLOT_FILE", "LOG_FILE", "RunDir", "Log", "read_config", "default_output_dir", "sig3", "write_json"]
@@ -44,14 +44,7 @@ def read_config(output_dir: str) -> TrainConfig:
         raise TrainError(f"{output_dir}: no such run folder")
     if not os.path.exists(os.path.join(output_dir, STATE_FILE)) or not os.path.exists(path):
         raise TrainError(f"{output_dir}: no checkpoint to resume from ({STATE_FILE} / {CONFIG_FILE} missing)")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
-        return TrainConfig.from_dict(raw)
-    except (OSError, ValueError, TypeError, RecursionError) as e:
-        raise TrainError(f"{path}: unreadable run settings ({first_line(e)})") from None
+    return read_settings_file(path, TrainConfig.from_dict, TrainError, "run settings")
 
 
 def default_output_dir(model: str) -> str:
