@@ -158,30 +158,23 @@ class _RecordingFile(io.BufferedWriter):
         super().__init__(io.FileIO(path, "w"))
         self._record_as = path
 
-    def _record(self, error: OSError) -> None:
-        with _lock:
-            _failed.setdefault(self._record_as, error)
+    def _recording(self, call, *args):
+        """`call(*args)`; its OSError is kept (the first one per file) before it propagates."""
+        try:
+            return call(*args)
+        except OSError as e:
+            with _lock:
+                _failed.setdefault(self._record_as, e)
+            raise
 
     def write(self, data):
-        try:
-            return super().write(data)
-        except OSError as e:
-            self._record(e)
-            raise
+        return self._recording(super().write, data)
 
     def flush(self):
-        try:
-            return super().flush()
-        except OSError as e:
-            self._record(e)
-            raise
+        return self._recording(super().flush)
 
     def close(self):
-        try:
-            return super().close()
-        except OSError as e:
-            self._record(e)
-            raise
+        return self._recording(super().close)
 
 
 def _write(path: str, write: Callable[[str], None]) -> None:
