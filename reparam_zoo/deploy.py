@@ -16,11 +16,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .errors import ConversionError, EquivalenceError, first_line
+from .errors import ConversionError
 from .layers.refconv import RefConvNd
 from .model_info import example_inputs as default_inputs, require_module, unwrap
 from .surgery import refconv_layers, replace_modules
-from .verify import (VERIFY_BATCH_SIZES, CallInputs, check_tolerances, tensor_leaves, Unit, as_call_inputs, check_runs, first_diverging_module,
+from .verify import (CallInputs, Unit, as_call_inputs, check_runs, check_tolerances, tensor_leaves,
                      verify_equivalence)
 
 # the norms fused into the conv before them: BatchNorm, and the frozen one torchvision's detectors train with

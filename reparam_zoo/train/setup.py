@@ -13,9 +13,9 @@ from ..data import EpochSampler, ShardSampler, make_loader
 from ..deploy import fold
 from ..surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
 from .config import DEFAULT_MAP_K, OPTIMIZERS, PLAIN_SCOPE, TrainConfig, TrainError
-from .tasks import Task, TaskData
+from .tasks import TaskData
 
-__all__ = ["InputModel", "Reference", "load_input_model", "prepare_model", "Loaders", "build_loaders", "Optimization",
+__all__ = ["Reference", "load_input_model", "prepare_model", "Loaders", "build_loaders", "Optimization",
            "build_optimizer", "float32", "describe_start"]
 
 
