@@ -1,4 +1,5 @@
-"""What several test files need: non-trivial BatchNorm statistics, outputs without autograd, an alarm."""
+"""What several test files need: non-trivial BatchNorm statistics, outputs without autograd, an alarm, a pickle
+payload."""
 import contextlib
 import signal
 
@@ -37,3 +38,13 @@ def deadline(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class Payload:
+    """Unpickling it creates `marker`: proof that a file's pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")

@@ -25,21 +25,13 @@ from reparam_zoo.errors import OutputError
 from reparam_zoo.export import export
 from reparam_zoo.fileio import TEMP_MARK, atomic_write
 
+from helpers import Payload
+
 ALARM_S = 300  # generous: the suite runs on shared, loaded CPUs; a hang still fails instead of blocking
 SUBPROCESS_TESTS_S = 600  # the tests that start Python with torch several times
 
 
 pytestmark = pytest.mark.alarm(ALARM_S)
-
-
-class Payload:
-    """Unpickling this creates `marker`: proof that a file's code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def evil_pickle(tmp_path):

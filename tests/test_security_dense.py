@@ -17,6 +17,8 @@ from reparam_zoo.errors import CheckpointError, ReparamError
 from reparam_zoo.filemeta import check_extra
 from reparam_zoo.segmentation_data import build_segmentation_data
 
+from helpers import Payload
+
 ALARM_S = 60
 SEG = dict(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), ignore_index=255)
 
@@ -311,16 +313,6 @@ def test_dense_demo_refuses_a_non_empty_or_file_output(tmp_path, task):
 
 
 # -- run folders of dense runs: resume reads JSON and weights_only tensors, nothing else ---------------------------
-
-class Payload:
-    """Unpickling it creates `marker`: proof that a file's pickle ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
 
 def test_resuming_a_hostile_segmentation_run_folder_runs_nothing(tmp_path):
     from reparam_zoo.train import resume, train

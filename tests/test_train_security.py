@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from reparam_zoo.data import DataError, build_datasets, open_regular_file
 from reparam_zoo.errors import CheckpointError
 from reparam_zoo.train import TrainError, resume, train
-from helpers import deadline
+from helpers import Payload, deadline
 from test_train import FAST, SignalAt, TinyNet, make_dataset, tiny_net
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -31,16 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=8, val_per_class=4)
-
-
-class Payload:
-    """Unpickling it creates `marker`: proof that a file's pickle ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
 
 
 def one_line(output):
