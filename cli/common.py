@@ -197,7 +197,7 @@ def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrain
     """The model a MODEL argument names, announced on stderr (stdout stays the command's output).
     `weights_matter`: warn when an architecture name comes without weights (a random-init model)."""
     from reparam_zoo.errors import ArgumentConflictError
-    from reparam_zoo.modelfile import resolve_model
+    from reparam_zoo.resolve import resolve_model
 
     try:
         resolved = resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
@@ -226,7 +226,7 @@ def input_paths(*specs: Optional[str]) -> List[str]:
 def check_output(path: str, inputs: Sequence[str], option: str = "-o/--output") -> str:
     """A usage error, before any work, when the output cannot be written or would overwrite an input."""
     from reparam_zoo.errors import ReparamError
-    from reparam_zoo.modelfile import check_output_path
+    from reparam_zoo.fileio import check_output_path
 
     try:
         check_output_path(path, inputs)

@@ -39,7 +39,9 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
     """
     if not refconv:
         raise click.UsageError("say which conversion: --refconv (RefConv is the only conversion so far)")
-    from reparam_zoo.modelfile import architecture_of, check_finite, save
+    from reparam_zoo.checkpoint import check_finite
+    from reparam_zoo.modelfile import save
+    from reparam_zoo.module_attrs import architecture_of
     from reparam_zoo.report import report
     from reparam_zoo.surgery import convert
 
@@ -85,7 +87,7 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
 
 
 def _name(model) -> str:
-    from reparam_zoo.modelfile import architecture_of
+    from reparam_zoo.module_attrs import architecture_of
 
     arch = architecture_of(model)
     return arch["name"] if arch else type(model).__name__

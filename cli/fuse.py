@@ -41,7 +41,9 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     from reparam_zoo.deploy import fuse
     from reparam_zoo.model_info import example_inputs
     from reparam_zoo.export import EXPORT_SUFFIXES, export
-    from reparam_zoo.modelfile import architecture_of, check_finite, model_stage
+    from reparam_zoo.checkpoint import check_finite
+    from reparam_zoo.deploy import model_stage
+    from reparam_zoo.module_attrs import architecture_of
 
     explicit_output = output
     if output is not None:

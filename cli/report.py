@@ -68,7 +68,7 @@ def _show(result, fmt: str) -> None:
 
 
 def _resolve_compared(spec: str, trust_pickle: bool):
-    from reparam_zoo.modelfile import ArchitectureUnknownError
+    from reparam_zoo.errors import ArchitectureUnknownError
 
     try:
         return resolve(spec, trust_pickle=trust_pickle).model

@@ -46,7 +46,7 @@ def zoo_list(fmt):
               help="Per-module rows down to this depth (0: totals only).")
 def zoo_report(name, input_size, fmt, depth):
     """The full params/MACs report of one variant (randomly initialised), with its published numbers."""
-    from reparam_zoo.modelfile import create_model
+    from reparam_zoo.architectures import create_model
     from reparam_zoo.report import report
     from reparam_zoo.zoo import PUBLISHED, zoo_names
 

@@ -8,12 +8,14 @@ from .deploy import FuseReport, fold, fuse
 from .errors import ArgumentConflictError, CheckpointError, ConversionError, EquivalenceError, ReparamError
 from .layers.refconv import RefConv1d, RefConv2d, RefConv3d, RefConvNd
 from .report import Comparison, Report, compare, report
-from .modelfile import create_model, load, load_model, save
+from .architectures import create_model
+from .modelfile import load, save
+from .resolve import load_model
 from .surgery import ConversionSummary, convert
 from . import models  # noqa: F401  (registers the zoo with timm)
 from .train import TrainResult, resume, train
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd",

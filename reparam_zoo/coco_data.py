@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import UNREADABLE_ERRORS, DataError, MAX_CONSECUTIVE_UNREADABLE, _seeded_rng
+from .data import UNREADABLE_ERRORS, DataError, MAX_CONSECUTIVE_UNREADABLE, seeded_rng
 
 __all__ = ["CocoSplit", "CocoData", "build_coco_data", "find_coco_split", "read_coco", "detection_collate",
            "BACKGROUND"]
@@ -202,7 +202,7 @@ class CocoSplit(torch.utils.data.Dataset):
         if seed is None:
             image, target = self.transform(*sample)
         else:
-            with _seeded_rng(seed):
+            with seeded_rng(seed):
                 image, target = self.transform(*sample)
         out = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
         out["image_id"] = self.images[index]["id"]

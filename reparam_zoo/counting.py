@@ -13,6 +13,7 @@ import torch.nn as nn
 from .errors import ReparamError, first_line
 from .layers.refconv import RefConvNd
 from .model_info import device_and_dtype, example_inputs
+from .module_attrs import pop_refconv_summary
 from .surgery import refconv_layers
 
 MACS_TOLERANCE = 0.02
@@ -68,7 +69,7 @@ class ModuleRow:
 
 
 # -- counting ---------------------------------------------------------------------------------------
-def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=None):
+def count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=None):
     """fvcore MACs by module, fvcore's unsupported ops, and the flop_counter cross-check, in eval mode
     without gradients (so that counting changes no BatchNorm statistics)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -160,7 +161,7 @@ def _fvcore_analysis():
     return FlopCountAnalysis
 
 
-def _folded_view(model: nn.Module) -> nn.Module:
+def folded_view(model: nn.Module) -> nn.Module:
     """The structure `fold(model)` deploys, without copying the model's tensors or computing a kernel.
 
     A copy of the module tree whose parameters and buffers alias the original's, with each RefConv
@@ -178,7 +179,7 @@ def _folded_view(model: nn.Module) -> nn.Module:
             for t in _tensors_in(value):
                 memo.setdefault(id(t), t)
     view = copy.deepcopy(model, memo)
-    view.__dict__.pop("refconv_summary", None)
+    pop_refconv_summary(view)
     return view
 
 
@@ -200,7 +201,7 @@ def _tensors_in(value) -> Iterable[torch.Tensor]:
                 yield v
 
 
-def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], depth: int,
+def module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], depth: int,
                  groups: Optional[Dict[str, str]] = None) -> List[ModuleRow]:
     """Rows down to `depth`; for a detector or segmenter (`groups`: part module -> backbone/neck/heads) each
     part's module and its submodules down to `depth` levels below it, tagged with the part."""
@@ -214,7 +215,7 @@ def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], de
     return rows
 
 
-def _group_totals(model: nn.Module, deployed: nn.Module, macs: Dict[str, int],
+def group_totals(model: nn.Module, deployed: nn.Module, macs: Dict[str, int],
                   groups: Dict[str, str]) -> Dict[str, Dict[str, int]]:
     totals: Dict[str, Dict[str, int]] = {}
     for root, group in groups.items():
@@ -274,7 +275,7 @@ def _join(module: str, tensor: str) -> str:
     return f"{module}.{tensor}" if module else tensor
 
 
-def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+def unique_tensors(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     seen, out = set(), []
     for t in tensors:
         if id(t) not in seen:

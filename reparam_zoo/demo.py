@@ -51,7 +51,8 @@ def run_demo(
     refocus/ (the RefConv training run: log, metrics, plot, last/best RefConv models, the verified
     deploy model), report.json (training vs inference).
     """
-    from .modelfile import create_model, save
+    from .architectures import create_model
+    from .modelfile import save
     from .report import compare
     from .train import train
 

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from .errors import ConversionError, EquivalenceError, first_line
 from .layers.refconv import RefConvNd
 from .model_info import example_inputs as default_inputs, require_module, unwrap
+from .module_attrs import fuse_report_of, pop_refconv_summary, set_fuse_report
 from .surgery import refconv_layers, replace_modules
 from .verify import (VERIFY_BATCH_SIZES, CallInputs, check_tolerances, tensor_leaves, Unit, as_call_inputs, check_runs, first_diverging_module,
                      verify_equivalence)
@@ -94,7 +95,7 @@ def model_stage(model: nn.Module) -> str:
     model = unwrap(model)
     if refconv_layers(model):
         return "refconv"
-    if isinstance(getattr(model, "fuse_report", None), FuseReport):
+    if fuse_report_of(model) is not None:
         return "fused"
     return "plain"
 
@@ -110,7 +111,7 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     model = unwrap(model)
     if not inplace:
         model = copy.deepcopy(model)
-    summary = model.__dict__.pop("refconv_summary", None)
+    summary = pop_refconv_summary(model)
     folded = {id(m): m.to_conv() for m in model.modules() if isinstance(m, RefConvNd)}
     replace_modules(model, lambda m: folded.get(id(m)))
     model = folded.get(id(model), model)  # the model may be a RefConv itself
@@ -158,8 +159,7 @@ def fuse(
                                 example_kwargs)
         reference = copy.deepcopy(original) if (inplace and verify) else original
         model = original if inplace else copy.deepcopy(original)
-        previous = getattr(original, "fuse_report", None)
-        previous = previous if isinstance(previous, FuseReport) else None
+        previous = fuse_report_of(original)
         report = FuseReport(rtol=rtol, atol=atol, fold_only=fold_only)
 
         report.folded = [n for n, m in model.named_modules() if isinstance(m, RefConvNd)]
@@ -188,8 +188,7 @@ def fuse(
             )
             report.modules_verified, report.compared_outputs = len(units), list(outputs or [])
             report.verified = True
-        model.__dict__.pop("fuse_report", None)
-        model.fuse_report = report
+        set_fuse_report(model, report)
         return model
     finally:
         if not inplace:  # the caller's model is left as it was, also when verification fails
@@ -368,8 +367,7 @@ def apply_fuse_structure(model: nn.Module, report: FuseReport) -> nn.Module:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
         replacements[id(bn)] = _after_norm(bn)
     replace_modules(model, lambda m: replacements.get(id(m)))
-    model.__dict__.pop("fuse_report", None)
-    model.fuse_report = report
+    set_fuse_report(model, report)
     return model
 
 

@@ -14,7 +14,10 @@ import torch.nn as nn
 from .errors import EquivalenceError, ReparamError, first_line
 from .fileio import atomic_write, output_file
 from .model_info import unwrap
-from .modelfile import architecture_of, check_finite, check_output_path, save
+from .checkpoint import check_finite
+from .fileio import check_output_path
+from .modelfile import save
+from .module_attrs import architecture_of
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "FORMAT_NAMES", "ExportResult", "export", "format_of_path"]
 

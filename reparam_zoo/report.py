@@ -40,8 +40,8 @@ from .layers.refconv import RefConvNd
 from .memory import MEASURE_BATCH, tensor_bytes, training_memory
 from .model_info import cfg_input_size, require_module, timm_cfg, unwrap
 from .surgery import refconv_layers
-from .counting import (MACS_TOLERANCE, MacsCheck, ModuleRow, _count_macs, _folded_view, _group_totals, _module_rows,
-                       _unique)
+from .counting import (MACS_TOLERANCE, MacsCheck, ModuleRow, count_macs, folded_view, group_totals, module_rows,
+                       unique_tensors)
 from . import torchvision_models
 
 __all__ = [
@@ -185,7 +185,7 @@ class Report:
         return [[g, _num(v.get("training_params")), _num(v.get("inference_params")), _num(v.get("macs"))]
                 for g, v in self.groups.items()]
 
-    def _module_rows(self) -> List[List[object]]:
+    def module_rows(self) -> List[List[object]]:
         grouped = bool(self.groups)
         return [([r.group] if grouped else []) + [_indent(r.name, grouped), r.type, r.training_params,
                 r.trainable_params, r.inference_params, r.macs, r.transform_macs] for r in self.modules]
@@ -208,7 +208,7 @@ class Report:
         if self.modules:
             lines += ["", f"per module (depth {self.depth}{' below each part' if self.groups else ''}):"]
             left = 3 if self.groups else 2
-            lines += aligned_lines(self._module_headers(), [[_num(v) for v in row] for row in self._module_rows()],
+            lines += aligned_lines(self._module_headers(), [[_num(v) for v in row] for row in self.module_rows()],
                                    left=left)
         return "\n".join(lines)
 
@@ -376,11 +376,11 @@ def report(
     name = name or model_name(model)
     refconvs = [m for _, m in refconv_layers(model)]
 
-    deployed = _folded_view(model) if refconvs else model
-    macs_by_module, unsupported, uncalled, check = _count_macs(deployed, input_size, name, call)
+    deployed = folded_view(model) if refconvs else model
+    macs_by_module, unsupported, uncalled, check = count_macs(deployed, input_size, name, call)
 
     base_ids = {id(m.weight_base) for m in refconvs}
-    params = _unique(model.parameters())
+    params = unique_tensors(model.parameters())
     base_kernels = sum(m.weight_base.numel() for m in refconvs)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params) + base_kernels
@@ -388,30 +388,30 @@ def report(
         "params": total,
         "trainable_params": trainable,
         "frozen_params": total - trainable,
-        "buffers": sum(b.numel() for b in _unique(model.buffers()) if id(b) not in base_ids),
+        "buffers": sum(b.numel() for b in unique_tensors(model.buffers()) if id(b) not in base_ids),
         "transform_macs": sum(m.transform_macs() for m in refconvs),
         "base_kernel_params": base_kernels,
         "macs": macs_by_module.get("", 0),
     }
     inference = {
-        "params": sum(p.numel() for p in _unique(deployed.parameters())),
+        "params": sum(p.numel() for p in unique_tensors(deployed.parameters())),
         "macs": macs_by_module.get("", 0),
         "conv_linear_macs": check.fvcore_macs,
-        "buffers": sum(b.numel() for b in _unique(deployed.buffers())),
+        "buffers": sum(b.numel() for b in unique_tensors(deployed.buffers())),
     }
     memory = training_memory(model, input_size, call)
     groups = torchvision_models.module_groups(model)
     training.update(weight_bytes=memory.weight_bytes, gradient_bytes=memory.gradient_bytes,
                     activation_bytes=memory.activation_bytes)
     inference["weight_bytes"] = tensor_bytes(list(deployed.parameters()) + list(deployed.buffers()))
-    modules = _module_rows(model, deployed, macs_by_module, depth, groups) if depth else []
+    modules = module_rows(model, deployed, macs_by_module, depth, groups) if depth else []
     return Report(
         model=name, architecture=model_name(model), stage=stage, input_size=input_size, training=training,
         inference=inference,
         macs_check=check, unsupported_ops=unsupported, uncalled_modules=uncalled, modules=modules, depth=depth,
         refconv_layers=len(refconvs), memory_error=memory.error,
         resized_input=torchvision_models.resized_size(model, input_size),
-        groups=_group_totals(model, deployed, macs_by_module, groups) if groups else {},
+        groups=group_totals(model, deployed, macs_by_module, groups) if groups else {},
     )
 
 

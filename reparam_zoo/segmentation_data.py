@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import UNREADABLE_ERRORS, DataError, MAX_CONSECUTIVE_UNREADABLE, _seeded_rng
+from .data import UNREADABLE_ERRORS, DataError, MAX_CONSECUTIVE_UNREADABLE, seeded_rng
 
 __all__ = ["SegmentationSplit", "SegmentationData", "build_segmentation_data", "read_class_names", "segmentation_collate",
            "IMAGE_EXTENSIONS", "CLASSES_FILE", "check_segmentation_dir"]
@@ -193,7 +193,7 @@ class SegmentationSplit(torch.utils.data.Dataset):
         if seed is None:
             image, mask = self.transform(*sample)
         else:
-            with _seeded_rng(seed):
+            with seeded_rng(seed):
                 image, mask = self.transform(*sample)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), unreadable, None
 

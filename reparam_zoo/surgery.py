@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .errors import ConversionError, preview
 from .layers.refconv import INITS, RefConvNd, check_map_k, unsupported_reason
 from .model_info import require_module
+from .module_attrs import set_refconv_summary
 
 TRAIN_SCOPES = ("transforms", "transforms+norm", "all-but-base")
 _NORM_TYPES = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -136,7 +137,7 @@ def convert(
     model = replacements.get(id(model), model)  # the model may be the conv itself
     apply_train_scope(model, train_scope)
     summary.trainable_after = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model.refconv_summary = summary
+    set_refconv_summary(model, summary)
     return model
 
 

@@ -265,7 +265,7 @@ def training_inputs(model: nn.Module, images: torch.Tensor, generator: torch.Gen
         corners = torch.rand(2, 2, generator=generator) * torch.tensor([width / 2, height / 2])
         sizes = (torch.rand(2, 2, generator=generator) * 0.4 + 0.1) * torch.tensor([width, height])
         boxes = torch.cat([corners, corners + sizes], 1).to(images.device)
-        target = {"boxes": boxes, "labels": torch.full((2,), min(1, _class_count_of(model) - 1), dtype=torch.int64,
+        target = {"boxes": boxes, "labels": torch.full((2,), min(1, class_count_of(model) - 1), dtype=torch.int64,
                                                         device=images.device)}
         if getattr(getattr(model, "roi_heads", None), "mask_predictor", None) is not None:
             masks = torch.zeros(2, height, width, dtype=torch.uint8, device=images.device)
@@ -284,7 +284,7 @@ def _keypoint_count(model: nn.Module) -> int:
     return int(predictor.kps_score_lowres.out_channels) if predictor is not None else 0
 
 
-def _class_count_of(model: nn.Module) -> int:
+def class_count_of(model: nn.Module) -> int:
     predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
     if predictor is not None and hasattr(predictor, "cls_score"):
         return int(predictor.cls_score.out_features)

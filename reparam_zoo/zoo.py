@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from . import models  # noqa: F401  (registers the zoo with timm)
-from .modelfile import create_model
+from .architectures import create_model
 
 __all__ = ["PUBLISHED", "zoo_names", "family", "zoo_table"]
 

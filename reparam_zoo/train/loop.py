@@ -174,7 +174,7 @@ class Trainer:
     def check_finite(self) -> None:
         """Stop a diverged run before it saves anything: NaN/Inf weights or BatchNorm statistics can come with a
         finite loss, and would otherwise fail every later save and every resume."""
-        from ..modelfile import non_finite
+        from ..checkpoint import non_finite
 
         bad = self.procs.union(non_finite(self.model.state_dict()))  # every rank stops, or the others would wait
         if bad:

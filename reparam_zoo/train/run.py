@@ -329,7 +329,7 @@ class _Run:
             self.log(note)
         model, reference = prepare_model(source, config, head, fresh=fresh, log=self.log)
         if fresh:
-            from ..modelfile import architecture_of
+            from ..module_attrs import architecture_of
 
             # no safetensors file can rebuild a model without an architecture tag: a trusted pickle's run
             # writes whole-module pickles, which reparam's commands read back with --trust-pickle

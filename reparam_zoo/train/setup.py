@@ -35,7 +35,7 @@ def load_input_model(config: TrainConfig, given: Optional[nn.Module], log) -> nn
         return copy.deepcopy(given)
     if config.model.startswith("<in-memory"):
         raise TrainError(f"this run trained an in-memory model ({config.model}); pass it again to resume()")
-    from ..modelfile import resolve_model
+    from ..resolve import resolve_model
 
     resolved = resolve_model(config.model, arch=config.arch, checkpoint=config.checkpoint,
                              pretrained=config.pretrained, trust_pickle=config.trust_pickle)

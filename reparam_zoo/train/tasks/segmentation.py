@@ -70,7 +70,7 @@ class SegmentationTask(Task):
             raise TrainError(f"num-classes is {num_classes} but {data_dir} has {classes} classes (classes.txt)")
         if num_classes == outputs:
             return set(), []
-        from ...modelfile import set_num_classes
+        from ...architectures import set_num_classes
 
         before = {id(p) for p in model.parameters()}
         set_num_classes(model, num_classes)
