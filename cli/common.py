@@ -12,7 +12,7 @@ import click
 
 from reparam_zoo.layers.refconv import INITS
 from reparam_zoo.export import EXPORT_FORMATS, FORMAT_NAMES, format_of_path
-from reparam_zoo.report import FORMATS as REPORT_FORMATS
+from reparam_zoo.report_render import FORMATS as REPORT_FORMATS
 from reparam_zoo.surgery import TRAIN_SCOPES
 from reparam_zoo import torchvision_models
 

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from reparam_zoo.report import aligned_lines, markdown_lines
+from reparam_zoo.tables import aligned_lines, markdown_lines
 
 from .common import echo, echo_lines, input_size_option, report_format_option
 
