@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .common import (echo, FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output,
+from .common import (DEFAULT_MAP_K, echo, FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output,
                      default_output, echo_lines, format_of_path, input_paths, input_size_option, known_input_size,
                      model_options, output_option, resolve, settle_model_output, steps, wrote)
 
@@ -15,7 +15,7 @@ from .common import (echo, FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check
 @click.option("--refconv", is_flag=True,
               help="Replace the spatial convs by RefConv layers (the only conversion so far; required).")
 @model_options
-@click.option("--map-k", type=int, default=3, show_default=True, callback=check_map_k,
+@click.option("--map-k", type=int, default=DEFAULT_MAP_K, show_default=True, callback=check_map_k,
               help="Kernel size of the refocusing transform (odd, at most the layer's kernel).")
 @click.option("--init", type=click.Choice(INITS), default="zero", show_default=True,
               help="Transform init; zero keeps the model's outputs exactly.")

@@ -38,11 +38,10 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     pickled module, with --trust-pickle) is written back as a pickle (.pt). MODEL is as for
     `reparam convert`.
     """
-    from reparam_zoo.deploy import fuse
+    from reparam_zoo.deploy import fuse, nothing_to_fuse
     from reparam_zoo.model_info import example_inputs
     from reparam_zoo.export import EXPORT_SUFFIXES, export
     from reparam_zoo.checkpoint import check_finite
-    from reparam_zoo.deploy import model_stage
     from reparam_zoo.module_attrs import architecture_of
 
     explicit_output = output
@@ -68,14 +67,9 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         inputs = example_inputs(source, input_size)
 
         step(("folding" if fold_only else "fusing") + ("" if no_verify else " and verifying"))
-        previous = getattr(source, "fuse_report", None)
-        if model_stage(source) == "fused" and (fold_only or not previous.fold_only):
-            # nothing left to fuse, and checking the model against itself would mark an unverified file verified
-            fused = source
+        if nothing_to_fuse(source, fold_only=fold_only):  # fuse() then returns it as it is
             echo("already fused, nothing left to do: writing it as it is; what its fuse recorded:")
-        else:
-            fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol,
-                         fold_only=fold_only)
+        fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol, fold_only=fold_only)
         echo_lines(str(fused.fuse_report))
 
         step(f"writing {fmt}")

@@ -8,7 +8,7 @@ import click
 from reparam_zoo.train.config import OPTIMIZERS, SGD_MOMENTUM, TrainConfig
 from reparam_zoo.train.tasks import TASKS
 
-from .common import TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
+from .common import DEFAULT_MAP_K, TRAIN_SCOPES, check_map_k, flag_name, input_size_option, model_options, output_option
 
 # the library's defaults, so the two cannot drift apart
 DEFAULTS = TrainConfig(model="", data_dir="")
@@ -62,10 +62,9 @@ def _check_device(ctx, param, value):
               help="What trains: only the transforms, also norm layers, or everything but the base kernels.  "
                    "[default: an already converted MODEL's own scope (what `reparam convert --train-scope` "
                    "saved), else transforms]")
-@click.option("--map-k", type=int, callback=lambda ctx, param, value: None if value is None else check_map_k(
-                  ctx, param, value),
+@click.option("--map-k", type=int, callback=check_map_k,
               help="Transform kernel size when MODEL still has to be converted (an already converted MODEL "
-                   "keeps its own; another value is an error).  [default: 3]")
+                   f"keeps its own; another value is an error).  [default: {DEFAULT_MAP_K}]")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 with loss scaling on GPU).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULTS.workers, show_default=True,
@@ -135,10 +134,10 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
                 raise click.UsageError("missing --data DIR")
             if settings["warmup_epochs"] is not None:
                 check_warmup(settings["warmup_epochs"], settings["epochs"])
-    except SettingError as e:
+    except SettingError as e:  # the others are usage errors of the root group, flags named the same way
         if e.setting == "warmup_epochs":
-            raise click.BadParameter(e.problem(_flag), param_hint=_flag(e.setting)) from None
-        raise click.UsageError(e.render(_flag)) from None
+            raise click.BadParameter(e.problem(flag_name), param_hint=flag_name(e.setting)) from None
+        raise
 
     try:
         if resume:
@@ -167,10 +166,6 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
         for key in ("best", "last", "deploy", "metrics", "plot", "log"):
             if key in result.files:
                 click.echo(f"wrote {result.files[key]}")
-
-
-def _flag(name: str) -> str:
-    return {"model": "MODEL", "data_dir": "--data"}.get(name, "--" + name.replace("_", "-"))
 
 
 def _given(ctx: click.Context, name: str) -> bool:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .errors import ReparamError, first_line
 from .layers.refconv import RefConvNd
-from .model_info import device_and_dtype, example_inputs
+from .model_info import device_and_dtype, example_inputs, save_modes
 from .module_attrs import pop_refconv_summary
 from .surgery import refconv_layers
 
@@ -88,7 +88,7 @@ def count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=No
         inputs = tuple(call.args)
         if call.kwargs:  # fvcore traces positional inputs only: a wrapper passes the keywords
             counted, prefix = _WithKeywords(model, call.kwargs), "model."
-    modes = [(m, m.training) for m in model.modules()]
+    restore_modes = save_modes(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -104,8 +104,7 @@ def count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=No
         raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
                            f"{type(e).__name__}: {first_line(e)}") from None
     finally:
-        for module, training in modes:
-            module.training = training
+        restore_modes()
     fvcore_ops = {op: int(n) for op, n in by_op.items() if op in _FVCORE_MATMUL_OPS}
     torch_ops = {str(op): int(n) // 2 for op, n in counter.get_flop_counts().get("Global", {}).items()}
     fv, tc = sum(fvcore_ops.values()), int(counter.get_total_flops()) // 2

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, EquivalenceError, first_line
 from .layers.refconv import RefConvNd
-from .model_info import example_inputs as default_inputs, require_module, unwrap
+from .model_info import example_inputs as default_inputs, kept_modes, require_module, save_modes, unwrap
 from .module_attrs import fuse_report_of, pop_refconv_summary, set_fuse_report
 from .surgery import refconv_layers, replace_modules
 from .verify import (VERIFY_BATCH_SIZES, CallInputs, check_tolerances, tensor_leaves, Unit, as_call_inputs, check_runs, first_diverging_module,
@@ -100,6 +100,14 @@ def model_stage(model: nn.Module) -> str:
     return "plain"
 
 
+def nothing_to_fuse(model: nn.Module, *, fold_only: bool = False) -> bool:
+    """Whether `fuse(model, fold_only=...)` has nothing to do: the model is fused (no RefConv layers since)
+    and its fuse went as far as this one would (a fold-only model can still be fused)."""
+    model = unwrap(model)
+    report = fuse_report_of(model)
+    return model_stage(model) == "fused" and (fold_only or not report.fold_only)
+
+
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Turn every RefConv back into a plain conv holding its refocused kernel (computed in float64).
 
@@ -146,13 +154,18 @@ def fuse(
     `fold_only` stops after folding: the result has the original model's structure and state_dict keys
     (loadable into the unconverted architecture), verified the same way. Raises `EquivalenceError` when
     verification fails; `result.fuse_report` says what was done.
+    A model with nothing left to fuse (`nothing_to_fuse`) comes back as it is (a copy unless `inplace`, in
+    eval mode) with the report its fuse recorded: comparing it with itself would call an unverified model
+    verified.
     """
     require_module(model, "fuse")
     check_tolerances(rtol, atol)
     model = unwrap(model)
+    if nothing_to_fuse(model, fold_only=fold_only):
+        return (model if inplace else copy.deepcopy(model)).eval()
     if model.training:
         warnings.warn("fuse: the model was in train mode; it is fused in eval mode", stacklevel=2)
-    modes = [(m, m.training) for m in model.modules()]
+    restore_modes = save_modes(model)
     original = model.eval()
     try:
         inputs = as_call_inputs(example_inputs if example_inputs is not None else default_inputs(model),
@@ -192,8 +205,7 @@ def fuse(
         return model
     finally:
         if not inplace:  # the caller's model is left as it was, also when verification fails
-            for module, training in modes:
-                module.training = training
+            restore_modes()
 
 
 def _with_history(previous: FuseReport, latest: FuseReport) -> FuseReport:
@@ -308,17 +320,14 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
             def hook(mod, args, out, name=name):
                 conv_of_output[id(out)] = (name, out, out._version)
             handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), Uses():
+        with kept_modes(model, train=False), torch.no_grad(), Uses():
             outputs = check_runs(model, inputs)
         for value in tensor_leaves(outputs):
             use(value)  # returned as it is: the unnormalized map is part of the result
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
     modules = dict(model.named_modules())
     pairs, left_alone = [], []

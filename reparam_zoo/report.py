@@ -38,7 +38,7 @@ from .deploy import STAGES, model_stage
 from .errors import ReparamError
 from .layers.refconv import RefConvNd
 from .memory import tensor_bytes, training_memory
-from .model_info import cfg_input_size, require_module, timm_cfg, unwrap
+from .model_info import require_input_size, require_module, timm_cfg, unwrap
 from .surgery import refconv_layers
 from .counting import (MACS_TOLERANCE, MacsCheck, ModuleRow, count_macs, folded_view, group_totals, module_rows,
                        unique_tensors)
@@ -296,10 +296,7 @@ def model_name(model: nn.Module) -> str:
 
 def _resolve_input_size(model: nn.Module, input_size) -> Tuple[int, ...]:
     if input_size is None:
-        input_size = cfg_input_size(model)
-        if not input_size:
-            raise ReparamError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
-                               "pass input_size, e.g. (3, 224, 224)")
+        input_size = require_input_size(model, how="pass input_size, e.g. (3, 224, 224)")
     try:
         size = tuple(input_size)
     except TypeError:

@@ -14,11 +14,11 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import ReparamError, preview
 from .memory import MEASURE_BATCH
+from .options import REPORT_FORMATS as FORMATS
 from .tables import aligned_lines, markdown_lines
 
 __all__ = ["FORMATS", "UNIT", "ReportRendering", "ComparisonRendering", "render", "num", "si", "int_or_none"]
 
-FORMATS = ("table", "markdown", "json", "csv")
 UNIT = "MACs (multiply-accumulates per image, batch 1): one fused multiply-add = 1, as fvcore's 'flop'"
 MEMORY_NOTE = (f"memory: gradients of the trainable params; activations = what autograd keeps for the backward "
                f"per image (measured at batch {MEASURE_BATCH} in training mode, weights excluded)")

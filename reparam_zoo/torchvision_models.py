@@ -329,11 +329,8 @@ def resized_size(model: nn.Module, input_size: Sequence[int]) -> Optional[Tuple[
     if not is_detector(model) or transform is None:
         return None
     image = torch.zeros(tuple(input_size))
-    training = transform.training
-    transform.eval()
-    try:
-        with torch.no_grad():
-            batch, _ = transform([image])
-    finally:
-        transform.train(training)
+    from .model_info import kept_modes
+
+    with kept_modes(transform, train=False), torch.no_grad():
+        batch, _ = transform([image])
     return tuple(batch.tensors.shape[1:])

@@ -13,7 +13,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
-from ..errors import ReparamError
+from ..errors import ArgumentConflictError, ReparamError
+from ..options import DEFAULT_MAP_K, TRAIN_SCOPES  # DEFAULT_MAP_K: a model converted here without map_k
 
 __all__ = ["TrainConfig", "TrainError", "RunStopped", "SettingError", "OPTIMIZERS", "MODEL_FILES", "RESUMABLE_OVERRIDES",
            "PERMISSIONS", "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup", "check_momentum",
@@ -30,7 +31,6 @@ RESUMABLE_OVERRIDES = ("epochs", "workers", "fuse", "data_dir")
 # Permissions rather than settings: given by the caller every time, never taken from a run folder (a run
 # folder is data; what it says cannot grant itself the right to be unpickled).
 PERMISSIONS = ("trust_pickle",)
-DEFAULT_MAP_K = 3  # the transform kernel of a model converted here when map_k is not given
 _NAME = re.compile(r"<(\w+)>")
 
 
@@ -42,7 +42,7 @@ class RunStopped(TrainError):
     """A stop signal arrived before the run could make its first checkpoint: nothing was kept."""
 
 
-class SettingError(TrainError):
+class SettingError(TrainError, ArgumentConflictError):
     """A setting out of range or contradicting another (a usage error on the command line).
 
     `template` marks setting names as `<keyword>`; `str()` spells them as keywords with dashes (the library's
@@ -125,8 +125,6 @@ class TrainConfig:
             raise SettingError("weight_decay", f"<weight_decay> must be >= 0, got {self.weight_decay!r}")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if self.train_scope is not None:
-            from ..surgery import TRAIN_SCOPES  # torch: only when a run is being set up
-
             _one_of("train_scope", self.train_scope, TRAIN_SCOPES)
         _one_of("model_files", self.model_files, MODEL_FILES)
         from .tasks import TASKS

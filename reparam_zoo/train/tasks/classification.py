@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ...data import IGNORE_TARGET, build_datasets, collate, image_list_digest
 from ...errors import first_line
-from ...model_info import cfg_input_size
+from ...model_info import kept_modes, require_input_size
 from ..config import TrainError
 from . import Evaluator, Task, TaskData
 
@@ -22,11 +22,8 @@ class ClassificationTask(Task):
     plot_panels = (("loss", "cross-entropy loss", 1.0), ("acc", "top-1 accuracy (%)", 100.0))
 
     def build_data(self, data_dir: str, model: nn.Module, input_size: Any, *, resuming: bool) -> TaskData:
-        if input_size is None and cfg_input_size(model) is None and not resuming:
-            # timm would silently use 224x224: say so, as `reparam fuse` and `report` do (a resumed run goes on
-            # as it started)
-            raise TrainError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
-                             "pass --input-size N / input_size=N")
+        if input_size is None and not resuming:  # (a resumed run goes on as it started)
+            require_input_size(model, how="pass --input-size N / input_size=N", error=TrainError)
         splits = build_datasets(data_dir, model, input_size)
         return TaskData(train=splits.train, val=splits.val, classes=splits.classes,
                         input_size=tuple(splits.data_config["input_size"]), digest=image_list_digest(splits),
@@ -134,15 +131,12 @@ def num_outputs(model: nn.Module, input_size: Tuple[int, ...]) -> int:
         if isinstance(getattr(head, attr, None), int):
             return getattr(head, attr)
     # no timm interface: ask the model itself
-    was_training = model.training
     try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *input_size))
+        with kept_modes(model, train=False), torch.no_grad():
+            out = model(torch.zeros(1, *input_size))
     except Exception as e:
         raise TrainError(f"{type(model).__name__} fails on a {'x'.join(map(str, input_size))} input "
                          f"({first_line(e)}); check --input-size / input_size=") from None
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise TrainError(f"{type(model).__name__} does not output (batch, classes) logits; cannot train it")
     return out.shape[1]

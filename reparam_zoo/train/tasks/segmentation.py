@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import first_line
+from ...model_info import kept_modes, require_input_size
 from ...segmentation_data import build_segmentation_data, check_segmentation_dir, segmentation_collate
 from ..config import TrainError
 from . import Evaluator, Task, TaskData
@@ -48,8 +49,7 @@ class SegmentationTask(Task):
 
         cfg = resolve_data_config({}, model=model)
         if input_size is None and getattr(model, "pretrained_cfg", None) is None and not resuming:
-            raise TrainError(f"cannot tell the input size of {type(model).__name__} (no pretrained_cfg); "
-                             "pass --input-size N / input_size=N")
+            require_input_size(model, how="pass --input-size N / input_size=N", error=TrainError)
         size = int(input_size) if input_size is not None else int(cfg["input_size"][-1])
         data = build_segmentation_data(data_dir, size=size, mean=cfg["mean"], std=cfg["std"],
                                        ignore_index=self.ignore_index)
@@ -212,13 +212,10 @@ def segmentation_logits(outputs, size) -> torch.Tensor:
 
 
 def _num_outputs(model: nn.Module, input_size: Tuple[int, int, int]) -> int:
-    was_training = model.training
     try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *input_size))
+        with kept_modes(model, train=False), torch.no_grad():
+            out = model(torch.zeros(1, *input_size))
     except Exception as e:
         raise TrainError(f"{type(model).__name__} fails on a {'x'.join(map(str, input_size))} input "
                          f"({first_line(e)}); check --input-size / input_size=") from None
-    finally:
-        model.train(was_training)
     return segmentation_logits(out, input_size[1:]).shape[1]
