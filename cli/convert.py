@@ -41,7 +41,7 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
         raise click.UsageError("say which conversion: --refconv (RefConv is the only conversion so far)")
     from reparam_zoo.checkpoint import check_finite
     from reparam_zoo.modelfile import save
-    from reparam_zoo.module_attrs import architecture_of
+    from reparam_zoo.module_attrs import architecture_of, refconv_summary_of
     from reparam_zoo.report import report
     from reparam_zoo.surgery import convert
 
@@ -67,7 +67,7 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
         step("converting")
         converted = convert(resolved.model, map_k=map_k, init=init, include=include or None,
                             exclude=exclude or None, train_scope=train_scope)
-        echo_lines(str(converted.refconv_summary))
+        echo_lines(str(refconv_summary_of(converted)))
 
         step("counting params and MACs")
         size = known_input_size(converted, input_size)

@@ -42,7 +42,7 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     from reparam_zoo.model_info import example_inputs
     from reparam_zoo.export import EXPORT_SUFFIXES, export
     from reparam_zoo.checkpoint import check_finite
-    from reparam_zoo.module_attrs import architecture_of
+    from reparam_zoo.module_attrs import architecture_of, fuse_report_of
 
     explicit_output = output
     if output is not None:
@@ -70,7 +70,7 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         if nothing_to_fuse(source, fold_only=fold_only):  # fuse() then returns it as it is
             echo("already fused, nothing left to do: writing it as it is; what its fuse recorded:")
         fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol, fold_only=fold_only)
-        echo_lines(str(fused.fuse_report))
+        echo_lines(str(fuse_report_of(fused)))
 
         step(f"writing {fmt}")
         existed = os.path.exists(output)

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..data import EpochSampler, ShardSampler, make_loader
 from ..deploy import fold
+from ..module_attrs import refconv_summary_of
 from ..surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
 from .config import DEFAULT_MAP_K, OPTIMIZERS, TrainConfig, TrainError
 from .tasks import TaskData
@@ -50,7 +51,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, head: set, *, fresh: bo
     settled here and recorded), and what its sanity check compares with: the input model itself, or the
     folded form of an already converted one. `head`: parameters that train besides the scope's."""
     if refconv_layers(model):
-        summary = getattr(model, "refconv_summary", None)
+        summary = refconv_summary_of(model)
         own = getattr(summary, "train_scope", None)
         own = own if own in TRAIN_SCOPES else None
         if config.train_scope is None:  # not given: the model's own, recorded in config.json from now on
@@ -77,7 +78,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, head: set, *, fresh: bo
             config.map_k = DEFAULT_MAP_K
         converted = convert(model, map_k=config.map_k, train_scope=config.train_scope)
         log(f"converted with default settings (map_k={config.map_k}, zero init): "
-            + str(converted.refconv_summary).splitlines()[0].removeprefix("RefConv: "))
+            + str(refconv_summary_of(converted)).splitlines()[0].removeprefix("RefConv: "))
         reference = Reference(model)
     for name, p in converted.named_parameters():
         if name in head:
