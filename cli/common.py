@@ -70,7 +70,8 @@ def _fail(message: str, code: int):
 
 def flag_name(keyword: str) -> str:
     """How the command line spells a library keyword: `warmup_epochs` -> `--warmup-epochs`."""
-    return {"model": "MODEL", "data_dir": "--data"}.get(keyword, "--" + keyword.replace("_", "-"))
+    return {"model": "MODEL", "data_dir": "--data", "output": "-o/--output", "lr_text": "--lr", "lr_grid_text": "--lr-grid",
+            "lr_grid": "--lr-grid"}.get(keyword, "--" + keyword.replace("_", "-"))
 
 
 def _with_flags(e: BaseException) -> str:

@@ -28,9 +28,22 @@ from .common import (echo, EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, 
               help="safetensors: a reparam model file (reloadable, self-describing); torchscript (jit.trace), "
                    "onnx, pt2 (torch.export): deployment artifacts, checked against the fused model before "
                    "they are kept.")
+@click.option("--int8", is_flag=True,
+              help="Write a static INT8 ONNX model (onnxruntime quantization: QDQ, per-channel weights), calibrated "
+                   "on --calib images and kept only when it agrees with the float model on held-out images. "
+                   "Default output <stem>.fused.int8.onnx.")
+@click.option("--calib", "calib", metavar="DIR", type=click.Path(file_okay=False),
+              help="Images for --int8: a folder of images (flat or in sub-folders) or a data folder "
+                   "(train/ calibrates, val/ is held out).")
+@click.option("--calib-images", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
+              help="Calibration images for --int8.")
+@click.option("--held-out-images", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
+              help="Held-out images the INT8 model is checked on (--int8).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Smallest top-1 agreement of the INT8 model with the float model for it to be written (--int8).")
 @click.pass_context
 def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pickle, output, input_size, rtol, atol,
-                 no_verify, fold_only, fmt):
+                 no_verify, fold_only, fmt, int8, calib, calib_images, held_out_images, min_agreement):
     """Fold RefConv layers, fuse conv+BatchNorm, verify the result, then write it.
 
     Verification (random inputs at batch 1 and 2 against the unfused model) runs before anything is
@@ -45,10 +58,12 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     from reparam_zoo.module_attrs import architecture_of, fuse_report_of
 
     explicit_output = output
+    fmt = _int8_format(ctx, int8, calib, fmt)
     if output is not None:
-        fmt = _format_for(output, fmt, explicit=ctx.get_parameter_source("fmt") is ParameterSource.COMMANDLINE)
+        fmt = _format_for(output, fmt, explicit=int8 or ctx.get_parameter_source("fmt") is ParameterSource.COMMANDLINE)
     stem_suffix = ".folded" if fold_only else ".fused"
-    output = output or default_output(model, stem_suffix + EXPORT_SUFFIXES[fmt], strip=(".refconv",))
+    output = output or default_output(model, stem_suffix + (".int8" if int8 else "") + EXPORT_SUFFIXES[fmt],
+                                      strip=(".refconv",))
     check_output(output, input_paths(model, checkpoint))
     if fmt == "safetensors" and explicit_output and not trust_pickle:
         check_model_file_name(output, has_architecture=True)  # only a trusted pickle can lack one
@@ -72,14 +87,42 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol, fold_only=fold_only)
         echo_lines(str(fuse_report_of(fused)))
 
-        step(f"writing {fmt}")
         existed = os.path.exists(output)
+        if int8:
+            from reparam_zoo.quantize import export_int8
+
+            step("quantizing to INT8 and checking it on held-out images")
+            int8_result = export_int8(fused, output, calib, calib_images=calib_images, held_out_images=held_out_images,
+                                      min_agreement=min_agreement, input_size=input_size)
+            echo(f"{wrote(output, existed)} [onnx int8] {int8_result.describe()}")
+            return
+        step(f"writing {fmt}")
         result = export(fused, output, fmt, example_inputs=inputs, rtol=rtol, atol=atol, trust_pickle=trust_pickle)
     checked = ""
     if result.max_abs_error is not None:
         checked = (f" (the written file reproduces the fused model: max abs error {result.max_abs_error:.3g}, "
                    f"max rel error {result.max_rel_error:.3g})")
     echo(f"{wrote(output, existed)} [{result.format}]{checked}")
+
+
+def _int8_format(ctx, int8: bool, calib, fmt: str) -> str:
+    """--int8 writes ONNX and needs --calib; the INT8 options mean nothing without --int8."""
+    if not int8:
+        given = [option for name, option in (("calib", "--calib"), ("calib_images", "--calib-images"),
+                                             ("held_out_images", "--held-out-images"),
+                                             ("min_agreement", "--min-agreement"))
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{given[0]} is for --int8 (the INT8 model's calibration and check)")
+        return fmt
+    if ctx.get_parameter_source("fmt") is ParameterSource.COMMANDLINE and fmt != "onnx":
+        raise click.BadParameter(f"--int8 writes an ONNX model, but --format is {fmt}", param_hint="--format")
+    if calib is None:
+        raise click.UsageError("--int8 needs --calib DIR: images to calibrate and check the INT8 model on")
+    if not os.path.isdir(calib):  # before any work
+        raise click.BadParameter(f"'{calib}': {'not a folder' if os.path.exists(calib) else 'no such folder'}",
+                                 param_hint="--calib")
+    return "onnx"
 
 
 def _format_for(output: str, fmt: str, *, explicit: bool) -> str:

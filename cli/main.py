@@ -5,6 +5,7 @@ import click
 
 from reparam_zoo import __version__
 
+from .ablate import ablate_command
 from .common import DEBUG_ENV, ReparamGroup
 from .convert import convert_command
 from .demo import demo_command
@@ -39,6 +40,7 @@ main.add_command(compare_command)
 main.add_command(zoo_group)
 main.add_command(demo_command)
 main.add_command(train_command)
+main.add_command(ablate_command)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,74 @@ _SIZE_HELP = "Input size for the MACs (default: the model's timm config, else 3,
 _DEFAULT_SIZE = (3, 224, 224)
 
 
+def _deploy_options(f):
+    """--quant (INT8 sensitivity) and --latency (measured timing) and their settings, for report and compare."""
+    from reparam_zoo.latency import DEFAULT_REPEATS, DEFAULT_WARMUP, RUNTIMES
+
+    options = [
+        click.option("--quant", is_flag=True,
+                     help="Add the INT8 sensitivity of the deployed (fused) model: per conv/linear, per-channel weight "
+                          "ranges and the SQNR of quantizing that layer alone, most sensitive first."),
+        click.option("--calib", metavar="DIR", type=click.Path(file_okay=False),
+                     help="Calibration images for --quant (a folder of images or a data folder with train/; default: "
+                          "random normal inputs, which say little about real activation ranges)."),
+        click.option("--calib-images", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
+                     help="Calibration images for --quant."),
+        click.option("--latency", is_flag=True,
+                     help="Add measured latency at batch 1 and --batch (a RefConv model: its training-mode forward and "
+                          "its fused deploy model), timed interleaved in this process."),
+        click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
+                     help="The second batch size for --latency."),
+        click.option("--runtime", "runtimes", multiple=True, type=click.Choice(RUNTIMES[1:]),
+                     help="Also time the exported deploy model in this runtime (repeatable) with --latency."),
+        click.option("--warmup", type=click.IntRange(min=0), default=DEFAULT_WARMUP, show_default=True, metavar="N",
+                     help="Untimed runs per form before timing (--latency)."),
+        click.option("--repeats", type=click.IntRange(min=1), default=DEFAULT_REPEATS, show_default=True, metavar="N",
+                     help="Timed runs per form and batch size (--latency)."),
+        click.option("--threads", type=click.IntRange(min=1), metavar="N",
+                     help="CPU threads for --latency, PyTorch and onnxruntime alike (default: PyTorch's setting)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _check_deploy_options(quant, calib, latency, ctx) -> None:
+    from click.core import ParameterSource
+
+    if calib is not None and not quant:
+        raise click.UsageError("--calib is for --quant (calibration images)")
+    if calib is not None and not os.path.isdir(calib):
+        raise click.BadParameter(f"'{calib}': {'not a folder' if os.path.exists(calib) else 'no such folder'}",
+                                 param_hint="--calib")
+    timing = [option for name, option in (("batch", "--batch"), ("runtimes", "--runtime"), ("warmup", "--warmup"),
+                                          ("repeats", "--repeats"), ("threads", "--threads"))
+              if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    if timing and not latency:
+        raise click.UsageError(f"{timing[0]} is for --latency")
+
+
+def _extras(models, names, size, *, quant, calib, calib_images, latency, batch, runtimes, warmup, repeats, threads):
+    """The --quant and --latency sections, in order."""
+    sections = []
+    if quant:
+        from reparam_zoo.quantize import quant_compare, quant_report
+
+        if len(models) == 1:
+            sections.append(("quant", quant_report(models[0], calib, calib_images=calib_images, input_size=size,
+                                                   name=names[0], progress=True)))
+        else:
+            sections.append(("quant", quant_compare(models[0], models[1], calib, names=names,
+                                                    calib_images=calib_images, input_size=size, progress=True)))
+    if latency:
+        from reparam_zoo.latency import measure_latency
+
+        sections.append(("latency", measure_latency(dict(zip(names, models)), size, batch=batch, warmup=warmup,
+                                                    repeats=repeats, threads=threads,
+                                                    runtimes=("eager",) + tuple(runtimes), progress=True)))
+    return sections
+
+
 @click.command("report")
 @click.argument("model", metavar="MODEL")
 @model_options
@@ -18,7 +86,10 @@ _DEFAULT_SIZE = (3, 224, 224)
 @report_format_option()
 @click.option("--depth", type=click.IntRange(min=0), default=1, show_default=True,
               help="Per-module rows down to this depth (0: totals only).")
-def report_command(model, arch, checkpoint, num_classes, pretrained, trust_pickle, input_size, fmt, depth):
+@_deploy_options
+@click.pass_context
+def report_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pickle, input_size, fmt, depth,
+                   quant, calib, calib_images, latency, batch, runtimes, warmup, repeats, threads):
     """Params (trainable/frozen, buffers apart) and MACs of MODEL, for training and for inference.
 
     MODEL is as for `reparam convert`; a RefConv model file shows what refocus training costs next to
@@ -26,10 +97,14 @@ def report_command(model, arch, checkpoint, num_classes, pretrained, trust_pickl
     """
     from reparam_zoo.report import report
 
+    _check_deploy_options(quant, calib, latency, ctx)
     resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes, pretrained=pretrained,
                        trust_pickle=trust_pickle)
     size = _size(resolved.model, input_size)
-    _show(report(resolved.model, size, depth=depth, name=_label(model)), fmt)
+    result = report(resolved.model, size, depth=depth, name=_label(model))
+    _show(result, fmt, _extras([resolved.model], [_label(model)], size, quant=quant, calib=calib,
+                               calib_images=calib_images, latency=latency, batch=batch, runtimes=runtimes,
+                               warmup=warmup, repeats=repeats, threads=threads))
 
 
 @click.command("compare")
@@ -40,13 +115,17 @@ def report_command(model, arch, checkpoint, num_classes, pretrained, trust_pickl
 @input_size_option(_SIZE_HELP)
 @report_format_option()
 @click.option("--names", metavar="NAME_A,NAME_B", help="Column names (default: the file or architecture names).")
-def compare_command(model_a, model_b, trust_pickle, input_size, fmt, names):
+@_deploy_options
+@click.pass_context
+def compare_command(ctx, model_a, model_b, trust_pickle, input_size, fmt, names, quant, calib, calib_images, latency,
+                    batch, runtimes, warmup, repeats, threads):
     """Two models side by side, with B - A and B / A: e.g. a RefConv model file and its fused file.
 
     A and B are architecture names or model files (reparam .safetensors; pickles with --trust-pickle).
     """
     from reparam_zoo.report import compare
 
+    _check_deploy_options(quant, calib, latency, ctx)
     if names is not None:
         labels = tuple(n.strip() for n in names.split(","))
         if len(labels) != 2 or not all(labels):
@@ -57,11 +136,18 @@ def compare_command(model_a, model_b, trust_pickle, input_size, fmt, names):
             labels = ("A", "B")
     a, b = (_resolve_compared(spec, trust_pickle) for spec in (model_a, model_b))
     size = input_size or known_input_size(a, None) or known_input_size(b, None) or _DEFAULT_SIZE
-    _show(compare(a, b, size, names=labels), fmt)
+    _show(compare(a, b, size, names=labels), fmt,
+          _extras([a, b], list(labels), size, quant=quant, calib=calib, calib_images=calib_images, latency=latency,
+                  batch=batch, runtimes=runtimes, warmup=warmup, repeats=repeats, threads=threads))
 
 
-def _show(result, fmt: str) -> None:
-    echo_lines(result.render(fmt))
+def _show(result, fmt: str, extras=()) -> None:
+    if extras and fmt == "json":  # one JSON document: the report and each added section under its name
+        import json
+
+        echo_lines(json.dumps({"report": result.as_dict(), **{k: v.as_dict() for k, v in extras}}, indent=2))
+    else:  # the other formats: the sections one after another, a blank line between
+        echo_lines("\n\n".join([result.render(fmt).rstrip("\n")] + [v.render(fmt).rstrip("\n") for _, v in extras]))
     if fmt == "csv":  # the other formats carry the warnings themselves
         for flag in result.flags:
             echo(f"warning: {flag}", err=True)

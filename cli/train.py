@@ -5,7 +5,7 @@ import os
 
 import click
 
-from reparam_zoo.train.config import OPTIMIZERS, SGD_MOMENTUM, TrainConfig
+from reparam_zoo.train.config import OPTIMIZERS, PLAIN_SCOPE, SGD_MOMENTUM, TrainConfig
 from reparam_zoo.train.tasks import TASKS
 
 from .common import DEFAULT_MAP_K, TRAIN_SCOPES, check_map_k, flag_name, input_size_option, model_options, output_option
@@ -58,8 +58,9 @@ def _check_device(ctx, param, value):
 @click.option("--num-classes", type=click.IntRange(min=1), metavar="N",
               help="Replace the classifier head for N classes (must equal the data's classes; for a detector "
                    "the background counts, as in torchvision); the new head trains too.")
-@click.option("--train-scope", type=click.Choice(TRAIN_SCOPES),
-              help="What trains: only the transforms, also norm layers, or everything but the base kernels.  "
+@click.option("--train-scope", type=click.Choice([*TRAIN_SCOPES, PLAIN_SCOPE]),
+              help="What trains: only the transforms, also norm layers, or everything but the base kernels; "
+                   f"{PLAIN_SCOPE}: ordinary training of a plain MODEL (no RefConv conversion, every weight).  "
                    "[default: an already converted MODEL's own scope (what `reparam convert --train-scope` "
                    "saved), else transforms]")
 @click.option("--map-k", type=int, callback=check_map_k,

@@ -14,6 +14,9 @@ from .resolve import load_model
 from .surgery import ConversionSummary, convert
 from . import models  # noqa: F401  (registers the zoo with timm)
 from .train import TrainResult, resume, train
+from .ablate import AblationResult, ablate, resume_ablation  # noqa: E402  (after train: ablate builds on it)
+from .quantize import QuantizationError, export_int8, quant_compare, quant_report
+from .latency import measure_latency
 
 from .version import __version__
 
@@ -21,8 +24,9 @@ __all__ = [
     "RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd",
     "convert", "fold", "fuse", "ConversionSummary", "FuseReport",
     "load_checkpoint", "create_model", "save", "load", "load_model",
-    "train", "resume", "TrainResult",
+    "train", "resume", "TrainResult", "ablate", "resume_ablation", "AblationResult",
     "report", "compare", "Report", "Comparison",
+    "export_int8", "quant_report", "quant_compare", "QuantizationError", "measure_latency",
     "ReparamError", "ArgumentConflictError", "ConversionError", "CheckpointError", "EquivalenceError",
     "__version__",
 ]

@@ -158,9 +158,9 @@ def create_with_checkpoint(name: str, checkpoint: Union[PathLike, Dict[str, torc
     if _is_dense(name):
         head = _dense().checkpoint_num_classes(skeleton, state)
     else:
-        head = checkpoint_head_size(skeleton, state) or implied.get("num_classes")
-    if head is not None and head == (getattr(skeleton, "pretrained_cfg", None) or {}).get("num_classes"):
-        head = None  # the built head fits
+        head = checkpoint_head_size(skeleton, state)
+        if head is None and implied.get("num_classes") not in (None, skeleton.pretrained_cfg.get("num_classes")):
+            head = implied["num_classes"]  # a torchvision detector's or segmenter's heads, read by their class count
     if head is not None:
         built = (getattr(skeleton, "num_classes", None)
                  or (getattr(skeleton, "pretrained_cfg", None) or {}).get("num_classes"))

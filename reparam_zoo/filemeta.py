@@ -251,11 +251,24 @@ def check_extra(extra: Any, source: str) -> None:
         raise _malformed(source, "extra", f"nested deeper than {MAX_DEPTH} levels")
     if "classes" in extra:
         _names(extra["classes"], source, "extra classes")
-    if "train" in extra:
+    if "train" in extra:  # a run's step counters (read back on resume) and metrics (shown)
         tag = extra["train"]
         counter = _int(0, 2**53)
-        if not isinstance(tag, dict) or not all(isinstance(k, str) and counter(v) for k, v in tag.items()):
-            raise _malformed(source, "extra train", "not an object of non-negative integer counters")
+        if not isinstance(tag, dict) or not all(isinstance(k, str) and _metric(v) for k, v in tag.items()):
+            raise _malformed(source, "extra train", "not an object of counters and metrics")
+        for key in ("global_step", "epoch", "step"):
+            if key in tag and not counter(tag[key]):
+                raise _malformed(source, f"extra train {key}", f"{_short(tag[key])} is not a non-negative integer")
+
+
+def _metric(value: Any) -> bool:
+    """A number (NaN and infinities are not JSON), a short string, or a list of numbers (per-class IoU)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return len(value) <= 200
+    return (isinstance(value, list) and len(value) <= MAX_CLASSES
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value))
 
 
 def loads_metadata(text: str, key: str, source: str) -> Any:

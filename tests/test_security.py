@@ -26,16 +26,20 @@ from reparam_zoo.errors import OutputError
 from reparam_zoo.export import export
 from reparam_zoo.fileio import TEMP_MARK, atomic_write
 
-ALARM_S = 120
+ALARM_S = 300  # generous: the suite runs on shared, loaded CPUs; a hang still fails instead of blocking
+SUBPROCESS_TESTS_S = 600  # the tests that start Python with torch several times
 
 
 @pytest.fixture(autouse=True)
-def deadline():
+def deadline(request):
+    seconds = SUBPROCESS_TESTS_S if request.node.name.startswith(("test_a_full_disk", "test_a_signal", "test_a_crash")) \
+        else ALARM_S
+
     def expired(signum, frame):
-        raise TimeoutError(f"test still running after {ALARM_S} s (a hang?)")
+        raise TimeoutError(f"test still running after {seconds} s (a hang?)")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(ALARM_S)
+    signal.alarm(seconds)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
@@ -183,7 +187,7 @@ def test_refconv_fuse_and_extra_metadata_are_checked(tmp_path):
         (fused_file, {"fuse": {**fuse, "input_shapes": [[1, -3]]}}, r"\(fuse input_shapes: not a list of shapes"),
         (fused_file, {"fuse": {**fuse, "run": "x"}}, r"unknown fuse metadata field 'run'"),
         (fused_file, {"extra": {"classes": [1, 2]}}, r"\(extra classes: not a list of names"),
-        (fused_file, {"extra": {"train": {"global_step": "7"}}}, r"\(extra train: not an object of non-negative"),
+        (fused_file, {"extra": {"train": {"global_step": "7"}}}, r"\(extra train global_step: .7. is not a non-negative integer"),
         (fused_file, {"extra": [1]}, r"\(extra: not a JSON object"),
         (fused_file, {"extra": json.loads("[" * 40 + "]" * 40)}, r"\(extra: not a JSON object"),
         (fused_file, {"extra": {"a": json.loads("[" * 40 + "]" * 40)}}, r"\(extra: nested deeper than 32 levels"),
@@ -247,7 +251,7 @@ _WRITE_ALL = textwrap.dedent("""
 
 def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_temp_file(tmp_path):
     result = subprocess.run([sys.executable, "-c", _WRITE_ALL], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=SUBPROCESS_TESTS_S - 30)
     assert result.returncode == 0, result.stderr[-2000:]  # no abort (SIGABRT) on the way
     assert result.stdout.split("\n").count("exit 1") == 5, result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -310,7 +314,7 @@ def _kill_mid_write(folder, sig):
     process = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE], cwd=folder, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         while not (folder / "writing").exists():
             assert process.poll() is None, process.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "the write never started"
@@ -318,7 +322,7 @@ def _kill_mid_write(folder, sig):
         temps = [n for n in os.listdir(folder) if TEMP_MARK in n]
         assert len(temps) == 1 and temps[0].startswith(".out.safetensors.reparam-tmp-")  # the naming rule
         process.send_signal(sig)
-        _, stderr = process.communicate(timeout=30)
+        _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()

@@ -16,8 +16,9 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 from ..errors import ArgumentConflictError, ReparamError
 from ..options import DEFAULT_MAP_K, TRAIN_SCOPES  # DEFAULT_MAP_K: a model converted here without map_k
 
-__all__ = ["TrainConfig", "TrainError", "RunStopped", "SettingError", "OPTIMIZERS", "MODEL_FILES", "RESUMABLE_OVERRIDES",
-           "PERMISSIONS", "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup", "check_momentum",
+__all__ = ["TrainConfig", "TrainError", "RunStopped", "SettingError", "OPTIMIZERS", "MODEL_FILES", "PLAIN_SCOPE",
+           "RESUMABLE_OVERRIDES", "PERMISSIONS", "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup",
+           "check_momentum",
            "check_resume_overrides", "keyword_name"]
 
 OPTIMIZERS = {"sgd": "momentum", "adamw": "adamw"}  # our name -> timm's (timm's "sgd" is Nesterov)
@@ -31,6 +32,9 @@ RESUMABLE_OVERRIDES = ("epochs", "workers", "fuse", "data_dir")
 # Permissions rather than settings: given by the caller every time, never taken from a run folder (a run
 # folder is data; what it says cannot grant itself the right to be unpickled).
 PERMISSIONS = ("trust_pickle",)
+# The training scope of ordinary training: a plain model (no RefConv layers, none made), every weight trains.
+# The baseline refocusing is compared with (`reparam ablate`'s finetune and continue arms).
+PLAIN_SCOPE = "all"
 _NAME = re.compile(r"<(\w+)>")
 
 
@@ -125,7 +129,9 @@ class TrainConfig:
             raise SettingError("weight_decay", f"<weight_decay> must be >= 0, got {self.weight_decay!r}")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if self.train_scope is not None:
-            _one_of("train_scope", self.train_scope, TRAIN_SCOPES)
+            _one_of("train_scope", self.train_scope, (*TRAIN_SCOPES, PLAIN_SCOPE))
+            if self.train_scope == PLAIN_SCOPE and self.map_k is not None:
+                raise SettingError("map_k", f"<map_k> applies to RefConv training, not <train_scope> {PLAIN_SCOPE}")
         _one_of("model_files", self.model_files, MODEL_FILES)
         from .tasks import TASKS
 

@@ -13,8 +13,8 @@ from ..data import EpochSampler, ShardSampler, make_loader
 from ..deploy import fold
 from ..module_attrs import refconv_summary_of
 from ..surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
-from .config import DEFAULT_MAP_K, OPTIMIZERS, TrainConfig, TrainError
-from .tasks import TaskData
+from .config import DEFAULT_MAP_K, OPTIMIZERS, PLAIN_SCOPE, TrainConfig, TrainError
+from .tasks import Task, TaskData
 
 __all__ = ["InputModel", "Reference", "load_input_model", "prepare_model", "Loaders", "build_loaders", "Optimization",
            "build_optimizer", "float32", "describe_start"]
@@ -49,7 +49,10 @@ def load_input_model(config: TrainConfig, given: Optional[nn.Module], log) -> nn
 def prepare_model(model: nn.Module, config: TrainConfig, head: set, *, fresh: bool, log) -> Tuple[nn.Module, Reference]:
     """The RefConv model that trains, with its training scope applied (`config.train_scope` and `map_k` are
     settled here and recorded), and what its sanity check compares with: the input model itself, or the
-    folded form of an already converted one. `head`: parameters that train besides the scope's."""
+    folded form of an already converted one. `head`: parameters that train besides the scope's.
+    `train_scope` "all" (PLAIN_SCOPE) is ordinary training: the plain model as it is, every weight trains."""
+    if config.train_scope == PLAIN_SCOPE:
+        return _plain(model, log)
     if refconv_layers(model):
         summary = refconv_summary_of(model)
         own = getattr(summary, "train_scope", None)
@@ -84,6 +87,21 @@ def prepare_model(model: nn.Module, config: TrainConfig, head: set, *, fresh: bo
         if name in head:
             p.requires_grad_(True)
     return converted, reference
+
+
+def _plain(model: nn.Module, log) -> Tuple[nn.Module, Reference]:
+    """Ordinary training of every weight: no conversion. A RefConv model has no plain weights to train (its
+    base kernels are frozen buffers)."""
+    layers = refconv_layers(model)
+    if layers:
+        raise TrainError(f"train scope {PLAIN_SCOPE} trains a plain model's weights, but the model has {len(layers)} "
+                         f"RefConv layers; fold it first (reparam fuse --fold-only), or choose a RefConv scope "
+                         f"({', '.join(TRAIN_SCOPES)})")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    log(f"plain training: every weight trains (train scope {PLAIN_SCOPE}, no RefConv conversion)")
+    # a copy: the sanity check moves its reference back to the CPU afterwards
+    return model, Reference(copy.deepcopy(model))
 
 
 def _adopted_map_k(model: nn.Module, wanted: Optional[int]) -> int:
@@ -173,8 +191,9 @@ def describe_start(model: nn.Module, data: TaskData, config: TrainConfig, steps_
     base_kernels = sum(m.weight_base.numel() for _, m in refconv_layers(model))
     total = sum(p.numel() for p in model.parameters()) + base_kernels
     size = data.input_size
-    log(f"training {config.train_scope}: {counts.get('transforms', 0):,} transform params"
-        + (f" + {counts['other']:,} other" if counts.get("other") else "")
+    what = (f"{counts.get('other', 0):,} params" if config.train_scope == PLAIN_SCOPE else
+            f"{counts.get('transforms', 0):,} transform params" + (f" + {counts['other']:,} other" if counts.get("other") else ""))
+    log(f"training {config.train_scope}: {what}"
         + f" of {total:,} training params, base kernels included | {len(data.train)} train / {len(data.val)} val "
         f"images, {len(data.classes)} classes, input {size[1]}x{size[2]}")
     if fresh:  # the run's log says once which output index is which class

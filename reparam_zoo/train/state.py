@@ -121,7 +121,7 @@ def save_checkpoint(run_dir: RunDir, model: nn.Module, progress: Progress, *, op
                     ranks: Optional[List[Dict[str, Any]]] = None, metadata: Optional[Dict[str, Any]] = None) -> None:
     """last.safetensors, then train_state.pt (the commit point: both carry the global step). Rank 0.
     `metadata`: the task's extra metadata for the model file."""
-    from ..fileio import atomic_write
+    from ..fileio import atomic_write_file
 
     tag = progress.tag()
     save_model(run_dir, model, run_dir.file("last.safetensors"), {"train": tag, **(metadata or {})}, classes, notes,
@@ -134,7 +134,8 @@ def save_checkpoint(run_dir: RunDir, model: nn.Module, progress: Progress, *, op
         "trainable": list(trainable), "classes": list(classes), "images": digest,
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
     }
-    atomic_write(run_dir.writes(run_dir.file(STATE_FILE)), lambda tmp: torch.save(state, tmp))
+    # through a Python file: a failed write reports its OS error (torch's own writer does not say why)
+    atomic_write_file(run_dir.writes(run_dir.file(STATE_FILE)), lambda f: torch.save(state, f))
     run_dir.checkpointed = True
 
 

@@ -88,6 +88,8 @@ class Task(abc.ABC):
     name: str = ""
     # (metric, axis label, scale) per plot panel: train_<metric> and val_<metric> over the epochs
     plot_panels: Sequence[Tuple[str, str, float]] = ()
+    # (label, display scale) of the first element of `best_key`: what `reparam ablate` compares arms by
+    comparison_metric: Tuple[str, float] = ("validation metric", 1.0)
 
     def configure(self, config) -> None:
         """Take the task's own settings from the run's TrainConfig (e.g. the ignore index)."""

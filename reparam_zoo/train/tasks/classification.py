@@ -20,6 +20,7 @@ __all__ = ["ClassificationTask", "num_outputs", "logits_of"]
 class ClassificationTask(Task):
     name = "classification"
     plot_panels = (("loss", "cross-entropy loss", 1.0), ("acc", "top-1 accuracy (%)", 100.0))
+    comparison_metric = ("top-1 %", 100.0)
 
     def build_data(self, data_dir: str, model: nn.Module, input_size: Any, *, resuming: bool) -> TaskData:
         if input_size is None and not resuming:  # (a resumed run goes on as it started)
