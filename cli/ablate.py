@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import click
 
-from reparam_zoo.train.config import OPTIMIZERS, SGD_MOMENTUM, TrainConfig
+from .lazy import leaf
+
+_config = leaf("reparam_zoo.train.config")  # torch-free: the defaults and choices below are the library's
+OPTIMIZERS, SGD_MOMENTUM, TrainConfig = _config.OPTIMIZERS, _config.SGD_MOMENTUM, _config.TrainConfig
 
 from .common import DEFAULT_MAP_K, flag_name, TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
 
 DEFAULTS = TrainConfig(model="", data_dir="")  # the training defaults are train's
-ARM_NAMES = "refocus, finetune, continue, random-base"
+_ablation = leaf("reparam_zoo.ablate_config")
+ARM_NAMES = ", ".join(_ablation.ARMS)
 
 
 @click.command("ablate")
@@ -16,11 +20,11 @@ ARM_NAMES = "refocus, finetune, continue, random-base"
 @click.option("--data", "data_dir", type=click.Path(), metavar="DIR",
               help="Image folders DIR/train/<class>/* and DIR/val/<class>/*.")
 @output_option("Ablation folder, new or empty (required).")
-@click.option("--arms", default="refocus,finetune", show_default=True, metavar="LIST",
+@click.option("--arms", default=",".join(_ablation.DEFAULT_ARMS), show_default=True, metavar="LIST",
               help=f"Comma-separated arms ({ARM_NAMES}); finetune (the baseline) and one more.")
 @click.option("--lr", "lr_text", metavar="RATES",
-              help="One rate for every arm but continue, or ARM=RATE pairs (refocus=5e-4,finetune=1e-3); continue "
-                   "defaults to the pretraining rate the model file records.  [default: 0.01, or the --lr-grid "
+              help=f"One rate for every arm but continue, or ARM=RATE pairs (refocus=5e-4,finetune=1e-3); continue "
+                   "defaults to the pretraining rate the model file records.  [default: {DEFAULTS.lr}, or the --lr-grid "
                    "choice]")
 @click.option("--lr-grid", "lr_grid_text", metavar="RATES",
               help="Rates tried per arm without a given --lr (continue excepted) on the validation split; the best "
@@ -74,11 +78,10 @@ def ablate_command(model, data_dir, output, arms, lr_text, lr_grid_text, resume,
     model). Ctrl-C stops with a checkpoint; continue with --resume OUTDIR. Runs under torchrun as `reparam
     train` does.
     """
-    from reparam_zoo.ablate import parse_arms, parse_lr_grid, parse_lrs, read_ablation_config
-    from reparam_zoo.processes import keep_freed_memory
-    from reparam_zoo.train.config import check_momentum, check_warmup
-
-    keep_freed_memory()
+    # the rules about settings first, torch-free (usage errors come back at once); then the library
+    parse_arms, parse_lr_grid, parse_lrs, read_ablation_config = (
+        _ablation.parse_arms, _ablation.parse_lr_grid, _ablation.parse_lrs, _ablation.read_ablation_config)
+    check_momentum, check_warmup = _config.check_momentum, _config.check_warmup
     ctx = click.get_current_context()
     arm_list = lrs = grid = None
     # a SettingError raised here is a usage error of the root group, which names the flags (common.flag_name)
@@ -111,6 +114,9 @@ def ablate_command(model, data_dir, output, arms, lr_text, lr_grid_text, resume,
             input_size = input_size[1]
 
     from reparam_zoo.ablate import ablate, resume_ablation
+    from reparam_zoo.processes import keep_freed_memory
+
+    keep_freed_memory()
 
     if resume:
         result = resume_ablation(resume, workers=settings["workers"] if _given(ctx, "workers") else None,

@@ -10,8 +10,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import click
 
-from reparam_zoo import options, torchvision_models
-from reparam_zoo.options import (DEFAULT_MAP_K, EXPORT_FORMATS, FORMAT_NAMES, INITS, REPORT_FORMATS, TRAIN_SCOPES,
+from .lazy import leaf
+
+options = leaf("reparam_zoo.options")  # the library's choices and defaults, without importing torch (cli/lazy.py)
+from reparam_zoo.options import (DEFAULT_CALIB_IMAGES, DEFAULT_HELD_OUT_IMAGES, DEFAULT_MAP_K,  # noqa: E402
+                                 DEFAULT_MIN_AGREEMENT, DEFAULT_REPEATS, DEFAULT_WARMUP, EXPORT_FORMATS, FORMAT_NAMES,
+                                 INITS, LATENCY_BATCH, REPORT_CALIB_IMAGES, REPORT_FORMATS, RUNTIMES, TRAIN_SCOPES,
                                  format_of_path)
 
 __all__ = ["DEFAULT_MAP_K", "INITS", "TRAIN_SCOPES", "REPORT_FORMATS", "EXPORT_FORMATS", "FORMAT_NAMES", "format_of_path", "DEBUG_ENV",
@@ -36,6 +40,11 @@ class ReparamGroup(click.Group):
                 return super().invoke(ctx)
             except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
+            except KeyboardInterrupt:  # (click's own handler would print an empty line first)
+                if debug:
+                    raise
+                click.echo("error: interrupted", err=True)
+                raise click.exceptions.Exit(130) from None
             except Exception as e:
                 if debug:
                     raise
@@ -261,10 +270,9 @@ def input_paths(*specs: Optional[str]) -> List[str]:
 def check_output(path: str, inputs: Sequence[str], option: str = "-o/--output") -> str:
     """A usage error, before any work, when the output cannot be written or would overwrite an input."""
     from reparam_zoo.errors import ReparamError
-    from reparam_zoo.fileio import check_output_path
 
     try:
-        check_output_path(path, inputs)
+        leaf("reparam_zoo.fileio").check_output_path(path, inputs)
     except ReparamError as e:
         raise click.BadParameter(str(e), param_hint=option) from None
     return path
@@ -285,9 +293,7 @@ def settle_model_output(output: str, *, explicit: bool, has_architecture: bool, 
 
 def check_model_file_name(path: str, has_architecture: bool, option: str = "-o/--output") -> None:
     """The library's naming rule (`model_file_name_problem`) as a usage error, checked before any work."""
-    from reparam_zoo.modelfile import model_file_name_problem
-
-    problem = model_file_name_problem(path, has_architecture)
+    problem = leaf("reparam_zoo.fileio").model_file_name_problem(path, has_architecture)
     if problem:
         raise click.BadParameter(f"'{path}': {problem}", param_hint=option)
 
@@ -298,7 +304,7 @@ def default_output(spec: str, suffix: str, strip: Sequence[str] = ()) -> str:
         folder, name = os.path.split(spec)
         stem = os.path.splitext(name)[0]
     else:
-        folder, stem = "", torchvision_models.split_name(spec) or spec
+        folder, stem = "", options.split_torchvision_name(spec) or spec
     for tail in strip:
         if stem.endswith(tail) and len(stem) > len(tail):
             stem = stem[: -len(tail)]

@@ -39,12 +39,6 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
     """
     if not refconv:
         raise click.UsageError("say which conversion: --refconv (RefConv is the only conversion so far)")
-    from reparam_zoo.checkpoint import check_finite
-    from reparam_zoo.modelfile import save
-    from reparam_zoo.module_attrs import architecture_of, refconv_summary_of
-    from reparam_zoo.report import report
-    from reparam_zoo.surgery import convert
-
     explicit_output = output
     if not dry_run:  # checked before any work, so that a bad path fails at once
         output = output or default_output(model, ".refconv.safetensors")
@@ -54,6 +48,13 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
                                      "a model file (.safetensors)", param_hint="-o/--output")
         if not trust_pickle:  # only a trusted pickle can lack an architecture: the name is checked now
             check_model_file_name(output, has_architecture=True)
+    # the library, once the command line is known to be usable
+    from reparam_zoo.checkpoint import check_finite
+    from reparam_zoo.modelfile import save
+    from reparam_zoo.module_attrs import architecture_of, refconv_summary_of
+    from reparam_zoo.report import report
+    from reparam_zoo.surgery import convert
+
     with steps("convert", 3 if dry_run else 4) as step:
         step("loading")
         resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,

@@ -45,7 +45,7 @@ from .checkpoint import (check_compatible, check_finite, check_readable, is_safe
                          read_torch_file, unpickle)
 from .deploy import STAGES, apply_fuse_structure, model_stage
 from .errors import ArchitectureUnknownError, CheckpointError, ReparamError, first_line
-from .fileio import atomic_write, atomic_write_file, check_output_path, same_file
+from .fileio import atomic_write, atomic_write_file, check_output_path, model_file_name_problem, same_file
 from .filemeta import FORMAT, FORMAT_VERSION, ModelFileInfo, fuse_to_json, parse_metadata, register_architecture_kwargs
 from .model_info import require_module, unwrap
 from .module_attrs import fuse_report_of, refconv_summary_of, set_extra
@@ -155,18 +155,6 @@ def save(
 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
-
-
-def model_file_name_problem(path: PathLike, has_architecture: bool) -> Optional[str]:
-    """Why `path` is a wrong name for a model file, or None: the name must say what the file holds,
-    `.safetensors` for a model with an architecture (a reparam model file), `.pt`/`.pth` for one without
-    (a whole-module pickle)."""
-    lower = os.fspath(path).lower()
-    if has_architecture and not lower.endswith(".safetensors"):
-        return "the model is written as a safetensors model file; name it <name>.safetensors"
-    if not has_architecture and not lower.endswith((".pt", ".pth")):
-        return "a model without a rebuildable architecture is written as a whole-module pickle; name it <name>.pt"
-    return None
 
 
 def _storable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

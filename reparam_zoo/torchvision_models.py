@@ -23,22 +23,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .options import TORCHVISION_PREFIX, split_torchvision_name
+
 __all__ = ["PREFIX", "split_name", "is_classifier", "is_known", "kind_of", "close_matches", "create", "replace_heads",
            "checkpoint_kwargs", "is_detector", "example_inputs", "training_inputs", "continuous_output_modules",
            "module_groups", "resized_size"]
 
-PREFIX = "torchvision:"
+PREFIX = TORCHVISION_PREFIX
 _DEFAULT_CLASSES = {"classification": 1000, "detection": 91, "segmentation": 21}
 _KEYPOINT_CLASSES = 2  # keypointrcnn: background and person
 FROZEN_BN = "frozen_batchnorm"  # our constructor argument: the backbone's BatchNorms frozen, as with backbone weights
 
 
-def split_name(name: Any) -> Optional[str]:
-    """`resnet50` for `torchvision:resnet50`; None for a name without the prefix."""
-    if isinstance(name, str) and name.startswith(PREFIX):
-        return name[len(PREFIX):]
-    return None
-
+split_name = split_torchvision_name  # `resnet50` for `torchvision:resnet50`; None without the prefix
 
 def _models_by_kind() -> Dict[str, str]:
     import torchvision.models as tvm
