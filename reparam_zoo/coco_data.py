@@ -29,15 +29,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .data import UNREADABLE_ERRORS, DataError, MAX_CONSECUTIVE_UNREADABLE, seeded_rng
+from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, MAX_CONSECUTIVE_UNREADABLE, seeded_rng,
+                   open_image, open_regular_file)
 
 __all__ = ["CocoSplit", "CocoData", "build_coco_data", "find_coco_split", "read_coco", "detection_collate",
            "BACKGROUND"]
 
 BACKGROUND = "__background__"
-MAX_JSON_BYTES = 2 << 30
+MAX_JSON_BYTES = 2 << 30  # COCO's train2017 instances file is 0.45 GiB
 
 
 def find_coco_split(data_dir: str, split: str) -> str:
@@ -57,11 +57,14 @@ def find_coco_split(data_dir: str, split: str) -> str:
 def read_coco(path: str) -> Dict[str, Any]:
     """The JSON of a COCO annotation file, its structure checked (one-line errors naming the file)."""
     try:
-        if os.path.getsize(path) > MAX_JSON_BYTES:
-            raise DataError(f"{path}: larger than {MAX_JSON_BYTES >> 30} GiB; not read")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        with open_regular_file(path) as f:  # a FIFO must not block; a growing file is read only up to the bound
+            text = f.read(MAX_JSON_BYTES + 1)
+        if len(text) > MAX_JSON_BYTES:
+            raise DataError(f"{path}: larger than {_size(MAX_JSON_BYTES)}; not read (an annotation file is data)")
+        data = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise DataError(f"{path}: not a readable JSON file (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{path}: not a readable JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: not a COCO annotation file (a JSON {type(data).__name__}, not an object)")
@@ -73,10 +76,25 @@ def read_coco(path: str) -> Dict[str, Any]:
         for i, entry in enumerate(data[kind]):
             if not isinstance(entry, dict) or any(k not in entry for k in required):
                 raise DataError(f"{path}: {kind}[{i}] is not a COCO {kind[:-1]} (needs {', '.join(required)})")
+            for key in ("id", "image_id", "category_id"):  # COCO ids are integers (and must be hashable here)
+                if key in required and not _is_int(entry[key]):
+                    raise DataError(f"{path}: {kind}[{i}] has {key} {_short(entry[key])}, not an integer")
+            if kind == "categories" and not isinstance(entry["name"], str):
+                raise DataError(f"{path}: categories[{i}] has name {_short(entry['name'])}, not a string")
+            for key, check, what in _OPTIONAL_FIELDS.get(kind, ()):  # what the evaluator reads
+                if key in entry and not check(entry[key]):
+                    raise DataError(f"{path}: {kind}[{i}] has {key} {_short(entry[key])}, not {what}")
+            if kind == "annotations" and "segmentation" in entry and not _is_segmentation(entry["segmentation"]):
+                raise DataError(f"{path}: annotation {entry['id']} has a segmentation that is neither polygons "
+                                "(lists of numbers) nor an RLE ({'size': [h, w], 'counts': ...})")
     images = {img["id"]: img for img in data["images"]}
     if len(images) != len(data["images"]):
         raise DataError(f"{path}: image ids appear twice")
     categories = {c["id"] for c in data["categories"]}
+    if len(categories) != len(data["categories"]):
+        raise DataError(f"{path}: category ids appear twice")
+    if len({a["id"] for a in data["annotations"]}) != len(data["annotations"]):
+        raise DataError(f"{path}: annotation ids appear twice")
     for ann in data["annotations"]:
         if ann["image_id"] not in images:
             raise DataError(f"{path}: annotation {ann['id']} is of image_id {ann['image_id']}, which is not in 'images'")
@@ -84,13 +102,63 @@ def read_coco(path: str) -> Dict[str, Any]:
             raise DataError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, which is not in "
                             "'categories'")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise DataError(f"{path}: annotation {ann['id']} has bbox {box!r}, not [x, y, width, height]")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise DataError(f"{path}: annotation {ann['id']} has bbox {_short(box)}, not [x, y, width, height]")
     for img in data["images"]:
         name = img["file_name"]
         if not isinstance(name, str) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-            raise DataError(f"{path}: image {img['id']} has file_name {name!r}, not a path inside the data folder")
+            raise DataError(f"{path}: image {img['id']} has file_name {_short(name)}, not a path inside the data "
+                            "folder")
     return data
+
+
+MAX_IMAGE_SIDE = 1 << 16
+_OPTIONAL_FIELDS = {
+    "images": [(k, lambda v: _is_int(v) and 1 <= v <= MAX_IMAGE_SIDE, f"an integer in [1, {MAX_IMAGE_SIDE}]")
+               for k in ("width", "height")],
+    "annotations": [("area", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+                    ("iscrowd", lambda v: v in (0, 1) and not isinstance(v, float), "0 or 1")],
+}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_segmentation(value: Any) -> bool:
+    """Polygons `[[x, y, ...], ...]` or an RLE `{"size": [h, w], "counts": str or [int, ...]}` (or empty)."""
+    if isinstance(value, list):
+        return all(isinstance(p, list) and all(_is_number(v) for v in p) for p in value)
+    if isinstance(value, dict):
+        size, counts = value.get("size"), value.get("counts")
+        return (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size)
+                and (isinstance(counts, str) or (isinstance(counts, list) and all(_is_int(v) and v >= 0
+                                                                                   for v in counts))))
+    return False
+
+
+def _short(value: Any, n: int = 80) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n:,} bytes"
+
+
+def _inside(folder: str, name: str) -> bool:
+    """Whether `folder/name`, links resolved, is still in `folder` (links resolved): a file_name is data, and
+    a link in the image folder must not lead a listed image out of it."""
+    root = os.path.realpath(folder)
+    return os.path.commonpath([root, os.path.realpath(os.path.join(folder, name))]) == root
 
 
 def _image_folder(data_dir: str, annotation_file: str, split: str, data: Dict[str, Any]) -> str:
@@ -107,6 +175,15 @@ def _image_folder(data_dir: str, annotation_file: str, split: str, data: Dict[st
     folder = next((c for c in candidates if os.path.isfile(os.path.join(c, first))), None)
     if folder is None:
         raise DataError(f"{annotation_file}: its image {first} is not in {', '.join(dict.fromkeys(candidates))}")
+    outside = [img["file_name"] for img in data["images"] if not _inside(folder, img["file_name"])]
+    if outside:
+        raise DataError(f"{annotation_file}: {len(outside)} listed image(s) lead out of {folder} through a link "
+                        f"(e.g. {_short(outside[0])}); not read")
+    special = [img["file_name"] for img in data["images"] if os.path.exists(os.path.join(folder, img["file_name"]))
+               and not os.path.isfile(os.path.join(folder, img["file_name"]))]
+    if special:
+        raise DataError(f"{annotation_file}: {len(special)} listed image(s) in {folder} are not regular files "
+                        f"(e.g. {_short(special[0])}: a folder, FIFO or device is never read)")
     missing = [img["file_name"] for img in data["images"] if not os.path.isfile(os.path.join(folder, img["file_name"]))]
     if missing:
         raise DataError(f"{annotation_file}: {len(missing)} listed image(s) missing from {folder} "
@@ -192,7 +269,7 @@ class CocoSplit(torch.utils.data.Dataset):
             "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
         }
         if self.masks:
-            masks = [_instance_mask(a.get("segmentation"), height, width) for a in anns]
+            masks = [self._mask(a, height, width) for a in anns]
             empty = np.zeros((height, width), dtype=np.uint8)
             target["masks"] = tv_tensors.Mask(torch.from_numpy(np.stack([m if m is not None else empty for m in masks])
                                                                if masks else np.zeros((0, height, width), np.uint8)))
@@ -208,10 +285,26 @@ class CocoSplit(torch.utils.data.Dataset):
         out["image_id"] = self.images[index]["id"]
         return image.as_subclass(torch.Tensor), out, unreadable
 
+    def _mask(self, ann: Dict[str, Any], height: int, width: int) -> Optional[np.ndarray]:
+        """The instance mask of `ann`; an RLE must be the size of its image (its `size` is what pycocotools
+        would allocate) and decode (a DataError naming the annotation otherwise: raised in a loader worker, it
+        reaches the training process as this one line)."""
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, dict) and list(segmentation.get("size", [])) != [height, width]:
+            raise DataError(f"{self.annotation_file}: annotation {ann['id']} has an RLE of size "
+                            f"{_short(segmentation.get('size'))}, but its image is {height}x{width}")
+        try:
+            return _instance_mask(segmentation, height, width)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise DataError(f"{self.annotation_file}: annotation {ann['id']} has an undecodable segmentation "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
     def _load(self, index: int) -> Optional[torch.Tensor]:
         try:
-            with Image.open(os.path.join(self.folder, self.images[index]["file_name"])) as img:
+            with open_image(os.path.join(self.folder, self.images[index]["file_name"])) as img:
                 return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+        except ImageTooLargeError:
+            raise  # an error naming the file, not an unreadable image to skip
         except UNREADABLE_ERRORS:
             return None
 
@@ -252,7 +345,7 @@ def build_coco_data(data_dir: str, *, masks: bool) -> CocoData:
         if splits[split].degenerate:
             notes.append(f"{path}: dropped {splits[split].degenerate} degenerate box(es) (width or height under 1 "
                          "pixel)")
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
             h.update(f"{split}/{os.path.relpath(path, data_dir)}\n".encode() + hashlib.sha256(f.read()).digest())
     if masks:
         _check_masks(train_file, train_json)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import signal
 import stat
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_co
 
 from .errors import ReparamError, preview
 
-__all__ = ["DataError", "DataSplits", "ImageFolderSplit", "EpochSampler", "ShardSampler", "build_datasets",
+__all__ = ["DataError", "ImageTooLargeError", "walk_files", "open_image", "open_regular_file", "DataSplits", "ImageFolderSplit", "EpochSampler", "ShardSampler", "build_datasets",
            "make_loader", "sample_seed"]
 
 SPLITS = ("train", "val")
@@ -39,7 +40,26 @@ IGNORE_TARGET = -100  # torch's CrossEntropyLoss ignore_index: an unreadable val
 
 
 class DataError(ReparamError):
-    """The data folder cannot be used for training (missing, empty, inconsistent)."""
+    """The data folder cannot be used for training (missing, empty, inconsistent).
+
+    Raised in a DataLoader worker, it reaches the training process re-made from PyTorch's report ("Caught
+    DataError in DataLoader worker process 0." and the worker's traceback); it is given back its own one-line
+    message there, so that the error names the file, as it does without workers."""
+
+    def __init__(self, message: str = "", *args):
+        if isinstance(message, str) and message.startswith("Caught ") and " in DataLoader worker" in message:
+            message = _worker_message(message, type(self))
+        super().__init__(message, *args)
+
+
+def _worker_message(report: str, cls: type) -> str:
+    prefix = f"{cls.__module__}.{cls.__qualname__}: "
+    lines = [line[len(prefix):] for line in report.splitlines() if line.startswith(prefix)]
+    return lines[-1] if lines else report.splitlines()[0]
+
+
+class ImageTooLargeError(DataError):
+    """An image whose header claims more pixels than PIL's `Image.MAX_IMAGE_PIXELS` (a decompression bomb)."""
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -112,10 +132,28 @@ class FolderScan:
 
 
 def scan_image_folder(root: str) -> FolderScan:
-    """Walk `root` without entering a folder twice (by device and inode, so through any link) and without
-    opening anything: only names and `stat`."""
-    extensions = get_img_extensions(as_set=True)
-    files, loose, class_folders = [], [], []
+    """The image files of a class-folder split (see `walk_files`)."""
+    walk = walk_files(root, get_img_extensions(as_set=True))
+    loose = [f for f in walk.files if os.path.dirname(f) == root]
+    files = [f for f in walk.files if os.path.dirname(f) != root]
+    return FolderScan(files=files, loose=loose, class_folders=walk.top_folders, skipped=walk.skipped)
+
+
+@dataclass
+class FolderWalk:
+    files: List[str]  # paths under the root (through the links followed), in walk order
+    top_folders: List[str]  # the folders (or links to folders) right under the root that were walked, sorted
+    skipped: List[str]  # one warning per kind of thing left out
+
+
+def walk_files(root: str, extensions) -> FolderWalk:
+    """The regular files under `root` whose extension (lower-cased) is in `extensions`. A data folder is data:
+    the walk enters no folder twice (by device and inode, so through any link: a link loop ends), lists only
+    names and `stat`s (opens no file: a FIFO cannot block it), leaves out hidden names, and says in `skipped`
+    what else it left out (links to folders already walked, non-regular files, broken links, unlistable
+    folders)."""
+    extensions = {e.lower() for e in extensions}
+    files, class_folders = [], []
     repeated, special, broken, unreadable = [], [], [], []
     visited = {_identity(os.stat(root))}
     stack = [root]
@@ -146,14 +184,14 @@ def scan_image_folder(root: str) -> FolderScan:
             elif not stat.S_ISREG(info.st_mode):
                 special.append(rel)
             elif os.path.splitext(entry.name)[1].lower() in extensions:
-                (loose if folder == root else files).append(entry.path)
+                files.append(entry.path)
     skipped = []
     for items, what in ((repeated, "link(s) to a folder already read (a link loop, or a second link to one folder)"),
                         (special, "non-regular file(s) (FIFOs, sockets, devices are never read)"),
                         (broken, "broken link(s)"), (unreadable, "folder(s) that cannot be listed")):
         if items:
             skipped.append(f"{root}: skipped {len(items)} {what}: {preview(sorted(items), 3)}")
-    return FolderScan(files=files, loose=loose, class_folders=sorted(class_folders), skipped=skipped)
+    return FolderWalk(files=files, top_folders=sorted(class_folders), skipped=skipped)
 
 
 def _identity(info: os.stat_result) -> Tuple[int, int]:
@@ -173,6 +211,40 @@ def open_regular_file(path: str):
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_image(path: str, fileobj=None) -> Image.Image:
+    """The decoded image at `path`, read only if it is a regular file (never blocking), and only if its header
+    asks for no more than PIL's `Image.MAX_IMAGE_PIXELS` pixels: `ImageTooLargeError` naming the file
+    otherwise (PIL itself only warns up to twice its limit, and would allocate what the header asks). Other
+    failures raise what PIL raises (`UNREADABLE_ERRORS`). `fileobj`: `path` opened already (it is closed)."""
+    import warnings
+
+    with fileobj if fileobj is not None else open_regular_file(path) as f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
+                img = Image.open(f)
+        except Image.DecompressionBombError as e:
+            check_image_size(path, None, refusal=str(e))
+        check_image_size(path, img)
+        img.load()  # decoded while the file is open; the image needs it no more
+    return img
+
+
+def check_image_size(path: str, img: Optional[Image.Image], refusal: str = "") -> None:
+    """`ImageTooLargeError` when the header of `img` is over PIL's limit; img None: PIL refused it outright
+    (`refusal` its message, which holds the pixel count)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if img is not None and (limit is None or img.size[0] * img.size[1] <= limit):
+        return
+    if img is not None:
+        size = f"{img.size[0]}x{img.size[1]} = {img.size[0] * img.size[1]:,}"
+    else:
+        found = re.search(r"\((\d+) pixels\)", refusal)
+        size = f"{int(found.group(1)):,}" if found else "more"
+    raise ImageTooLargeError(f"{path}: image of {size} pixels, over PIL's limit of {limit:,} (a decompression bomb?); "
+                             "raise PIL.Image.MAX_IMAGE_PIXELS in Python if it is genuine")
 
 
 class ImageFolderSplit(ImageDataset):
@@ -246,12 +318,14 @@ class ImageFolderSplit(ImageDataset):
     def _load(self, index: int):
         """(RGB image, target), or (None, target) when the file cannot be read or decoded."""
         try:
-            fileobj, target = self.reader[index]
+            fileobj, target = self.reader[index]  # a regular file, or OSError
         except OSError:
             return None, None
         try:
-            with fileobj:
-                return Image.open(fileobj).convert(self.input_img_mode), target  # convert() decodes pixels
+            with open_image(self.reader.samples[index][0], fileobj) as img:
+                return img.convert(self.input_img_mode), target
+        except ImageTooLargeError:
+            raise  # an error naming the file, not an unreadable image to skip
         except UNREADABLE_ERRORS:
             return None, target
 

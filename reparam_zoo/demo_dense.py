@@ -70,6 +70,8 @@ def run_dense_demo(task: str, output_dir: str = "reparam-demo", *, seed: int = 0
         raise ReparamError(f"no built-in {task} demo (expected one of {', '.join(DENSE_DEMOS)})")
     demo = DENSE_DEMOS[task]
     start = time.perf_counter()
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ReparamError(f"{output_dir} exists and is not a folder; pass another output folder")
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ReparamError(f"{output_dir} exists and is not empty; pass another output folder")
     os.makedirs(output_dir, exist_ok=True)

@@ -251,24 +251,43 @@ def check_extra(extra: Any, source: str) -> None:
         raise _malformed(source, "extra", f"nested deeper than {MAX_DEPTH} levels")
     if "classes" in extra:
         _names(extra["classes"], source, "extra classes")
-    if "train" in extra:  # a run's step counters (read back on resume) and metrics (shown)
-        tag = extra["train"]
-        counter = _int(0, 2**53)
-        if not isinstance(tag, dict) or not all(isinstance(k, str) and _metric(v) for k, v in tag.items()):
-            raise _malformed(source, "extra train", "not an object of counters and metrics")
-        for key in ("global_step", "epoch", "step"):
-            if key in tag and not counter(tag[key]):
-                raise _malformed(source, f"extra train {key}", f"{_short(tag[key])} is not a non-negative integer")
+    if "train" in extra:
+        _check_train_tag(extra["train"], source)
+    if "label_to_category_id" in extra:
+        ids = extra["label_to_category_id"]
+        category = _optional(_int(0, 2**53))
+        if not isinstance(ids, list) or len(ids) > MAX_CLASSES + 1 or not all(category(i) for i in ids):
+            raise _malformed(source, "extra label_to_category_id", "not a list of COCO category ids (integers >= 0 "
+                             "or null)")
+        if "classes" in extra and isinstance(extra["classes"], list) and len(ids) != len(extra["classes"]):
+            raise _malformed(source, "extra label_to_category_id",
+                             f"{len(ids)} entries for {len(extra['classes'])} classes")
 
 
-def _metric(value: Any) -> bool:
-    """A number (NaN and infinities are not JSON), a short string, or a list of numbers (per-class IoU)."""
-    if value is None or isinstance(value, (bool, int, float)):
-        return True
-    if isinstance(value, str):
-        return len(value) <= 200
-    return (isinstance(value, list) and len(value) <= MAX_CLASSES
-            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value))
+# the training tag (`extra.train`) of a run's model files: its position and, on a best/deploy model, the metrics
+_TRAIN_COUNTERS = ("epoch", "step", "global_step")
+MAX_TRAIN_FIELDS = 256
+
+
+def _check_train_tag(tag: Any, source: str) -> None:
+    """Counters are integers >= 0 (a resume compares `global_step`), metrics finite numbers or null, a per-class
+    metric an object of class name -> number or null; nothing else."""
+    counter, number = _int(0, 2**53), _optional(_float(-math.inf, math.inf))
+    if not isinstance(tag, dict) or len(tag) > MAX_TRAIN_FIELDS:
+        raise _malformed(source, "extra train", f"not an object of at most {MAX_TRAIN_FIELDS} fields")
+    for key, value in tag.items():
+        name = f"extra train {key[:60]!r}" if isinstance(key, str) else "extra train"
+        if not isinstance(key, str) or len(key) > MAX_NAME_LENGTH:
+            raise _malformed(source, name, "field name too long")
+        if key in _TRAIN_COUNTERS or key.endswith("_images"):
+            if not counter(value):
+                raise _malformed(source, name, f"{_short(value)} is not a non-negative integer count")
+        elif isinstance(value, dict):
+            if len(value) > MAX_NAMES or not all(isinstance(k, str) and len(k) <= MAX_NAME_LENGTH and number(v)
+                                                 for k, v in value.items()):
+                raise _malformed(source, name, "not an object of class name -> finite number or null")
+        elif not number(value):
+            raise _malformed(source, name, f"{_short(value)} is not a finite number or null")
 
 
 def loads_metadata(text: str, key: str, source: str) -> Any:

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .data import UNREADABLE_ERRORS, DataError, MAX_CONSECUTIVE_UNREADABLE, seeded_rng
+from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, MAX_CONSECUTIVE_UNREADABLE, seeded_rng,
+                   check_image_size, open_image, open_regular_file, walk_files)
 
 __all__ = ["SegmentationSplit", "SegmentationData", "build_segmentation_data", "read_class_names", "segmentation_collate",
            "IMAGE_EXTENSIONS", "CLASSES_FILE", "check_segmentation_dir"]
@@ -49,8 +50,8 @@ def read_class_names(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no class-names file (one class name per line, in mask index order)")
     try:
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f.read(1 << 20).splitlines() if line.strip()]
+        with open_regular_file(path) as f:
+            names = [line.strip() for line in f.read(1 << 20).decode("utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: unreadable class-names file ({e})") from None
     if len(names) < 2:
@@ -82,21 +83,18 @@ def _key(relative: str, suffixes: Sequence[str]) -> str:
     return stem
 
 
-def _files(root: str, extensions: Sequence[str]) -> List[str]:
-    """Relative paths of the files under `root` with one of `extensions`, hidden ones left out, sorted."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(tuple(extensions)):
-                found.append(os.path.relpath(os.path.join(folder, name), root))
-    return sorted(found)
+def _files(root: str, extensions: Sequence[str], skipped: List[str]) -> List[str]:
+    """Relative paths of the regular files under `root` with one of `extensions`, sorted; walked as image
+    folders are (`reparam_zoo.data.walk_files`: no link loop, no FIFO), what was left out added to `skipped`."""
+    walk = walk_files(root, extensions)
+    skipped.extend(walk.skipped)
+    return sorted(os.path.relpath(f, root) for f in walk.files)
 
 
-def _pairs_of_folders(split_dir: str) -> List[Tuple[str, str]]:
+def _pairs_of_folders(split_dir: str, skipped: List[str]) -> List[Tuple[str, str]]:
     images_dir, masks_dir = os.path.join(split_dir, "images"), os.path.join(split_dir, "masks")
-    images = {_key(p, _IMAGE_SUFFIXES): p for p in _files(images_dir, IMAGE_EXTENSIONS)}
-    masks = {_key(p, _MASK_SUFFIXES): p for p in _files(masks_dir, (".png",))}
+    images = {_key(p, _IMAGE_SUFFIXES): p for p in _files(images_dir, IMAGE_EXTENSIONS, skipped)}
+    masks = {_key(p, _MASK_SUFFIXES): p for p in _files(masks_dir, (".png",), skipped)}
     if not images:
         raise DataError(f"{images_dir}: no images found")
     missing = sorted(k for k in images if k not in masks)
@@ -113,8 +111,8 @@ def _pairs_of_folders(split_dir: str) -> List[Tuple[str, str]]:
 def _pairs_of_voc(data_dir: str, split: str) -> List[Tuple[str, str]]:
     listing = os.path.join(data_dir, VOC_LISTS, f"{split}.txt")
     try:
-        with open(listing, encoding="utf-8") as f:
-            ids = [line.strip() for line in f.read(1 << 24).splitlines() if line.strip()]
+        with open_regular_file(listing) as f:
+            ids = [line.strip() for line in f.read(1 << 24).decode("utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{listing}: unreadable split list ({e})") from None
     if not ids:
@@ -133,10 +131,11 @@ def _pairs_of_voc(data_dir: str, split: str) -> List[Tuple[str, str]]:
 
 
 def _check_sizes(pairs: Sequence[Tuple[str, str]]) -> None:
-    """A mask the size of its image (read from the headers: no pixels are decoded here)."""
+    """A mask the size of its image, neither over PIL's pixel limit (read from the headers: no pixels are
+    decoded here)."""
     for image, mask in pairs:
         try:
-            with Image.open(image) as a, Image.open(mask) as b:
+            with _header(image) as a, _header(mask) as b:
                 if a.size != b.size:
                     raise DataError(f"{mask}: mask is {b.size[0]}x{b.size[1]} but its image {image} is "
                                     f"{a.size[0]}x{a.size[1]}")
@@ -144,8 +143,36 @@ def _check_sizes(pairs: Sequence[Tuple[str, str]]) -> None:
             continue  # counted as unreadable when it is loaded
 
 
+class _header:
+    """The header of an image file (a regular file only), checked against PIL's pixel limit."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> Image.Image:
+        self.file = open_regular_file(self.path)
+        try:
+            self.img = Image.open(self.file)
+        except Image.DecompressionBombError as e:
+            self.file.close()
+            check_image_size(self.path, None, refusal=str(e))
+        except BaseException:
+            self.file.close()
+            raise
+        try:
+            check_image_size(self.path, self.img)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.img
+
+    def __exit__(self, *exc) -> None:
+        self.img.close()
+        self.file.close()
+
+
 def _mask_array(path: str) -> np.ndarray:
-    with Image.open(path) as img:
+    with open_image(path) as img:
         if img.mode not in ("P", "L", "I", "I;16", "1"):
             raise DataError(f"{path}: a {img.mode} image; masks are single-channel index PNGs (one class index per "
                             "pixel, e.g. palette PNGs)")
@@ -201,8 +228,10 @@ class SegmentationSplit(torch.utils.data.Dataset):
         """(image uint8 CHW, mask int64 HW, error message or None), or None when the image is unreadable."""
         image_path, mask_path = self.pairs[index]
         try:
-            with Image.open(image_path) as img:
+            with open_image(image_path) as img:
                 image = np.array(img.convert("RGB"))  # grayscale, palette, RGBA -> RGB
+        except ImageTooLargeError as e:
+            return None, None, str(e)
         except UNREADABLE_ERRORS:
             return None
         try:
@@ -229,6 +258,7 @@ class SegmentationData:
     classes: List[str]
     input_size: Tuple[int, int, int]
     digest: str
+    skipped: List[str] = field(default_factory=list)  # warnings: what walking the folders left out
 
 
 def build_segmentation_data(data_dir: str, *, size: int, mean: Sequence[float], std: Sequence[float],
@@ -246,18 +276,18 @@ def build_segmentation_data(data_dir: str, *, size: int, mean: Sequence[float], 
     train_tf = v2.Compose([v2.RandomResizedCrop((size, size), scale=(0.25, 1.0), antialias=True),
                            v2.RandomHorizontalFlip(), v2.ColorJitter(0.2, 0.2, 0.2), *normalize])
     val_tf = v2.Compose([v2.Resize((size, size), antialias=True), *normalize])
-    splits = {}
+    splits, skipped = {}, []
     h = hashlib.sha256()
     for split, transform in (("train", train_tf), ("val", val_tf)):
         root = data_dir if voc else os.path.join(data_dir, split)
-        pairs = _pairs_of_voc(data_dir, split) if voc else _pairs_of_folders(root)
+        pairs = _pairs_of_voc(data_dir, split) if voc else _pairs_of_folders(root, skipped)
         _check_sizes(pairs)
         for image, mask in pairs:
             h.update(f"{split}/{os.path.relpath(image, data_dir)}|{os.path.relpath(mask, data_dir)}\n".encode())
         splits[split] = SegmentationSplit(root, pairs, transform, num_classes=len(classes), ignore_index=ignore_index,
                                           size=size, substitute_unreadable=split == "train")
     return SegmentationData(train=splits["train"], val=splits["val"], classes=classes, input_size=(3, size, size),
-                            digest=h.hexdigest())
+                            digest=h.hexdigest(), skipped=skipped)
 
 
 def segmentation_collate(batch):

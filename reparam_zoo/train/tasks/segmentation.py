@@ -56,7 +56,7 @@ class SegmentationTask(Task):
         self.classes = data.classes
         return TaskData(train=data.train, val=data.val, classes=data.classes, input_size=data.input_size,
                         digest=data.digest, collate=segmentation_collate,
-                        describe={"ignore_index": self.ignore_index})
+                        describe={"ignore_index": self.ignore_index}, warnings=data.skipped)
 
     def fit_model(self, model: nn.Module, data: TaskData, num_classes: Any, data_dir: str) -> Tuple[set, List[str]]:
         classes = len(data.classes)
