@@ -6,8 +6,7 @@ import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from reparam_zoo import architectures, modelfile, resolve
-from reparam_zoo.errors import ArgumentConflictError
-from reparam_zoo.errors import CheckpointError
+from reparam_zoo.errors import ArgumentConflictError, CheckpointError
 from reparam_zoo.models import dense, reversible
 from reparam_zoo.models.revcol import REVCOL_VARIANTS
 
