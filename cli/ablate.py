@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import click
 
-from reparam_zoo.train.config import OPTIMIZERS, SGD_MOMENTUM, TrainConfig
+from .lazy import leaf
 
-from .common import TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
+_config = leaf("reparam_zoo.train.config")  # torch-free: the defaults and choices below are the library's
+OPTIMIZERS, SGD_MOMENTUM, TrainConfig = _config.OPTIMIZERS, _config.SGD_MOMENTUM, _config.TrainConfig
+
+from .common import DEFAULT_MAP_K, flag_name, TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
 
 DEFAULTS = TrainConfig(model="", data_dir="")  # the training defaults are train's
-ARM_NAMES = "refocus, finetune, continue, random-base"
+_ablation = leaf("reparam_zoo.ablate_config")
+ARM_NAMES = ", ".join(_ablation.ARMS)
 
 
 @click.command("ablate")
@@ -16,11 +20,11 @@ ARM_NAMES = "refocus, finetune, continue, random-base"
 @click.option("--data", "data_dir", type=click.Path(), metavar="DIR",
               help="Image folders DIR/train/<class>/* and DIR/val/<class>/*.")
 @output_option("Ablation folder, new or empty (required).")
-@click.option("--arms", default="refocus,finetune", show_default=True, metavar="LIST",
+@click.option("--arms", default=",".join(_ablation.DEFAULT_ARMS), show_default=True, metavar="LIST",
               help=f"Comma-separated arms ({ARM_NAMES}); finetune (the baseline) and one more.")
 @click.option("--lr", "lr_text", metavar="RATES",
-              help="One rate for every arm but continue, or ARM=RATE pairs (refocus=5e-4,finetune=1e-3); continue "
-                   "defaults to the pretraining rate the model file records.  [default: 0.01, or the --lr-grid "
+              help=f"One rate for every arm but continue, or ARM=RATE pairs (refocus=5e-4,finetune=1e-3); continue "
+                   "defaults to the pretraining rate the model file records.  [default: {DEFAULTS.lr}, or the --lr-grid "
                    "choice]")
 @click.option("--lr-grid", "lr_grid_text", metavar="RATES",
               help="Rates tried per arm without a given --lr (continue excepted) on the validation split; the best "
@@ -44,8 +48,8 @@ ARM_NAMES = "refocus, finetune, continue, random-base"
               help="Replace the classifier head for N classes in every arm (it trains too).")
 @click.option("--train-scope", type=click.Choice(TRAIN_SCOPES), default="transforms", show_default=True,
               help="What trains in the RefConv arms (refocus, random-base).")
-@click.option("--map-k", type=int, callback=lambda ctx, param, value: None if value is None else check_map_k(
-                  ctx, param, value), help="Transform kernel size of the RefConv arms.  [default: 3]")
+@click.option("--map-k", type=int, callback=check_map_k,
+              help=f"Transform kernel size of the RefConv arms.  [default: {DEFAULT_MAP_K}]")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 with loss scaling on GPU).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULTS.workers, show_default=True,
@@ -74,55 +78,52 @@ def ablate_command(model, data_dir, output, arms, lr_text, lr_grid_text, resume,
     model). Ctrl-C stops with a checkpoint; continue with --resume OUTDIR. Runs under torchrun as `reparam
     train` does.
     """
-    from reparam_zoo.ablate import parse_arms, parse_lr_grid, parse_lrs, read_ablation_config
-    from reparam_zoo.processes import keep_freed_memory
-    from reparam_zoo.train.config import SettingError, check_momentum, check_warmup
-
-    keep_freed_memory()
+    # the rules about settings first, torch-free (usage errors come back at once); then the library
+    parse_arms, parse_lr_grid, parse_lrs, read_ablation_config = (
+        _ablation.parse_arms, _ablation.parse_lr_grid, _ablation.parse_lrs, _ablation.read_ablation_config)
+    check_momentum, check_warmup = _config.check_momentum, _config.check_warmup
     ctx = click.get_current_context()
     arm_list = lrs = grid = None
-    try:
-        if resume:
-            given = [name for name in ("model", "data_dir", "output", "lr_text", "lr_grid_text", "input_size",
-                                       *settings) if name != "workers" and _given(ctx, name)]
-            if given:
-                raise click.UsageError(f"--resume OUTDIR continues with the ablation's saved settings; leave out "
-                                       f"{_flag(given[0])} (only --workers may change)")
-            read_ablation_config(resume)
-        else:
-            if not model:
-                raise click.UsageError("missing MODEL (or --resume OUTDIR)")
-            if not data_dir:
-                raise click.UsageError("missing --data DIR")
-            if not output:
-                raise click.UsageError("missing -o/--output OUTDIR")
-            arm_list = parse_arms(arms)
-            lrs = parse_lrs(lr_text, arm_list) if lr_text else None
-            grid = parse_lr_grid(lr_grid_text) if lr_grid_text else None
-            if settings["grid_epochs"] is not None and grid is None:
-                raise click.UsageError("--grid-epochs applies with --lr-grid")
-            check_momentum(settings["optimizer"], settings["momentum"])
-            if settings["warmup_epochs"] is not None:
-                check_warmup(settings["warmup_epochs"], settings["epochs"])
-            if input_size is not None:
-                if input_size[0] != 3 or input_size[1] != input_size[2]:
-                    raise click.BadParameter("training takes square RGB crops: give N or 3,N,N",
-                                             param_hint="--input-size")
-                input_size = input_size[1]
-    except SettingError as e:
-        raise click.UsageError(e.render(_flag)) from None
+    # a SettingError raised here is a usage error of the root group, which names the flags (common.flag_name)
+    if resume:
+        given = [name for name in ("model", "data_dir", "output", "lr_text", "lr_grid_text", "input_size",
+                                   *settings) if name != "workers" and _given(ctx, name)]
+        if given:
+            raise click.UsageError(f"--resume OUTDIR continues with the ablation's saved settings; leave out "
+                                   f"{flag_name(given[0])} (only --workers may change)")
+        read_ablation_config(resume)
+    else:
+        if not model:
+            raise click.UsageError("missing MODEL (or --resume OUTDIR)")
+        if not data_dir:
+            raise click.UsageError("missing --data DIR")
+        if not output:
+            raise click.UsageError("missing -o/--output OUTDIR")
+        arm_list = parse_arms(arms)
+        lrs = parse_lrs(lr_text, arm_list) if lr_text else None
+        grid = parse_lr_grid(lr_grid_text) if lr_grid_text else None
+        if settings["grid_epochs"] is not None and grid is None:
+            raise click.UsageError("--grid-epochs applies with --lr-grid")
+        check_momentum(settings["optimizer"], settings["momentum"])
+        if settings["warmup_epochs"] is not None:
+            check_warmup(settings["warmup_epochs"], settings["epochs"])
+        if input_size is not None:
+            if input_size[0] != 3 or input_size[1] != input_size[2]:
+                raise click.BadParameter("training takes square RGB crops: give N or 3,N,N",
+                                         param_hint="--input-size")
+            input_size = input_size[1]
 
     from reparam_zoo.ablate import ablate, resume_ablation
+    from reparam_zoo.processes import keep_freed_memory
 
-    try:
-        if resume:
-            result = resume_ablation(resume, workers=settings["workers"] if _given(ctx, "workers") else None,
-                                     device=device, verbose=not quiet)
-        else:
-            result = ablate(model, data_dir, output, arms=arm_list, lr=lrs, lr_grid=grid, input_size=input_size,
-                            device=device, verbose=not quiet, **settings)
-    except SettingError as e:  # a setting the library refused by train's rules
-        raise click.UsageError(e.render(_flag)) from None
+    keep_freed_memory()
+
+    if resume:
+        result = resume_ablation(resume, workers=settings["workers"] if _given(ctx, "workers") else None,
+                                 device=device, verbose=not quiet)
+    else:
+        result = ablate(model, data_dir, output, arms=arm_list, lr=lrs, lr_grid=grid, input_size=input_size,
+                        device=device, verbose=not quiet, **settings)
     if result.interrupted:
         if quiet:
             click.echo(f"interrupted; continue with: reparam ablate --resume {result.output_dir}", err=True)
@@ -130,11 +131,6 @@ def ablate_command(model, data_dir, output, arms, lr_text, lr_grid_text, resume,
     if quiet and result.files:
         for path in result.files.values():
             click.echo(f"wrote {path}")
-
-
-def _flag(name: str) -> str:
-    return {"model": "MODEL", "data_dir": "--data", "output": "-o/--output", "lr_text": "--lr",
-            "lr_grid_text": "--lr-grid", "lr": "--lr", "lr_grid": "--lr-grid"}.get(name, "--" + name.replace("_", "-"))
 
 
 def _given(ctx: click.Context, name: str) -> bool:

@@ -10,13 +10,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import click
 
-from reparam_zoo.layers.refconv import INITS
-from reparam_zoo.export import EXPORT_FORMATS, FORMAT_NAMES, format_of_path
-from reparam_zoo.report import FORMATS as REPORT_FORMATS
-from reparam_zoo.surgery import TRAIN_SCOPES
-from reparam_zoo import torchvision_models
+from .lazy import leaf
 
-__all__ = ["INITS", "TRAIN_SCOPES", "REPORT_FORMATS", "EXPORT_FORMATS", "FORMAT_NAMES", "format_of_path", "DEBUG_ENV",
+options = leaf("reparam_zoo.options")  # the library's choices and defaults, without importing torch (cli/lazy.py)
+from reparam_zoo.options import (DEFAULT_CALIB_IMAGES, DEFAULT_HELD_OUT_IMAGES, DEFAULT_MAP_K,  # noqa: E402
+                                 DEFAULT_MIN_AGREEMENT, DEFAULT_REPEATS, DEFAULT_WARMUP, EXPORT_FORMATS, FORMAT_NAMES,
+                                 INITS, LATENCY_BATCH, REPORT_CALIB_IMAGES, REPORT_FORMATS, RUNTIMES, TRAIN_SCOPES,
+                                 format_of_path)
+
+__all__ = ["DEFAULT_MAP_K", "INITS", "TRAIN_SCOPES", "REPORT_FORMATS", "EXPORT_FORMATS", "FORMAT_NAMES", "format_of_path", "DEBUG_ENV",
            "ReparamGroup"]
 
 DEBUG_ENV = "REPARAM_DEBUG"
@@ -25,8 +27,10 @@ DEBUG_ENV = "REPARAM_DEBUG"
 # -- errors -------------------------------------------------------------------------------------------------
 
 class ReparamGroup(click.Group):
-    """The root group: every failure becomes one line on stderr (exit 1; usage errors exit 2) unless
-    --debug / REPARAM_DEBUG=1 asks for the traceback."""
+    """The root group, and the one mapping from library errors to exit codes: every failure becomes one line
+    on stderr, exit 1, and a library usage error (`ArgumentConflictError`, e.g. contradicting arguments or a
+    training setting out of range) exit 2 with the flag names in its message; --debug / REPARAM_DEBUG=1 asks
+    for the traceback instead."""
 
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug"))
@@ -36,9 +40,20 @@ class ReparamGroup(click.Group):
                 return super().invoke(ctx)
             except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
+            except KeyboardInterrupt:  # (click's own handler would print an empty line first)
+                if debug:
+                    raise
+                click.echo("error: interrupted", err=True)
+                raise click.exceptions.Exit(130) from None
             except Exception as e:
                 if debug:
                     raise
+                from reparam_zoo.errors import ArgumentConflictError
+
+                if isinstance(e, ArgumentConflictError):
+                    error = click.UsageError(_one_line(_with_flags(e)))
+                    error.command_path = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+                    raise error from None
                 raise click.ClickException(_failure_message(e)) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -47,7 +62,8 @@ class ReparamGroup(click.Group):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as e:
-            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            path = e.ctx.command_path if e.ctx is not None else getattr(e, "command_path", None)
+            hint = f" (see '{path} --help')" if path else ""
             _fail(f"{_one_line(e.format_message())}{hint}", e.exit_code)
         except click.exceptions.ClickException as e:
             _fail(_one_line(e.format_message()), e.exit_code)
@@ -59,6 +75,18 @@ class ReparamGroup(click.Group):
 def _fail(message: str, code: int):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def flag_name(keyword: str) -> str:
+    """How the command line spells a library keyword: `warmup_epochs` -> `--warmup-epochs`."""
+    return {"model": "MODEL", "data_dir": "--data", "output": "-o/--output", "lr_text": "--lr", "lr_grid_text": "--lr-grid",
+            "lr_grid": "--lr-grid"}.get(keyword, "--" + keyword.replace("_", "-"))
+
+
+def _with_flags(e: BaseException) -> str:
+    """A library message that names settings by keyword, respelt with the flags (`SettingError.render`)."""
+    render = getattr(e, "render", None)
+    return render(flag_name) if callable(render) else str(e)
 
 
 def _failure_message(e: BaseException) -> str:
@@ -184,10 +212,30 @@ def _parse_input_size(ctx, param, value) -> Optional[Tuple[int, ...]]:
     return size
 
 
-def check_map_k(ctx, param, value: int) -> int:
-    if value < 1 or value % 2 == 0:
-        raise click.BadParameter(f"must be a positive odd integer (the transform kernel is centred), got {value}")
-    return value
+def library_check(check, keyword: str):
+    """A click callback that runs the library's own check of a value (`options.check_map_k`): the library's
+    message names the keyword ("map_k must be ..."), click's names the flag ("Invalid value for '--map-k':
+    must be ...")."""
+    def callback(ctx, param, value):
+        if value is None:
+            return value
+        from reparam_zoo.errors import ReparamError
+
+        try:
+            check(value)
+        except ReparamError as e:
+            raise click.BadParameter(without_keyword(str(e), keyword)) from None
+        return value
+
+    return callback
+
+
+def without_keyword(message: str, keyword: str) -> str:
+    """A library message about `keyword` ("map_k must be odd") as click's text after the flag ("must be odd")."""
+    return message[len(keyword) + 1:] if message.startswith(keyword + " ") else message
+
+
+check_map_k = library_check(options.check_map_k, "map_k")
 
 
 # -- models and files ---------------------------------------------------------------------------------------
@@ -196,14 +244,10 @@ def resolve(spec: str, *, arch=None, checkpoint=None, num_classes=None, pretrain
             quiet: bool = False, weights_matter: bool = False):
     """The model a MODEL argument names, announced on stderr (stdout stays the command's output).
     `weights_matter`: warn when an architecture name comes without weights (a random-init model)."""
-    from reparam_zoo.errors import ArgumentConflictError
-    from reparam_zoo.modelfile import resolve_model
+    from reparam_zoo.resolve import resolve_model
 
-    try:
-        resolved = resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
-                                 pretrained=pretrained, trust_pickle=trust_pickle)
-    except ArgumentConflictError as e:
-        raise click.UsageError(str(e)) from None
+    resolved = resolve_model(spec, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
+                             pretrained=pretrained, trust_pickle=trust_pickle)  # conflicts: usage errors (root group)
     if not quiet:
         echo(f"model: {resolved.description}", err=True)
         for note in resolved.notes:
@@ -226,10 +270,9 @@ def input_paths(*specs: Optional[str]) -> List[str]:
 def check_output(path: str, inputs: Sequence[str], option: str = "-o/--output") -> str:
     """A usage error, before any work, when the output cannot be written or would overwrite an input."""
     from reparam_zoo.errors import ReparamError
-    from reparam_zoo.modelfile import check_output_path
 
     try:
-        check_output_path(path, inputs)
+        leaf("reparam_zoo.fileio").check_output_path(path, inputs)
     except ReparamError as e:
         raise click.BadParameter(str(e), param_hint=option) from None
     return path
@@ -250,9 +293,7 @@ def settle_model_output(output: str, *, explicit: bool, has_architecture: bool, 
 
 def check_model_file_name(path: str, has_architecture: bool, option: str = "-o/--output") -> None:
     """The library's naming rule (`model_file_name_problem`) as a usage error, checked before any work."""
-    from reparam_zoo.modelfile import model_file_name_problem
-
-    problem = model_file_name_problem(path, has_architecture)
+    problem = leaf("reparam_zoo.fileio").model_file_name_problem(path, has_architecture)
     if problem:
         raise click.BadParameter(f"'{path}': {problem}", param_hint=option)
 
@@ -263,7 +304,7 @@ def default_output(spec: str, suffix: str, strip: Sequence[str] = ()) -> str:
         folder, name = os.path.split(spec)
         stem = os.path.splitext(name)[0]
     else:
-        folder, stem = "", torchvision_models.split_name(spec) or spec
+        folder, stem = "", options.split_torchvision_name(spec) or spec
     for tail in strip:
         if stem.endswith(tail) and len(stem) > len(tail):
             stem = stem[: -len(tail)]

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .common import (echo, FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output,
+from .common import (DEFAULT_MAP_K, echo, FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check_model_file_name, check_output,
                      default_output, echo_lines, format_of_path, input_paths, input_size_option, known_input_size,
                      model_options, output_option, resolve, settle_model_output, steps, wrote)
 
@@ -15,7 +15,7 @@ from .common import (echo, FORMAT_NAMES, INITS, TRAIN_SCOPES, check_map_k, check
 @click.option("--refconv", is_flag=True,
               help="Replace the spatial convs by RefConv layers (the only conversion so far; required).")
 @model_options
-@click.option("--map-k", type=int, default=3, show_default=True, callback=check_map_k,
+@click.option("--map-k", type=int, default=DEFAULT_MAP_K, show_default=True, callback=check_map_k,
               help="Kernel size of the refocusing transform (odd, at most the layer's kernel).")
 @click.option("--init", type=click.Choice(INITS), default="zero", show_default=True,
               help="Transform init; zero keeps the model's outputs exactly.")
@@ -39,10 +39,6 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
     """
     if not refconv:
         raise click.UsageError("say which conversion: --refconv (RefConv is the only conversion so far)")
-    from reparam_zoo.modelfile import architecture_of, check_finite, save
-    from reparam_zoo.report import report
-    from reparam_zoo.surgery import convert
-
     explicit_output = output
     if not dry_run:  # checked before any work, so that a bad path fails at once
         output = output or default_output(model, ".refconv.safetensors")
@@ -52,6 +48,13 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
                                      "a model file (.safetensors)", param_hint="-o/--output")
         if not trust_pickle:  # only a trusted pickle can lack an architecture: the name is checked now
             check_model_file_name(output, has_architecture=True)
+    # the library, once the command line is known to be usable
+    from reparam_zoo.checkpoint import check_finite
+    from reparam_zoo.modelfile import save
+    from reparam_zoo.module_attrs import architecture_of, refconv_summary_of
+    from reparam_zoo.report import report
+    from reparam_zoo.surgery import convert
+
     with steps("convert", 3 if dry_run else 4) as step:
         step("loading")
         resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
@@ -65,7 +68,7 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
         step("converting")
         converted = convert(resolved.model, map_k=map_k, init=init, include=include or None,
                             exclude=exclude or None, train_scope=train_scope)
-        echo_lines(str(converted.refconv_summary))
+        echo_lines(str(refconv_summary_of(converted)))
 
         step("counting params and MACs")
         size = known_input_size(converted, input_size)
@@ -85,7 +88,7 @@ def convert_command(model, refconv, arch, checkpoint, num_classes, pretrained, t
 
 
 def _name(model) -> str:
-    from reparam_zoo.modelfile import architecture_of
+    from reparam_zoo.module_attrs import architecture_of
 
     arch = architecture_of(model)
     return arch["name"] if arch else type(model).__name__

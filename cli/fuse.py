@@ -7,7 +7,8 @@ import click
 
 from click.core import ParameterSource
 
-from .common import (echo, EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, check_output, default_output, echo_lines,
+from .common import (DEFAULT_CALIB_IMAGES, DEFAULT_HELD_OUT_IMAGES, DEFAULT_MIN_AGREEMENT, EXPORT_FORMATS, FORMAT_NAMES,
+                     check_model_file_name, check_output, default_output, echo, echo_lines, options,
                      format_of_path, input_paths, input_size_option, model_options, output_option,
                      resolve, settle_model_output, steps, tolerance_option, wrote)
 
@@ -35,11 +36,12 @@ from .common import (echo, EXPORT_FORMATS, FORMAT_NAMES, check_model_file_name, 
 @click.option("--calib", "calib", metavar="DIR", type=click.Path(file_okay=False),
               help="Images for --int8: a folder of images (flat or in sub-folders) or a data folder "
                    "(train/ calibrates, val/ is held out).")
-@click.option("--calib-images", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
+@click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True, metavar="N",
               help="Calibration images for --int8.")
-@click.option("--held-out-images", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
+@click.option("--held-out-images", type=click.IntRange(min=1), default=DEFAULT_HELD_OUT_IMAGES, show_default=True,
+              metavar="N",
               help="Held-out images the INT8 model is checked on (--int8).")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=DEFAULT_MIN_AGREEMENT, show_default=True,
               help="Smallest top-1 agreement of the INT8 model with the float model for it to be written (--int8).")
 @click.pass_context
 def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pickle, output, input_size, rtol, atol,
@@ -51,21 +53,22 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
     pickled module, with --trust-pickle) is written back as a pickle (.pt). MODEL is as for
     `reparam convert`.
     """
-    from reparam_zoo.deploy import fuse
-    from reparam_zoo.model_info import example_inputs
-    from reparam_zoo.export import EXPORT_SUFFIXES, export
-    from reparam_zoo.modelfile import architecture_of, check_finite, model_stage
-
     explicit_output = output
     fmt = _int8_format(ctx, int8, calib, fmt)
     if output is not None:
         fmt = _format_for(output, fmt, explicit=int8 or ctx.get_parameter_source("fmt") is ParameterSource.COMMANDLINE)
     stem_suffix = ".folded" if fold_only else ".fused"
-    output = output or default_output(model, stem_suffix + (".int8" if int8 else "") + EXPORT_SUFFIXES[fmt],
+    output = output or default_output(model, stem_suffix + (".int8" if int8 else "") + options.EXPORT_SUFFIXES[fmt],
                                       strip=(".refconv",))
     check_output(output, input_paths(model, checkpoint))
     if fmt == "safetensors" and explicit_output and not trust_pickle:
         check_model_file_name(output, has_architecture=True)  # only a trusted pickle can lack one
+    from reparam_zoo.deploy import fuse, nothing_to_fuse
+    from reparam_zoo.model_info import example_inputs
+    from reparam_zoo.export import export
+    from reparam_zoo.checkpoint import check_finite
+    from reparam_zoo.module_attrs import architecture_of, fuse_report_of
+
     with steps("fuse", 3) as step:
         step("loading")
         resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes,
@@ -81,15 +84,10 @@ def fuse_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_pi
         inputs = example_inputs(source, input_size)
 
         step(("folding" if fold_only else "fusing") + ("" if no_verify else " and verifying"))
-        previous = getattr(source, "fuse_report", None)
-        if model_stage(source) == "fused" and (fold_only or not previous.fold_only):
-            # nothing left to fuse, and checking the model against itself would mark an unverified file verified
-            fused = source
+        if nothing_to_fuse(source, fold_only=fold_only):  # fuse() then returns it as it is
             echo("already fused, nothing left to do: writing it as it is; what its fuse recorded:")
-        else:
-            fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol,
-                         fold_only=fold_only)
-        echo_lines(str(fused.fuse_report))
+        fused = fuse(source, example_inputs=inputs, verify=not no_verify, rtol=rtol, atol=atol, fold_only=fold_only)
+        echo_lines(str(fuse_report_of(fused)))
 
         existed = os.path.exists(output)
         if int8:
@@ -138,8 +136,6 @@ def _format_for(output: str, fmt: str, *, explicit: bool) -> str:
                                  param_hint="-o/--output")
     fmt = fmt if explicit else (implied or fmt)
     if implied is None and fmt != "safetensors":  # (model files: check_model_file_name knows the rule)
-        from reparam_zoo.export import EXPORT_SUFFIXES
-
         raise click.BadParameter(f"'{output}' does not say it is {FORMAT_NAMES[fmt]} file; name it "
-                                 f"<name>{EXPORT_SUFFIXES[fmt]}", param_hint="-o/--output")
+                                 f"<name>{options.EXPORT_SUFFIXES[fmt]}", param_hint="-o/--output")
     return fmt

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from reparam_zoo import __version__
+from .lazy import leaf
 
 from .ablate import ablate_command
 from .common import DEBUG_ENV, ReparamGroup
@@ -16,7 +16,7 @@ from .zoo import zoo_group
 
 
 @click.group(cls=ReparamGroup, context_settings=dict(help_option_names=["-h", "--help"], max_content_width=100))
-@click.version_option(__version__, "--version", prog_name="reparam", message="%(prog)s %(version)s")
+@click.version_option(leaf("reparam_zoo.version").__version__, "--version", prog_name="reparam", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
               help=f"Show full tracebacks instead of one-line errors (also {DEBUG_ENV}=1).")
 def main(debug):

@@ -5,7 +5,8 @@ import os
 
 import click
 
-from .common import echo, echo_lines, input_size_option, known_input_size, model_options, report_format_option, resolve
+from .common import (DEFAULT_REPEATS, DEFAULT_WARMUP, LATENCY_BATCH, REPORT_CALIB_IMAGES, RUNTIMES, echo, echo_lines,
+                     input_size_option, known_input_size, model_options, report_format_option, resolve)
 
 _SIZE_HELP = "Input size for the MACs (default: the model's timm config, else 3,224,224)."
 _DEFAULT_SIZE = (3, 224, 224)
@@ -13,8 +14,6 @@ _DEFAULT_SIZE = (3, 224, 224)
 
 def _deploy_options(f):
     """--quant (INT8 sensitivity) and --latency (measured timing) and their settings, for report and compare."""
-    from reparam_zoo.latency import DEFAULT_REPEATS, DEFAULT_WARMUP, RUNTIMES
-
     options = [
         click.option("--quant", is_flag=True,
                      help="Add the INT8 sensitivity of the deployed (fused) model: per conv/linear, per-channel weight "
@@ -22,12 +21,12 @@ def _deploy_options(f):
         click.option("--calib", metavar="DIR", type=click.Path(file_okay=False),
                      help="Calibration images for --quant (a folder of images or a data folder with train/; default: "
                           "random normal inputs, which say little about real activation ranges)."),
-        click.option("--calib-images", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
-                     help="Calibration images for --quant."),
+        click.option("--calib-images", type=click.IntRange(min=1), default=REPORT_CALIB_IMAGES, show_default=True,
+                     metavar="N", help="Calibration images for --quant."),
         click.option("--latency", is_flag=True,
                      help="Add measured latency at batch 1 and --batch (a RefConv model: its training-mode forward and "
                           "its fused deploy model), timed interleaved in this process."),
-        click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
+        click.option("--batch", type=click.IntRange(min=1), default=LATENCY_BATCH, show_default=True, metavar="N",
                      help="The second batch size for --latency."),
         click.option("--runtime", "runtimes", multiple=True, type=click.Choice(RUNTIMES[1:]),
                      help="Also time the exported deploy model in this runtime (repeatable) with --latency."),
@@ -95,9 +94,9 @@ def report_command(ctx, model, arch, checkpoint, num_classes, pretrained, trust_
     MODEL is as for `reparam convert`; a RefConv model file shows what refocus training costs next to
     what deploys. Only the report goes to stdout (machine formats stay parseable).
     """
+    _check_deploy_options(quant, calib, latency, ctx)
     from reparam_zoo.report import report
 
-    _check_deploy_options(quant, calib, latency, ctx)
     resolved = resolve(model, arch=arch, checkpoint=checkpoint, num_classes=num_classes, pretrained=pretrained,
                        trust_pickle=trust_pickle)
     size = _size(resolved.model, input_size)
@@ -123,8 +122,6 @@ def compare_command(ctx, model_a, model_b, trust_pickle, input_size, fmt, names,
 
     A and B are architecture names or model files (reparam .safetensors; pickles with --trust-pickle).
     """
-    from reparam_zoo.report import compare
-
     _check_deploy_options(quant, calib, latency, ctx)
     if names is not None:
         labels = tuple(n.strip() for n in names.split(","))
@@ -134,6 +131,8 @@ def compare_command(ctx, model_a, model_b, trust_pickle, input_size, fmt, names,
         labels = (_label(model_a), _label(model_b))
         if labels[0] == labels[1]:
             labels = ("A", "B")
+    from reparam_zoo.report import compare
+
     a, b = (_resolve_compared(spec, trust_pickle) for spec in (model_a, model_b))
     size = input_size or known_input_size(a, None) or known_input_size(b, None) or _DEFAULT_SIZE
     _show(compare(a, b, size, names=labels), fmt,
@@ -154,7 +153,7 @@ def _show(result, fmt: str, extras=()) -> None:
 
 
 def _resolve_compared(spec: str, trust_pickle: bool):
-    from reparam_zoo.modelfile import ArchitectureUnknownError
+    from reparam_zoo.errors import ArchitectureUnknownError
 
     try:
         return resolve(spec, trust_pickle=trust_pickle).model

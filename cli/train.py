@@ -5,10 +5,14 @@ import os
 
 import click
 
-from reparam_zoo.train.config import OPTIMIZERS, PLAIN_SCOPE, SGD_MOMENTUM, TrainConfig
-from reparam_zoo.train.tasks import TASKS
+from .lazy import leaf
 
-from .common import TRAIN_SCOPES, check_map_k, input_size_option, model_options, output_option
+_config = leaf("reparam_zoo.train.config")  # torch-free: the defaults and choices below are the library's
+OPTIMIZERS, PLAIN_SCOPE, SGD_MOMENTUM, TrainConfig = (_config.OPTIMIZERS, _config.PLAIN_SCOPE, _config.SGD_MOMENTUM,
+                                                      _config.TrainConfig)
+TASKS = leaf("reparam_zoo.train.tasks").TASKS
+
+from .common import DEFAULT_MAP_K, TRAIN_SCOPES, check_map_k, flag_name, input_size_option, model_options, output_option
 
 # the library's defaults, so the two cannot drift apart
 DEFAULTS = TrainConfig(model="", data_dir="")
@@ -63,10 +67,9 @@ def _check_device(ctx, param, value):
                    f"{PLAIN_SCOPE}: ordinary training of a plain MODEL (no RefConv conversion, every weight).  "
                    "[default: an already converted MODEL's own scope (what `reparam convert --train-scope` "
                    "saved), else transforms]")
-@click.option("--map-k", type=int, callback=lambda ctx, param, value: None if value is None else check_map_k(
-                  ctx, param, value),
+@click.option("--map-k", type=int, callback=check_map_k,
               help="Transform kernel size when MODEL still has to be converted (an already converted MODEL "
-                   "keeps its own; another value is an error).  [default: 3]")
+                   f"keeps its own; another value is an error).  [default: {DEFAULT_MAP_K}]")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU, float16 with loss scaling on GPU).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULTS.workers, show_default=True,
@@ -104,13 +107,11 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
     Under torchrun (e.g. `torchrun --nproc_per_node 4 --no-python reparam train MODEL --data DIR`) it trains with
     DistributedDataParallel, gloo on CPU and nccl on GPU; --batch-size is per process.
     """
-    from reparam_zoo.processes import keep_freed_memory
-    from reparam_zoo.train import resume as resume_run, train
-    from reparam_zoo.train.config import (RunStopped, SettingError, check_momentum, check_resume_overrides,
-                                          check_warmup)
-    from reparam_zoo.train.run_dir import CONFIG_FILE, read_config
-
-    keep_freed_memory()  # this process only trains: reuse freed blocks instead of faulting them in every step
+    # the rules about settings first, torch-free (usage errors come back at once); then the library
+    check_momentum, check_resume_overrides, check_warmup = (_config.check_momentum, _config.check_resume_overrides,
+                                                            _config.check_warmup)
+    run_dir = leaf("reparam_zoo.train.run_dir")
+    CONFIG_FILE, read_config = run_dir.CONFIG_FILE, run_dir.read_config
 
     if input_size is not None:
         if input_size[0] != 3 or input_size[1] != input_size[2]:
@@ -136,11 +137,16 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
                 raise click.UsageError("missing --data DIR")
             if settings["warmup_epochs"] is not None:
                 check_warmup(settings["warmup_epochs"], settings["epochs"])
-    except SettingError as e:
+    except _config.SettingError as e:  # the others are usage errors of the root group, flags named the same way
         if e.setting == "warmup_epochs":
-            raise click.BadParameter(e.problem(_flag), param_hint=_flag(e.setting)) from None
-        raise click.UsageError(e.render(_flag)) from None
+            raise click.BadParameter(e.problem(flag_name), param_hint=flag_name(e.setting)) from None
+        raise
 
+    from reparam_zoo.processes import keep_freed_memory
+    from reparam_zoo.train import resume as resume_run, train
+    from reparam_zoo.train.config import RunStopped
+
+    keep_freed_memory()  # this process only trains: reuse freed blocks instead of faulting them in every step
     try:
         if resume:
             result = resume_run(resume, device=device, verbose=not quiet, trust_pickle=settings["trust_pickle"],
@@ -168,10 +174,6 @@ def train_command(model, data_dir, output, resume, device, quiet, input_size, **
         for key in ("best", "last", "deploy", "metrics", "plot", "log"):
             if key in result.files:
                 click.echo(f"wrote {result.files[key]}")
-
-
-def _flag(name: str) -> str:
-    return {"model": "MODEL", "data_dir": "--data"}.get(name, "--" + name.replace("_", "-"))
 
 
 def _given(ctx: click.Context, name: str) -> bool:

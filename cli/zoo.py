@@ -5,7 +5,7 @@ import json
 
 import click
 
-from reparam_zoo.report import aligned_lines, markdown_lines
+from reparam_zoo.options import ZOO_FORMATS
 
 from .common import echo, echo_lines, input_size_option, report_format_option
 
@@ -16,26 +16,14 @@ def zoo_group():
 
 
 @zoo_group.command("list")
-@click.option("--format", "fmt", type=click.Choice(("table", "markdown", "json")), default="table",
-              show_default=True, help="Output format.")
+@click.option("--format", "fmt", type=click.Choice(ZOO_FORMATS), default="table", show_default=True,
+              help="Output format.")
 def zoo_list(fmt):
     """Every variant with its measured params (built on the meta device: no memory, no compute) next to the
     published params, MACs at 224 and top-1. `reparam zoo report NAME` measures one variant's MACs."""
-    from reparam_zoo.zoo import zoo_table
+    from reparam_zoo.zoo import render_zoo_table, zoo_table
 
-    rows = zoo_table()
-    if fmt == "json":
-        echo(json.dumps(rows, indent=2))
-        return
-    headers = ["name", "family", "params", "published", "match", "MACs@224 (published)", "top-1 (published)",
-               "input"]
-    cells = [[r["name"], r["family"], f"{r['params']:,}", _params(r["published_params"], r["approx"]),
-              "yes" if r["params_match"] else "NO", _macs(r["published_macs"], r["approx"]), r["published_top1"] or "-",
-              "x".join(map(str, r["input_size"]))] for r in rows]
-    lines = markdown_lines(headers, cells, numeric_from=2) if fmt == "markdown" else aligned_lines(headers, cells, left=2)
-    echo_lines("\n".join(lines))
-    if fmt == "table":
-        echo("\nparams: counted parameter elements; MACs: multiply-accumulates per image (papers' 'FLOPs')")
+    echo_lines(render_zoo_table(zoo_table(), fmt))
 
 
 @zoo_group.command("report")
@@ -46,36 +34,19 @@ def zoo_list(fmt):
               help="Per-module rows down to this depth (0: totals only).")
 def zoo_report(name, input_size, fmt, depth):
     """The full params/MACs report of one variant (randomly initialised), with its published numbers."""
-    from reparam_zoo.modelfile import create_model
+    from reparam_zoo.architectures import create_model
     from reparam_zoo.report import report
-    from reparam_zoo.zoo import PUBLISHED, zoo_names
+    from reparam_zoo.zoo import PUBLISHED, published_line, zoo_names
 
     names = zoo_names()
     if name not in names:
         raise click.BadParameter(f"'{name}' is not a zoo variant; one of: {', '.join(names)}", param_hint="NAME")
-    model = create_model(name)
-    result = report(model, input_size, depth=depth, name=name)
-    published = PUBLISHED.get(name, {})
+    result = report(create_model(name), input_size, depth=depth, name=name)
     if fmt == "json":
-        echo(json.dumps({**result.as_dict(), "published": published}, indent=2))
+        echo(json.dumps({**result.as_dict(), "published": PUBLISHED.get(name, {})}, indent=2))
         return
     echo_lines(result.render(fmt))
-    if fmt in ("table", "markdown") and published:
+    line = published_line(name)
+    if fmt in ("table", "markdown") and line:
         echo("")
-        echo(f"published: {_params(published['params'], published.get('approx'))} params, "
-                   f"{_macs(published['macs'], published.get('approx'))} MACs at 224, "
-                   f"top-1 {published['top1'] or '-'}")
-
-
-def _params(value, approx=False):
-    if value is None:
-        return "-"
-    if approx:  # as roughly as the paper gives it
-        return f"~{value / 1e9:.3g}B" if value >= 1e9 else f"~{value / 1e6:.3g}M"
-    return f"{value / 1e9:.2f}B" if value >= 1e9 else f"{value / 1e6:.2f}M"
-
-
-def _macs(value, approx=False):
-    if value is None:
-        return "-"
-    return f"~{value / 1e9:.3g}G" if approx else f"{value / 1e9:.2f}G"
+        echo(line)

@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from .ablate_config import (ARMS, BASELINE, CONFIG_FILE, DEFAULT_ARMS, REFCONV_ARMS, AblationConfig,  # noqa: F401
                             AblationError, parse_arms, parse_lr_grid, parse_lrs, read_ablation_config)
 from .errors import ConversionError, first_line
+from .module_attrs import extra_of, fuse_report_of, set_extra
+from .options import DEFAULT_MAP_K
 from .train.config import PLAIN_SCOPE, default_warmup_epochs
 
 __all__ = ["ARMS", "DEFAULT_ARMS", "BASELINE", "AblationConfig", "AblationError", "AblationResult", "ablate",
@@ -217,7 +219,7 @@ class _Ablation:
         if self.given is not None:
             model = copy.deepcopy(self.given)
         else:
-            from .modelfile import resolve_model
+            from .resolve import resolve_model
 
             model = resolve_model(config.model, arch=config.arch, checkpoint=config.checkpoint,
                                   pretrained=config.pretrained, trust_pickle=config.trust_pickle).model
@@ -232,16 +234,16 @@ class _Ablation:
                 raise AblationError(f"map_k {config.map_k} was asked for, but {config.model} is converted with map_k="
                                     f"{','.join(map(str, own))}")
             config.map_k = own[0]
-            extra = getattr(model, "reparam_extra", None)
+            extra = extra_of(model)
             model = fold(model)  # zero transforms: exactly its base kernels, the plain model
             if extra is not None:
-                model.reparam_extra = extra
+                set_extra(model, extra)
             self.notes.append(f"{config.model} was converted but never refocused (zero transforms); its folded form, "
                               "the plain model, is what every arm starts from")
         if any(arm in REFCONV_ARMS for arm in config.arms):
             try:
                 with torch.random.fork_rng():
-                    converted = convert(model, map_k=config.map_k or 3)
+                    converted = convert(model, map_k=config.map_k or DEFAULT_MAP_K)
             except ConversionError as e:
                 converted, why = None, f" ({e})"
             else:
@@ -256,8 +258,8 @@ class _Ablation:
             return None
         if "continue" in self.config.lrs:
             return self.config.lrs["continue"]
-        extra = getattr(self.source, "reparam_extra", None)
-        recorded = extra.get(PRETRAINING_KEY) if isinstance(extra, dict) else None
+        extra = extra_of(self.source)
+        recorded = extra.get(PRETRAINING_KEY) if extra is not None else None
         lr = recorded.get("lr") if isinstance(recorded, dict) else None
         if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0:
             self.notes.append(f"continue trains at the pretraining learning rate the model file records ({lr:g})")
@@ -404,7 +406,7 @@ class _Ablation:
         for arm in self.config.arms:
             model = self.arm_model(arm, self.config.seed)
             if self.config.num_classes is not None:
-                from .modelfile import set_num_classes
+                from .architectures import set_num_classes
                 from .train.tasks.classification import num_outputs
 
                 if num_outputs(model, input_size) != self.config.num_classes:
@@ -412,7 +414,7 @@ class _Ablation:
             example = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
             deployed = fuse(model.eval(), example_inputs=example)
             counted = report(deployed, input_size, depth=0)
-            fused = deployed.fuse_report
+            fused = fuse_report_of(deployed)
             costs[arm] = {"params": counted.inference["params"], "macs": counted.inference["macs"],
                           "folded": len(fused.folded), "fused": len(fused.fused),
                           "max_abs_error": fused.max_abs_error}
@@ -430,7 +432,7 @@ class _Ablation:
 
     def _write_results(self, results, records) -> Dict[str, str]:
         from .ablate_summary import markdown, plot
-        from .modelfile import atomic_write
+        from .fileio import atomic_write
         from .train.run_dir import write_json
 
         files = {"results": os.path.join(self.out, RESULTS_FILE), "report": os.path.join(self.out, REPORT_FILE)}

@@ -62,7 +62,7 @@ class AblationConfig:
 
     def check(self) -> None:
         """The settings on their own and together; the training settings by train's own rules."""
-        from .surgery import TRAIN_SCOPES
+        from .options import TRAIN_SCOPES
         from .train.config import TrainConfig
 
         parse_arms(",".join(self.arms))

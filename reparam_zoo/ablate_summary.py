@@ -139,7 +139,7 @@ def plot(results: Dict[str, Any], curves: Dict[str, List[List[float]]], path: st
     ax.legend()
     ax.set_title(f"{results['model']}: mean over {results['settings']['seeds']} seed(s), each seed thin")
     fig.tight_layout()
-    from .modelfile import atomic_write
+    from .fileio import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return True

@@ -74,16 +74,27 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
     allows a full unpickle for a checkpoint that also holds other Python objects."""
     path = os.fspath(path)
     check_readable(path, "a weights file")
-    if _is_safetensors(path):
-        from safetensors import safe_open
+    if is_safetensors(path):
+        return read_safetensors(path)
+    return read_torch_file(path, trust_pickle=trust_pickle), {}
 
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
-        return tensors, metadata
+
+def read_safetensors(path: str) -> Tuple[StateDict, Dict[str, str]]:
+    """A safetensors file's tensors and metadata, read in one open of the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+    return tensors, metadata
+
+
+def read_torch_file(path: str, trust_pickle: bool = False) -> StateDict:
+    """The state_dict in a `torch.save` file (not safetensors), read without unpickling code unless
+    `trust_pickle`."""
     artifact = deployment_artifact_kind(path)
     if artifact is not None:
         raise CheckpointError(
@@ -103,7 +114,7 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
         refused = re.search(r"GLOBAL (\S+)", str(e))
         if refused or "Unsupported global" in str(e):
             if trust_pickle:
-                return check_tensors(unwrap_state_dict(unpickle(path), source=path), path), {}
+                return check_tensors(unwrap_state_dict(unpickle(path), source=path), path)
             what = f"pickled Python objects ({refused.group(1)})" if refused else "pickled Python objects"
             raise CheckpointError(
                 f"{path}: contains {what}; loading it would run arbitrary code, refused (pass --trust-pickle / "
@@ -113,7 +124,7 @@ def read_state_dict(path: Union[str, os.PathLike], trust_pickle: bool = False) -
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(detail)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from None
-    return check_tensors(unwrap_state_dict(obj, source=path), path), {}
+    return check_tensors(unwrap_state_dict(obj, source=path), path)
 
 
 def check_tensors(state: StateDict, source: str) -> StateDict:
@@ -369,7 +380,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 _ALIGNMENT = 64  # bytes: c10's CPU allocator, an AVX-512 vector
 
 
-def _is_safetensors(path: str) -> bool:
+def is_safetensors(path: str) -> bool:
+    """Whether `path` is a safetensors file (by name, else by its first bytes): the one sniff of a file's kind."""
     if path.endswith(".safetensors"):
         return True
     with open(path, "rb") as f:

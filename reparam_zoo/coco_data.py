@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, _seeded_rng, load_or_substitute, open_image,
-                   open_regular_file)
+from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, load_or_substitute, open_image,
+                   open_regular_file, seeded_rng)
 
 __all__ = ["CocoSplit", "CocoData", "build_coco_data", "find_coco_split", "read_coco", "detection_collate",
            "BACKGROUND"]
@@ -273,7 +273,7 @@ class CocoSplit(torch.utils.data.Dataset):
         if seed is None:
             image, target = self.transform(*sample)
         else:
-            with _seeded_rng(seed):
+            with seeded_rng(seed):
                 image, target = self.transform(*sample)
         out = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
         out["image_id"] = self.images[index]["id"]

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from .errors import ReparamError, first_line
 from .layers.refconv import RefConvNd
-from .model_info import device_and_dtype, example_inputs
+from .model_info import device_and_dtype, example_inputs, save_modes
+from .module_attrs import pop_refconv_summary
 from .surgery import refconv_layers
 
 MACS_TOLERANCE = 0.02
@@ -68,7 +69,7 @@ class ModuleRow:
 
 
 # -- counting ---------------------------------------------------------------------------------------
-def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=None):
+def count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=None):
     """fvcore MACs by module, fvcore's unsupported ops, and the flop_counter cross-check, in eval mode
     without gradients (so that counting changes no BatchNorm statistics)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -87,7 +88,7 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=N
         inputs = tuple(call.args)
         if call.kwargs:  # fvcore traces positional inputs only: a wrapper passes the keywords
             counted, prefix = _WithKeywords(model, call.kwargs), "model."
-    modes = [(m, m.training) for m in model.modules()]
+    restore_modes = save_modes(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -103,8 +104,7 @@ def _count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=N
         raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
                            f"{type(e).__name__}: {first_line(e)}") from None
     finally:
-        for module, training in modes:
-            module.training = training
+        restore_modes()
     fvcore_ops = {op: int(n) for op, n in by_op.items() if op in _FVCORE_MATMUL_OPS}
     torch_ops = {str(op): int(n) // 2 for op, n in counter.get_flop_counts().get("Global", {}).items()}
     fv, tc = sum(fvcore_ops.values()), int(counter.get_total_flops()) // 2
@@ -160,7 +160,7 @@ def _fvcore_analysis():
     return FlopCountAnalysis
 
 
-def _folded_view(model: nn.Module) -> nn.Module:
+def folded_view(model: nn.Module) -> nn.Module:
     """The structure `fold(model)` deploys, without copying the model's tensors or computing a kernel.
 
     A copy of the module tree whose parameters and buffers alias the original's, with each RefConv
@@ -178,7 +178,7 @@ def _folded_view(model: nn.Module) -> nn.Module:
             for t in _tensors_in(value):
                 memo.setdefault(id(t), t)
     view = copy.deepcopy(model, memo)
-    view.__dict__.pop("refconv_summary", None)
+    pop_refconv_summary(view)
     return view
 
 
@@ -200,7 +200,7 @@ def _tensors_in(value) -> Iterable[torch.Tensor]:
                 yield v
 
 
-def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], depth: int,
+def module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], depth: int,
                  groups: Optional[Dict[str, str]] = None) -> List[ModuleRow]:
     """Rows down to `depth`; for a detector or segmenter (`groups`: part module -> backbone/neck/heads) each
     part's module and its submodules down to `depth` levels below it, tagged with the part."""
@@ -214,7 +214,7 @@ def _module_rows(model: nn.Module, deployed: nn.Module, macs: Dict[str, int], de
     return rows
 
 
-def _group_totals(model: nn.Module, deployed: nn.Module, macs: Dict[str, int],
+def group_totals(model: nn.Module, deployed: nn.Module, macs: Dict[str, int],
                   groups: Dict[str, str]) -> Dict[str, Dict[str, int]]:
     totals: Dict[str, Dict[str, int]] = {}
     for root, group in groups.items():
@@ -274,7 +274,7 @@ def _join(module: str, tensor: str) -> str:
     return f"{module}.{tensor}" if module else tensor
 
 
-def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+def unique_tensors(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     seen, out = set(), []
     for t in tensors:
         if id(t) not in seen:

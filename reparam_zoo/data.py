@@ -68,7 +68,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 @contextlib.contextmanager
-def _seeded_rng(seed: int):
+def seeded_rng(seed: int):
     """Seed the CPU generators transforms draw from (torch's default, Python's), restore them after:
     in the main process (workers=0) the same generators drive dropout and must not be disturbed."""
     torch_state, py_state = torch.get_rng_state(), random.getstate()
@@ -325,7 +325,7 @@ class ImageFolderSplit(ImageDataset):
         if seed is None:
             image = self.transform(image)
         else:
-            with _seeded_rng(seed):
+            with seeded_rng(seed):
                 image = self.transform(image)
         return image, target, unreadable
 
@@ -345,7 +345,7 @@ class ImageFolderSplit(ImageDataset):
 
     def _blank_image(self) -> torch.Tensor:
         if self._blank is None:
-            with _seeded_rng(0):
+            with seeded_rng(0):
                 self._blank = torch.zeros_like(self.transform(Image.new("RGB", (8, 8))))
         return self._blank
 

@@ -61,7 +61,8 @@ def run_demo(
     plain model trained for the same epochs, with the same data order, augmentation and schedule),
     report.json (training vs inference).
     """
-    from .modelfile import create_model, save
+    from .architectures import create_model
+    from .modelfile import save
     from .report import compare, report
     from .train import train
 

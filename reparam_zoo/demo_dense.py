@@ -61,7 +61,8 @@ def run_dense_demo(task: str, output_dir: str = "reparam-demo", *, seed: int = 0
     """`task` ("detection" or "segmentation") end to end, everything under `output_dir`: data/ (generated),
     pretrained.safetensors, refocus/ (the run: log, metrics, plot, last/best/deploy models), report.json."""
     from .dense_examples import make_detection_set, make_segmentation_set
-    from .modelfile import create_model, load, save
+    from .architectures import create_model
+    from .modelfile import load, save
     from .report import compare
     from .train import train
 

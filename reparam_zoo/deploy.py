@@ -18,7 +18,8 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionError
 from .layers.refconv import RefConvNd
-from .model_info import example_inputs as default_inputs, require_module, unwrap
+from .model_info import example_inputs as default_inputs, kept_modes, require_module, save_modes, unwrap
+from .module_attrs import fuse_report_of, pop_refconv_summary, set_fuse_report
 from .surgery import refconv_layers, replace_modules
 from .verify import (CallInputs, Unit, as_call_inputs, check_runs, check_tolerances, tensor_leaves,
                      verify_equivalence)
@@ -94,9 +95,17 @@ def model_stage(model: nn.Module) -> str:
     model = unwrap(model)
     if refconv_layers(model):
         return "refconv"
-    if isinstance(getattr(model, "fuse_report", None), FuseReport):
+    if fuse_report_of(model) is not None:
         return "fused"
     return "plain"
+
+
+def nothing_to_fuse(model: nn.Module, *, fold_only: bool = False) -> bool:
+    """Whether `fuse(model, fold_only=...)` has nothing to do: the model is fused (no RefConv layers since)
+    and its fuse went as far as this one would (a fold-only model can still be fused)."""
+    model = unwrap(model)
+    report = fuse_report_of(model)
+    return model_stage(model) == "fused" and (fold_only or not report.fold_only)
 
 
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -110,7 +119,7 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     model = unwrap(model)
     if not inplace:
         model = copy.deepcopy(model)
-    summary = model.__dict__.pop("refconv_summary", None)
+    summary = pop_refconv_summary(model)
     folded = {id(m): m.to_conv() for m in model.modules() if isinstance(m, RefConvNd)}
     replace_modules(model, lambda m: folded.get(id(m)))
     model = folded.get(id(model), model)  # the model may be a RefConv itself
@@ -145,21 +154,25 @@ def fuse(
     `fold_only` stops after folding: the result has the original model's structure and state_dict keys
     (loadable into the unconverted architecture), verified the same way. Raises `EquivalenceError` when
     verification fails; `result.fuse_report` says what was done.
+    A model with nothing left to fuse (`nothing_to_fuse`) comes back as it is (a copy unless `inplace`, in
+    eval mode) with the report its fuse recorded: comparing it with itself would call an unverified model
+    verified.
     """
     require_module(model, "fuse")
     check_tolerances(rtol, atol)
     model = unwrap(model)
+    if nothing_to_fuse(model, fold_only=fold_only):
+        return (model if inplace else copy.deepcopy(model)).eval()
     if model.training:
         warnings.warn("fuse: the model was in train mode; it is fused in eval mode", stacklevel=2)
-    modes = [(m, m.training) for m in model.modules()]
+    restore_modes = save_modes(model)
     original = model.eval()
     try:
         inputs = as_call_inputs(example_inputs if example_inputs is not None else default_inputs(model),
                                 example_kwargs)
         reference = copy.deepcopy(original) if (inplace and verify) else original
         model = original if inplace else copy.deepcopy(original)
-        previous = getattr(original, "fuse_report", None)
-        previous = previous if isinstance(previous, FuseReport) else None
+        previous = fuse_report_of(original)
         report = FuseReport(rtol=rtol, atol=atol, fold_only=fold_only)
 
         report.folded = [n for n, m in model.named_modules() if isinstance(m, RefConvNd)]
@@ -188,13 +201,11 @@ def fuse(
             )
             report.modules_verified, report.compared_outputs = len(units), list(outputs or [])
             report.verified = True
-        model.__dict__.pop("fuse_report", None)
-        model.fuse_report = report
+        set_fuse_report(model, report)
         return model
     finally:
         if not inplace:  # the caller's model is left as it was, also when verification fails
-            for module, training in modes:
-                module.training = training
+            restore_modes()
 
 
 def _with_history(previous: FuseReport, latest: FuseReport) -> FuseReport:
@@ -309,17 +320,14 @@ def _trace_conv_bn_pairs(model: nn.Module, inputs):
             def hook(mod, args, out, name=name):
                 conv_of_output[id(out)] = (name, out, out._version)
             handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), Uses():
+        with kept_modes(model, train=False), torch.no_grad(), Uses():
             outputs = check_runs(model, inputs)
         for value in tensor_leaves(outputs):
             use(value)  # returned as it is: the unnormalized map is part of the result
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
     modules = dict(model.named_modules())
     pairs, left_alone = [], []
@@ -368,8 +376,7 @@ def apply_fuse_structure(model: nn.Module, report: FuseReport) -> nn.Module:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
         replacements[id(bn)] = _after_norm(bn)
     replace_modules(model, lambda m: replacements.get(id(m)))
-    model.__dict__.pop("fuse_report", None)
-    model.fuse_report = report
+    set_fuse_report(model, report)
     return model
 
 

@@ -19,6 +19,15 @@ class CheckpointError(ReparamError):
     """A checkpoint cannot be read or does not match the model."""
 
 
+class ArchitectureError(ReparamError):
+    """An architecture name that timm does not know, or a model that cannot be rebuilt from its name."""
+
+
+class ArchitectureUnknownError(CheckpointError):
+    """A weights file that does not say its architecture (a bare state_dict, a safetensors file without
+    reparam metadata): it needs `arch`."""
+
+
 class OutputError(ReparamError):
     """An output file cannot be written (a full disk, a file-size limit, permissions): nothing was left behind."""
 

@@ -14,29 +14,15 @@ import torch.nn as nn
 from .errors import EquivalenceError, ReparamError, first_line
 from .fileio import atomic_write, output_file
 from .model_info import unwrap
-from .modelfile import architecture_of, check_finite, check_output_path, save
+from .checkpoint import check_finite
+from .fileio import check_output_path
+from .modelfile import save
+from .module_attrs import architecture_of
+from .options import EXPORT_FORMATS, EXPORT_SUFFIXES, FORMAT_NAMES, format_of_path
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "FORMAT_NAMES", "ExportResult", "export", "format_of_path"]
 
 PathLike = Union[str, os.PathLike]
-
-EXPORT_FORMATS = ("safetensors", "torchscript", "onnx", "pt2")
-# the suffix each format is written with, the ones a name may say it with, and how messages name it
-EXPORT_SUFFIXES = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx", "pt2": ".pt2"}
-_FORMAT_BY_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2", ".torchscript.pt": "torchscript",
-                     ".torchscript": "torchscript", ".ts": "torchscript"}
-FORMAT_NAMES = {"safetensors": "a safetensors", "onnx": "an ONNX", "pt2": "a pt2 (torch.export)",
-                "torchscript": "a TorchScript"}
-
-
-def format_of_path(path: PathLike) -> Optional[str]:
-    """The export format a file name implies (`m.onnx` -> onnx), or None for other names (`m.pt`)."""
-    lower = os.fspath(path).lower()
-    for suffix in sorted(_FORMAT_BY_SUFFIX, key=len, reverse=True):
-        if lower.endswith(suffix):
-            return _FORMAT_BY_SUFFIX[suffix]
-    return None
-
 
 @dataclass
 class ExportResult:

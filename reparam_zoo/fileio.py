@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from .errors import OutputError, ReparamError, first_line
 
-__all__ = ["TEMP_MARK", "atomic_write", "atomic_write_file", "output_file", "temp_path_for", "leftover_temp_files",
+__all__ = ["TEMP_MARK", "model_file_name_problem", "atomic_write", "atomic_write_file", "output_file", "temp_path_for", "leftover_temp_files",
            "check_output_path", "same_file"]
 
 PathLike = Union[str, os.PathLike]
@@ -289,3 +289,15 @@ def _on_signal(signum, frame) -> None:
             pass
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+def model_file_name_problem(path: PathLike, has_architecture: bool) -> Optional[str]:
+    """Why `path` is a wrong name for a model file, or None: the name must say what the file holds,
+    `.safetensors` for a model with an architecture (a reparam model file), `.pt`/`.pth` for one without
+    (a whole-module pickle)."""
+    lower = os.fspath(path).lower()
+    if has_architecture and not lower.endswith(".safetensors"):
+        return "the model is written as a safetensors model file; name it <name>.safetensors"
+    if not has_architecture and not lower.endswith((".pt", ".pth")):
+        return "a model without a rebuildable architecture is written as a whole-module pickle; name it <name>.pt"
+    return None

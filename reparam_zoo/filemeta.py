@@ -197,8 +197,7 @@ def _check_size(name: str, kwargs: Dict[str, Any], source: str) -> None:
 
 
 def check_refconv(refconv: Any, source: str) -> None:
-    from .layers.refconv import INITS
-    from .surgery import TRAIN_SCOPES
+    from .options import INITS, TRAIN_SCOPES
 
     if not isinstance(refconv, dict):
         raise _malformed(source, "refconv", "not a JSON object")

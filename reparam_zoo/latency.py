@@ -22,12 +22,10 @@ import torch.nn as nn
 from .errors import ReparamError, first_line
 from .model_info import cfg_input_size, require_module, unwrap
 from .tables import render_table
+from .options import DEFAULT_REPEATS, DEFAULT_WARMUP, RUNTIMES
 
 __all__ = ["RUNTIMES", "LatencyRow", "LatencyReport", "measure_latency", "latency_forms"]
 
-RUNTIMES = ("eager", "onnxruntime", "torch.export")
-DEFAULT_WARMUP = 3
-DEFAULT_REPEATS = 20
 
 
 @dataclass

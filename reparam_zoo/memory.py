@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .errors import first_line
 from .layers.refconv import RefConvNd
-from .model_info import device_and_dtype
+from .model_info import device_and_dtype, save_modes
 from .torchvision_models import is_detector, training_inputs
 
 __all__ = ["TrainingMemory", "training_memory", "tensor_bytes", "MEASURE_BATCH"]
@@ -83,7 +83,7 @@ def _saved_bytes(model: nn.Module, shape: Sequence[int], call=None) -> int:
         return t
 
     device, dtype = device_and_dtype(model)
-    modes = [(m, m.training) for m in model.modules()]
+    restore_modes = save_modes(model)
     buffers = [(b, b.detach().clone()) for n, b in model.named_buffers() if not n.endswith("weight_base")]
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -98,8 +98,7 @@ def _saved_bytes(model: nn.Module, shape: Sequence[int], call=None) -> int:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model(*args, **kwargs)
         finally:
-            for module, training in modes:
-                module.training = training
+            restore_modes()
             with torch.no_grad():
                 for buffer, value in buffers:
                     buffer.copy_(value)

@@ -2,15 +2,16 @@
 model inside a training wrapper."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .errors import ReparamError
 
-__all__ = ["timm_cfg", "cfg_input_size", "device_and_dtype", "example_inputs", "require_module", "unwrap"]
+__all__ = ["save_modes", "kept_modes", "timm_cfg", "cfg_input_size", "require_input_size", "device_and_dtype", "example_inputs", "require_module", "unwrap"]
 
 
 def require_module(model, function: str) -> None:
@@ -45,6 +46,17 @@ def cfg_input_size(model: nn.Module, test: bool = False) -> Optional[Tuple[int, 
     return tuple(size) if size else None
 
 
+def require_input_size(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, test: bool = False,
+                       how: str = "pass --input-size C,H,W / example_inputs=", error: type = ReparamError
+                       ) -> Tuple[int, ...]:
+    """`input_size` when given, else the one the model's timm config declares; the one error for a model that
+    declares none (timm would silently use 224x224). `how` says what to pass, `error` is the caller's class."""
+    size = tuple(input_size) if input_size is not None else cfg_input_size(model, test=test)
+    if not size:
+        raise error(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); {how}")
+    return size
+
+
 def device_and_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
     """Where and in which floating dtype the model computes (float32 on CPU for a model without floats)."""
     for t in list(model.parameters()) + list(model.buffers()):
@@ -56,12 +68,37 @@ def device_and_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 def example_inputs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Tuple[object, ...]:
     """One seeded random input of `input_size` (default: the config's evaluation size) in the model's dtype,
     as the model takes it: `(image_batch,)`, or `([image],)` for a torchvision detector."""
-    size = tuple(input_size) if input_size is not None else cfg_input_size(model, test=True)
-    if not size:
-        raise ReparamError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
-                           "pass --input-size C,H,W / example_inputs=")
+    size = require_input_size(model, input_size, test=True)
     device, dtype = device_and_dtype(model)
     x = torch.randn((1,) + size, generator=torch.Generator().manual_seed(0))
     from .torchvision_models import example_inputs as call_inputs
 
     return call_inputs(model, x.to(device=device, dtype=dtype))
+
+
+def save_modes(*models: nn.Module) -> Callable[[], None]:
+    """Remember the train/eval flag of every module of `models`; the returned function puts each one back.
+
+    Per module, not `model.train(was_training)`: a model in train mode may hold submodules in eval (frozen
+    BatchNorms), and those must come back as they were."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+
+    def restore() -> None:
+        for module, training in saved:
+            module.training = training
+
+    return restore
+
+
+@contextlib.contextmanager
+def kept_modes(*models: nn.Module, train: Optional[bool] = None) -> Iterator[None]:
+    """Within the block `models` are in `train` mode (True/False; None: as they are); after it every module
+    is back in the mode it had, also when the block raises."""
+    restore = save_modes(*models)
+    try:
+        if train is not None:
+            for model in models:
+                model.train(train)
+        yield
+    finally:
+        restore()

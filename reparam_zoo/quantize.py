@@ -28,14 +28,11 @@ from .calibration import CalibrationImages, calibration_images
 from .errors import ReparamError, first_line
 from .model_info import cfg_input_size, require_module, unwrap
 from .tables import render_table
+from .options import DEFAULT_CALIB_IMAGES, DEFAULT_HELD_OUT_IMAGES, DEFAULT_MIN_AGREEMENT, REPORT_CALIB_IMAGES
 
 __all__ = ["QuantizationError", "Int8Result", "export_int8", "compare_outputs", "OutputAgreement",
            "quant_report", "quant_compare", "QuantReport", "QuantComparison", "LayerQuant", "sqnr_db"]
 
-DEFAULT_CALIB_IMAGES = 256
-DEFAULT_HELD_OUT_IMAGES = 256
-DEFAULT_MIN_AGREEMENT = 0.99
-REPORT_CALIB_IMAGES = 32
 _BATCH = 16
 QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -162,7 +159,8 @@ def export_int8(
     otherwise QuantizationError says the numbers and nothing is written.
     """
     from .export import export
-    from .modelfile import atomic_write, check_finite, check_output_path
+    from .checkpoint import check_finite
+    from .fileio import atomic_write, check_output_path
 
     require_module(model, "export_int8")
     if not isinstance(min_agreement, (int, float)) or not 0.0 <= min_agreement <= 1.0:

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, _seeded_rng, check_image_size, load_or_substitute,
-                   open_image, open_regular_file, walk_files)
+from .data import (UNREADABLE_ERRORS, DataError, ImageTooLargeError, check_image_size, load_or_substitute,
+                   open_image, open_regular_file, seeded_rng, walk_files)
 
 __all__ = ["SegmentationSplit", "SegmentationData", "build_segmentation_data", "read_class_names", "segmentation_collate",
            "IMAGE_EXTENSIONS", "CLASSES_FILE", "check_segmentation_dir"]
@@ -214,7 +214,7 @@ class SegmentationSplit(torch.utils.data.Dataset):
         if seed is None:
             image, mask = self.transform(*sample)
         else:
-            with _seeded_rng(seed):
+            with seeded_rng(seed):
                 image, mask = self.transform(*sample)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), unreadable, None
 

@@ -11,10 +11,11 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import ConversionError, preview
-from .layers.refconv import INITS, RefConvNd, check_map_k, unsupported_reason
+from .layers.refconv import RefConvNd, unsupported_reason
+from .options import DEFAULT_MAP_K, INITS, TRAIN_SCOPES, check_map_k
 from .model_info import require_module
+from .module_attrs import set_refconv_summary
 
-TRAIN_SCOPES = ("transforms", "transforms+norm", "all-but-base")
 _NORM_TYPES = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -71,7 +72,7 @@ class ConversionSummary:
 def convert(
     model: nn.Module,
     *,
-    map_k: int = 3,
+    map_k: int = DEFAULT_MAP_K,
     init: str = "zero",
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
@@ -136,7 +137,7 @@ def convert(
     model = replacements.get(id(model), model)  # the model may be the conv itself
     apply_train_scope(model, train_scope)
     summary.trainable_after = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model.refconv_summary = summary
+    set_refconv_summary(model, summary)
     return model
 
 

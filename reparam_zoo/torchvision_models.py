@@ -23,22 +23,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .options import TORCHVISION_PREFIX, split_torchvision_name
+
 __all__ = ["PREFIX", "split_name", "is_classifier", "is_known", "kind_of", "close_matches", "create", "replace_heads",
            "checkpoint_kwargs", "is_detector", "example_inputs", "training_inputs", "continuous_output_modules",
            "module_groups", "resized_size"]
 
-PREFIX = "torchvision:"
+PREFIX = TORCHVISION_PREFIX
 _DEFAULT_CLASSES = {"classification": 1000, "detection": 91, "segmentation": 21}
 _KEYPOINT_CLASSES = 2  # keypointrcnn: background and person
 FROZEN_BN = "frozen_batchnorm"  # our constructor argument: the backbone's BatchNorms frozen, as with backbone weights
 
 
-def split_name(name: Any) -> Optional[str]:
-    """`resnet50` for `torchvision:resnet50`; None for a name without the prefix."""
-    if isinstance(name, str) and name.startswith(PREFIX):
-        return name[len(PREFIX):]
-    return None
-
+split_name = split_torchvision_name  # `resnet50` for `torchvision:resnet50`; None without the prefix
 
 def _models_by_kind() -> Dict[str, str]:
     import torchvision.models as tvm
@@ -265,7 +262,7 @@ def training_inputs(model: nn.Module, images: torch.Tensor, generator: torch.Gen
         corners = torch.rand(2, 2, generator=generator) * torch.tensor([width / 2, height / 2])
         sizes = (torch.rand(2, 2, generator=generator) * 0.4 + 0.1) * torch.tensor([width, height])
         boxes = torch.cat([corners, corners + sizes], 1).to(images.device)
-        target = {"boxes": boxes, "labels": torch.full((2,), min(1, _class_count_of(model) - 1), dtype=torch.int64,
+        target = {"boxes": boxes, "labels": torch.full((2,), min(1, class_count_of(model) - 1), dtype=torch.int64,
                                                         device=images.device)}
         if getattr(getattr(model, "roi_heads", None), "mask_predictor", None) is not None:
             masks = torch.zeros(2, height, width, dtype=torch.uint8, device=images.device)
@@ -284,7 +281,7 @@ def _keypoint_count(model: nn.Module) -> int:
     return int(predictor.kps_score_lowres.out_channels) if predictor is not None else 0
 
 
-def _class_count_of(model: nn.Module) -> int:
+def class_count_of(model: nn.Module) -> int:
     predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
     if predictor is not None and hasattr(predictor, "cls_score"):
         return int(predictor.cls_score.out_features)
@@ -329,11 +326,8 @@ def resized_size(model: nn.Module, input_size: Sequence[int]) -> Optional[Tuple[
     if not is_detector(model) or transform is None:
         return None
     image = torch.zeros(tuple(input_size))
-    training = transform.training
-    transform.eval()
-    try:
-        with torch.no_grad():
-            batch, _ = transform([image])
-    finally:
-        transform.train(training)
+    from .model_info import kept_modes
+
+    with kept_modes(transform, train=False), torch.no_grad():
+        batch, _ = transform([image])
     return tuple(batch.tensors.shape[1:])

@@ -1,6 +1,7 @@
 """The shipped ReXNetV1 and RevCol variants next to the papers' numbers for them."""
 from __future__ import annotations
 
+import json
 from typing import List, Optional
 
 import timm
@@ -8,9 +9,12 @@ import torch
 from tqdm import tqdm
 
 from . import models  # noqa: F401  (registers the zoo with timm)
-from .modelfile import create_model
+from .architectures import create_model
+from .errors import ReparamError
+from .options import ZOO_FORMATS
+from .tables import aligned_lines, markdown_lines
 
-__all__ = ["PUBLISHED", "zoo_names", "family", "zoo_table"]
+__all__ = ["PUBLISHED", "ZOO_FORMATS", "zoo_names", "family", "zoo_table", "render_zoo_table", "published_line"]
 
 # The papers' numbers (ReXNet and RevCol papers): params, MACs at 224 (the papers' "FLOPs"), ImageNet top-1.
 # `approx` marks numbers the authors give only roughly.
@@ -66,3 +70,44 @@ def zoo_table(progress: bool = True) -> List[dict]:
             input_size=list(model.pretrained_cfg.get("input_size", ())),
         ))
     return rows
+
+
+_HEADERS = ["name", "family", "params", "published", "match", "MACs@224 (published)", "top-1 (published)", "input"]
+
+
+def render_zoo_table(rows: List[dict], fmt: str = "table") -> str:
+    """`zoo_table()`'s rows as a table, markdown or JSON."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt not in ZOO_FORMATS:
+        raise ReparamError(f"unknown format '{fmt}', expected one of {', '.join(ZOO_FORMATS)}")
+    cells = [[r["name"], r["family"], f"{r['params']:,}", _params(r["published_params"], r["approx"]),
+              "yes" if r["params_match"] else "NO", _macs(r["published_macs"], r["approx"]), r["published_top1"] or "-",
+              "x".join(map(str, r["input_size"]))] for r in rows]
+    if fmt == "markdown":
+        return "\n".join(markdown_lines(_HEADERS, cells, numeric_from=2))
+    return "\n".join(aligned_lines(_HEADERS, cells, left=2) + [
+        "", "params: counted parameter elements; MACs: multiply-accumulates per image (papers' 'FLOPs')"])
+
+
+def published_line(name: str) -> Optional[str]:
+    """The papers' numbers for a zoo variant in one line (None: none published)."""
+    published = PUBLISHED.get(name)
+    if not published:
+        return None
+    return (f"published: {_params(published['params'], published.get('approx'))} params, "
+            f"{_macs(published['macs'], published.get('approx'))} MACs at 224, top-1 {published['top1'] or '-'}")
+
+
+def _params(value, approx=False) -> str:
+    if value is None:
+        return "-"
+    if approx:  # as roughly as the paper gives it
+        return f"~{value / 1e9:.3g}B" if value >= 1e9 else f"~{value / 1e6:.3g}M"
+    return f"{value / 1e9:.2f}B" if value >= 1e9 else f"{value / 1e6:.2f}M"
+
+
+def _macs(value, approx=False) -> str:
+    if value is None:
+        return "-"
+    return f"~{value / 1e9:.3g}G" if approx else f"{value / 1e9:.2f}G"

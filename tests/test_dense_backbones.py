@@ -5,8 +5,8 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from reparam_zoo import modelfile
-from reparam_zoo.errors import CheckpointError
+from reparam_zoo import architectures, modelfile, resolve
+from reparam_zoo.errors import ArgumentConflictError, CheckpointError
 from reparam_zoo.models import dense, reversible
 from reparam_zoo.models.revcol import REVCOL_VARIANTS
 
@@ -56,7 +56,7 @@ def test_names_cover_every_variant_and_head():
     for bad in ("fasterrcnn_resnet50_fpn", "fasterrcnn_revcol_tiny", "yolo_revcol_tiny_fpn", "revcol_tiny", None):
         assert dense.split_name(bad) is None
     assert modelfile.is_architecture("fcos_revcol_huge_fpn")
-    assert modelfile._source_of("fcos_revcol_huge_fpn") == "zoo-dense"
+    assert architectures.source_of("fcos_revcol_huge_fpn") == "zoo-dense"
     with pytest.raises(modelfile.ArchitectureError, match="did you mean fasterrcnn_revcol_tiny_fpn"):
         modelfile.create_model("fasterrcnn_revcol_tny_fpn")
 
@@ -272,7 +272,7 @@ def test_official_dense_checkpoint_backbone_loads(tmp_path, revcol_tiny_source, 
     checkpoint, others = _mm_checkpoint(revcol_tiny_source, layout)
     path = tmp_path / f"revcol_tiny_{layout}.pth"
     torch.save(checkpoint, path)
-    resolved = modelfile.resolve_model(name, checkpoint=path)
+    resolved = resolve.resolve_model(name, checkpoint=path)
     model = resolved.model
     body = model.backbone.body.state_dict()
     assert body.keys() == revcol_tiny_source.keys()
@@ -304,7 +304,7 @@ def test_classification_checkpoint_loads_into_the_backbone(tmp_path, revcol_tiny
                        "cls.classifier.1.bias": torch.zeros(1000)})
     path = tmp_path / "revcol_tiny_1k.pth"
     torch.save({"model": classifier, "epoch": 300}, path)
-    resolved = modelfile.resolve_model("retinanet_revcol_tiny_fpn", checkpoint=path)
+    resolved = resolve.resolve_model("retinanet_revcol_tiny_fpn", checkpoint=path)
     notes = " | ".join(resolved.notes)
     assert "backbone weights (468 tensors) loaded into backbone.body" in notes
     assert "dropped the classifier (4 keys): the model has none" in notes
@@ -320,11 +320,11 @@ def test_own_layout_checkpoint_sizes_the_head(tmp_path, name):
     trained = modelfile.create_model(name, num_classes=3)
     path = tmp_path / "fine_tuned.pth"
     torch.save({"model": trained.state_dict(), "epoch": 12}, path)
-    resolved = modelfile.resolve_model(name, checkpoint=path)
+    resolved = resolve.resolve_model(name, checkpoint=path)
     default = dense.HEADS[dense.split_name(name)[0]].default_classes
     assert f"head sized from the checkpoint: 3 classes (not {default})" in resolved.notes
     assert modelfile.architecture_of(resolved.model)["kwargs"]["num_classes"] == 3
     own = resolved.model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in trained.state_dict().items())
-    with pytest.raises(modelfile.ArgumentConflictError, match="has a 3-class head"):
-        modelfile.resolve_model(name, checkpoint=path, num_classes=5)
+    with pytest.raises(ArgumentConflictError, match="has a 3-class head"):
+        resolve.resolve_model(name, checkpoint=path, num_classes=5)

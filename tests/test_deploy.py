@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import reparam_zoo
 from reparam_zoo import ConversionError, EquivalenceError, RefConvNd, ReparamError, convert, fold, fuse
-from reparam_zoo.deploy import verify_equivalence
+from reparam_zoo.deploy import nothing_to_fuse, verify_equivalence
 from reparam_zoo.model_info import example_inputs
 from reparam_zoo.surgery import refconv_layers
 
@@ -478,3 +478,23 @@ def test_yolo_style_wrappers_convert_and_fuse_and_blocks_may_drop_children():
     with torch.no_grad():  # independent of the verifier
         expected, actual = converted.double()(x.double()), fused.double()(x.double())
     assert (actual - expected).abs().max() <= 1e-6 * expected.abs().max()  # the fused float32 weights' rounding
+
+
+def test_fusing_an_unverified_fused_model_does_not_call_it_verified():
+    # comparing a fused model with itself would always pass: fuse() must keep what the first fuse recorded
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    model = randomize_bn(timm.create_model("test_resnet", num_classes=4)).eval()
+    unverified = fuse(model, example_inputs=x, verify=False)
+    assert nothing_to_fuse(unverified) and not nothing_to_fuse(model)
+    again = fuse(unverified, example_inputs=x)
+    assert again is not unverified and again.fuse_report.verified is False
+    assert again.fuse_report == unverified.fuse_report and again.fuse_report.max_abs_error is None
+    torch.testing.assert_close(again(x), unverified(x), rtol=0, atol=0)
+    same = fuse(unverified, example_inputs=x, inplace=True)
+    assert same is unverified and not same.training
+    # a fold-only model still has norms to fuse: that fuse runs and verifies
+    folded = fuse(model, example_inputs=x, fold_only=True)
+    assert nothing_to_fuse(folded, fold_only=True) and not nothing_to_fuse(folded)
+    fused = fuse(folded, example_inputs=x)
+    assert fused.fuse_report.verified and len(fused.fuse_report.fused) == 15

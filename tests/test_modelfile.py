@@ -20,6 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 import reparam_zoo
 from reparam_zoo import ArgumentConflictError, CheckpointError, ReparamError, convert, fuse
 from reparam_zoo import modelfile as mf
+from reparam_zoo import resolve
 from reparam_zoo.surgery import refconv_layers
 
 from helpers import outputs, randomize_bn
@@ -424,7 +425,7 @@ def test_a_checkpoint_for_other_input_channels_builds_its_stem(tmp_path):
     torch.manual_seed(0)
     gray = timm.create_model("test_resnet", in_chans=1, num_classes=3).eval()
     torch.save(gray.state_dict(), tmp_path / "gray.pth")
-    resolved = mf.resolve_model(str(tmp_path / "gray.pth"), arch="test_resnet")
+    resolved = resolve.resolve_model(str(tmp_path / "gray.pth"), arch="test_resnet")
     assert "input channels from the checkpoint: 1 (not 3)" in resolved.notes
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(outputs(resolved.model, x), outputs(gray, x), rtol=0, atol=0)
@@ -444,16 +445,16 @@ def test_training_checkpoints_with_settings_load_and_other_objects_need_trust(tm
     # timm's and torchvision's train scripts: weights, EMA weights and the argparse settings
     torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1, model="tiny_reptest"),
                 "epoch": 3}, tmp_path / "timm.pth.tar")
-    loaded = mf.load_model(tmp_path / "timm.pth.tar", arch="tiny_reptest")
+    loaded = resolve.load_model(tmp_path / "timm.pth.tar", arch="tiny_reptest")
     torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
 
     torch.save({"state_dict": model.state_dict(), "trainer": TrainerState()}, tmp_path / "custom.pth")
     with pytest.raises(CheckpointError, match=r"custom.pth: contains pickled Python objects \(.*TrainerState\); "
                                               r"loading it would run arbitrary code, refused"):
-        mf.load_model(tmp_path / "custom.pth", arch="tiny_reptest")
-    loaded = mf.load_model(tmp_path / "custom.pth", arch="tiny_reptest", trust_pickle=True)
+        resolve.load_model(tmp_path / "custom.pth", arch="tiny_reptest")
+    loaded = resolve.load_model(tmp_path / "custom.pth", arch="tiny_reptest", trust_pickle=True)
     torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
-    loaded = mf.load_model("tiny_reptest", checkpoint=tmp_path / "custom.pth", trust_pickle=True)
+    loaded = resolve.load_model("tiny_reptest", checkpoint=tmp_path / "custom.pth", trust_pickle=True)
     torch.testing.assert_close(outputs(loaded, X), outputs(model, X), rtol=0, atol=0)
 
 
@@ -557,18 +558,18 @@ def test_load_model_from_each_kind_of_argument(tmp_path):
     torch.save(model, tmp_path / "whole.pt")
 
     expected = outputs(model, X)
-    by_name = mf.resolve_model("tiny_reptest", checkpoint=tmp_path / "ckpt.pth")
+    by_name = resolve.resolve_model("tiny_reptest", checkpoint=tmp_path / "ckpt.pth")
     assert by_name.kind == "architecture" and "stripped key prefix 'module.'" in by_name.notes
     for resolved in (
         by_name,
-        mf.resolve_model(str(tmp_path / "ckpt.pth"), arch="tiny_reptest"),
-        mf.resolve_model(str(tmp_path / "bare.safetensors"), arch="tiny_reptest"),
-        mf.resolve_model(str(tmp_path / "file.safetensors")),
-        mf.resolve_model(str(tmp_path / "whole.pt"), trust_pickle=True),
+        resolve.resolve_model(str(tmp_path / "ckpt.pth"), arch="tiny_reptest"),
+        resolve.resolve_model(str(tmp_path / "bare.safetensors"), arch="tiny_reptest"),
+        resolve.resolve_model(str(tmp_path / "file.safetensors")),
+        resolve.resolve_model(str(tmp_path / "whole.pt"), trust_pickle=True),
     ):
         torch.testing.assert_close(outputs(resolved.model, X), expected, rtol=0, atol=0)
-    assert mf.load_model(str(tmp_path / "file.safetensors")).reparam_arch["name"] == "tiny_reptest"
-    assert mf.resolve_model(str(tmp_path / "whole.pt"), trust_pickle=True).kind == "pickle"
+    assert resolve.load_model(str(tmp_path / "file.safetensors")).reparam_arch["name"] == "tiny_reptest"
+    assert resolve.resolve_model(str(tmp_path / "whole.pt"), trust_pickle=True).kind == "pickle"
 
 
 def test_load_model_errors(tmp_path):
@@ -578,31 +579,34 @@ def test_load_model_errors(tmp_path):
     torch.save(tiny(), tmp_path / "whole.pt")
     file, ckpt = str(tmp_path / "file.safetensors"), str(tmp_path / "ckpt.pth")
     with pytest.raises(mf.ArchitectureError, match="unknown architecture 'tiny_rep'"):
-        mf.load_model("tiny_rep")
+        resolve.load_model("tiny_rep")
     with pytest.raises(CheckpointError, match="missing.pth: no such file"):
-        mf.load_model(str(tmp_path / "missing.pth"))
+        resolve.load_model(str(tmp_path / "missing.pth"))
     with pytest.raises(CheckpointError, match="does not fit TinyRepNet: .*missing keys.*unexpected keys"):
-        mf.load_model(str(tmp_path / "resnet.pth"), arch="tiny_reptest")
+        resolve.load_model(str(tmp_path / "resnet.pth"), arch="tiny_reptest")
     with pytest.raises(ArgumentConflictError, match=r"ckpt.pth has a 10-class head, but num_classes / --num-classes asks for 4"):
-        mf.load_model("tiny_reptest", checkpoint=ckpt, num_classes=4)
+        resolve.load_model("tiny_reptest", checkpoint=ckpt, num_classes=4)
     with pytest.raises(ArgumentConflictError, match="10-class head; --num-classes 4 does not fit"):
-        mf.load_model(file, num_classes=4)
+        resolve.load_model(file, num_classes=4)
     with pytest.raises(ArgumentConflictError, match="holds a tiny_reptest model, but --arch / arch= says resnet18"):
-        mf.load_model(file, arch="resnet18")
+        resolve.load_model(file, arch="resnet18")
     with pytest.raises(ArgumentConflictError, match="is a file with weights already; --checkpoint / checkpoint="):
-        mf.load_model(file, checkpoint=ckpt)
+        resolve.load_model(file, checkpoint=ckpt)
     with pytest.raises(ArgumentConflictError, match="is a file with weights already; --pretrained / pretrained="):
-        mf.load_model(file, pretrained=True)
+        resolve.load_model(file, pretrained=True)
     with pytest.raises(ArgumentConflictError, match="both give the weights; pass one of them"):
-        mf.load_model("tiny_reptest", checkpoint=ckpt, pretrained=True)
+        resolve.load_model("tiny_reptest", checkpoint=ckpt, pretrained=True)
     with pytest.raises(ArgumentConflictError, match="MODEL is the architecture tiny_reptest, but --arch / arch= says"):
-        mf.load_model("tiny_reptest", arch="resnet18")
+        resolve.load_model("tiny_reptest", arch="resnet18")
     with pytest.raises(CheckpointError, match="pickled Python objects"):
-        mf.load_model(str(tmp_path / "whole.pt"))
+        resolve.load_model(str(tmp_path / "whole.pt"))
     with pytest.raises(CheckpointError, match="bare state_dict"):
-        mf.load_model(ckpt, trust_pickle=True)
+        resolve.load_model(ckpt, trust_pickle=True)
 
 
 def test_public_api():
-    for name in ("create_model", "save", "load", "load_model"):
-        assert getattr(reparam_zoo, name) is getattr(mf, name)
+    from reparam_zoo import architectures
+
+    homes = {"create_model": architectures, "save": mf, "load": mf, "load_model": resolve}
+    for name, home in homes.items():
+        assert getattr(reparam_zoo, name) is getattr(home, name)

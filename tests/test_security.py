@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import reparam_zoo
 from reparam_zoo import CheckpointError, ReparamError
 from reparam_zoo import modelfile as mf
+from reparam_zoo import resolve
 from reparam_zoo.errors import OutputError
 from reparam_zoo.export import export
 from reparam_zoo.fileio import TEMP_MARK, atomic_write
@@ -79,7 +80,7 @@ def test_architecture_kwargs_that_load_or_fetch_are_refused_by_name(tmp_path, go
     if isinstance(value, dict):
         value = {k: str(evil) if v == "EVIL" else v for k, v in value.items()}
     hostile = rewrite(good_file, tmp_path / "m.safetensors", architecture=arch_with(good_file, **{key: value}))
-    for read in (mf.load, mf.read_info, mf.load_model, lambda p: mf.load(p, trust_pickle=True)):
+    for read in (mf.load, mf.read_info, resolve.load_model, lambda p: mf.load(p, trust_pickle=True)):
         with pytest.raises(CheckpointError, match=rf"m.safetensors: the architecture argument '{key}' would load, "
                                                   r"fetch or trust something.*refused"):
             read(hostile)
@@ -353,9 +354,9 @@ def test_a_tiny_checkpoint_cannot_claim_a_huge_head(tmp_path):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(CheckpointError, match=r"expanded.pth: tensor 'fc.(weight|bias)' claims shape \(500000.*"
                                               r"its elements overlap.*refused"):
-        mf.load_model("test_resnet", checkpoint=tmp_path / "expanded.pth")
+        resolve.load_model("test_resnet", checkpoint=tmp_path / "expanded.pth")
     with pytest.raises(CheckpointError, match="its elements overlap"):
-        mf.load_model(tmp_path / "expanded.pth", arch="test_resnet")
+        resolve.load_model(tmp_path / "expanded.pth", arch="test_resnet")
     # nothing of the claimed size was built: the peak grew by less than the 192 MB head would take
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 150_000  # kB
 
@@ -364,7 +365,7 @@ def test_a_tiny_checkpoint_cannot_claim_a_huge_head(tmp_path):
     overlapping["fc.weight"] = torch.zeros(w.numel()).as_strided(w.shape, (1, 1))  # rows sharing elements
     torch.save(overlapping, tmp_path / "overlap.pth")
     with pytest.raises(CheckpointError, match=r"'fc.weight' claims shape \(3, \d+\) with strides \(1, 1\)"):
-        mf.load_model(tmp_path / "overlap.pth", arch="test_resnet")
+        resolve.load_model(tmp_path / "overlap.pth", arch="test_resnet")
 
 
 # -- 9. precise errors ---------------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ def test_tensors_of_the_wrong_kind_are_refused_by_name(tmp_path):
     for kind, (tensor, message) in kinds.items():
         torch.save({**base, "fc.weight": tensor}, tmp_path / f"{kind}.pth")
         with pytest.raises(CheckpointError, match=message):
-            mf.load_model(tmp_path / f"{kind}.pth", arch="test_resnet")
+            resolve.load_model(tmp_path / f"{kind}.pth", arch="test_resnet")
     # a complex weight in a reparam file (safetensors) is refused, not cast to its real part
     good = mf.save(mf.create_model("test_resnet", num_classes=3), tmp_path / "good.safetensors")
     with safe_open(str(good), framework="pt") as f:

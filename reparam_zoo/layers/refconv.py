@@ -19,11 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConversionError
+from ..options import DEFAULT_MAP_K, INITS, check_map_k
 
 __all__ = ["RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd", "refconv_class_for", "refocus_kernel", "INITS",
            "clear_kernel_caches"]
 
-INITS = ("zero", "xavier", "kaiming")
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -138,7 +138,7 @@ class RefConvNd(nn.Module):
 
     dims: int = 0
 
-    def __init__(self, conv: nn.modules.conv._ConvNd, map_k: int = 3, init: str = "zero"):
+    def __init__(self, conv: nn.modules.conv._ConvNd, map_k: int = DEFAULT_MAP_K, init: str = "zero"):
         super().__init__()
         if not self.dims:
             raise ConversionError("RefConvNd is the shared base class: build a layer with "
@@ -167,7 +167,7 @@ class RefConvNd(nn.Module):
         self.train(conv.training)
 
     @classmethod
-    def from_conv(cls, conv: nn.modules.conv._ConvNd, map_k: int = 3, init: str = "zero") -> "RefConvNd":
+    def from_conv(cls, conv: nn.modules.conv._ConvNd, map_k: int = DEFAULT_MAP_K, init: str = "zero") -> "RefConvNd":
         """The RefConv of `conv` (of its dimensionality when called on RefConvNd): `conv`'s weight becomes
         the frozen base, a `map_k` transform starts with `init` ("zero": exactly `conv`). `conv` is not
         changed."""
@@ -355,11 +355,6 @@ def unsupported_reason(conv: nn.Module, map_k: int) -> Optional[str]:
     if any(k < map_k for k in conv.kernel_size):
         return f"kernel {'x'.join(map(str, conv.kernel_size))} smaller than map_k={map_k}"
     return None
-
-
-def check_map_k(map_k: int) -> None:
-    if not isinstance(map_k, int) or isinstance(map_k, bool) or map_k < 1 or map_k % 2 == 0:
-        raise ConversionError(f"map_k must be a positive odd integer, got {map_k!r}")
 
 
 def check_convertible(conv: nn.Module, map_k: int, expected_dims: int = 0) -> None:

@@ -14,7 +14,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
-from ..errors import ReparamError, first_line
+from ..errors import ArgumentConflictError, ReparamError, first_line
+from ..options import DEFAULT_MAP_K, TRAIN_SCOPES  # DEFAULT_MAP_K: a model converted here without map_k
 
 __all__ = ["TrainConfig", "TrainError", "RunStopped", "SettingError", "OPTIMIZERS", "MODEL_FILES", "PLAIN_SCOPE",
            "RESUMABLE_OVERRIDES", "PERMISSIONS", "DEFAULT_MAP_K", "SGD_MOMENTUM", "default_warmup_epochs", "check_warmup",
@@ -35,7 +36,6 @@ PERMISSIONS = ("trust_pickle",)
 # The training scope of ordinary training: a plain model (no RefConv layers, none made), every weight trains.
 # The baseline refocusing is compared with (`reparam ablate`'s finetune and continue arms).
 PLAIN_SCOPE = "all"
-DEFAULT_MAP_K = 3  # the transform kernel of a model converted here when map_k is not given
 _NAME = re.compile(r"<(\w+)>")
 
 
@@ -47,7 +47,7 @@ class RunStopped(TrainError):
     """A stop signal arrived before the run could make its first checkpoint: nothing was kept."""
 
 
-class SettingError(TrainError):
+class SettingError(TrainError, ArgumentConflictError):
     """A setting out of range or contradicting another (a usage error on the command line).
 
     `template` marks setting names as `<keyword>`; `str()` spells them as keywords with dashes (the library's
@@ -143,8 +143,6 @@ class TrainConfig:
             raise SettingError("weight_decay", f"<weight_decay> must be >= 0, got {self.weight_decay!r}")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if self.train_scope is not None:
-            from ..surgery import TRAIN_SCOPES  # torch: only when a run is being set up
-
             _one_of("train_scope", self.train_scope, (*TRAIN_SCOPES, PLAIN_SCOPE))
             if self.train_scope == PLAIN_SCOPE and self.map_k is not None:
                 raise SettingError("map_k", f"<map_k> applies to RefConv training, not <train_scope> {PLAIN_SCOPE}")

@@ -12,6 +12,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..errors import preview
+from ..model_info import save_modes
 from .config import RunStopped, TrainConfig, TrainError
 from .run_dir import BEST_FILE, Log, RunDir, sig3
 from .setup import Loaders, Optimization, Reference
@@ -41,7 +42,7 @@ class Trainer:
         evaluators = [self.task.evaluator() for _ in models]
         max_diff = scale = 0.0
         unreadable: List[int] = []
-        was_training = [m.training for m in models]
+        restore_modes = save_modes(*models)
         for m in models:
             m.eval()
         started = time.perf_counter()
@@ -59,8 +60,7 @@ class Trainer:
             if len(outputs) > 1:
                 max_diff = max(max_diff, diff)
             started = time.perf_counter()
-        for m, mode in zip(models, was_training):
-            m.train(mode)
+        restore_modes()
         if self.procs.max([float(self.stop.requested)])[0]:
             self.stop.acknowledge()
             return None
@@ -174,7 +174,7 @@ class Trainer:
     def check_finite(self) -> None:
         """Stop a diverged run before it saves anything: NaN/Inf weights or BatchNorm statistics can come with a
         finite loss, and would otherwise fail every later save and every resume."""
-        from ..modelfile import non_finite
+        from ..checkpoint import non_finite
 
         bad = self.procs.union(non_finite(self.model.state_dict()))  # every rank stops, or the others would wait
         if bad:

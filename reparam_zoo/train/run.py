@@ -329,7 +329,7 @@ class _Run:
             self.log(note)
         model, reference = prepare_model(source, config, head, fresh=fresh, log=self.log)
         if fresh:
-            from ..modelfile import architecture_of
+            from ..module_attrs import architecture_of
 
             # no safetensors file can rebuild a model without an architecture tag: a trusted pickle's run
             # writes whole-module pickles, which reparam's commands read back with --trust-pickle
@@ -370,7 +370,9 @@ class _Run:
         from ..torchvision_models import example_inputs
 
         deployed = fuse_model(best_model, example_inputs=example_inputs(best_model, example))
-        report = deployed.fuse_report
+        from ..module_attrs import fuse_report_of
+
+        report = fuse_report_of(deployed)
         save_model(run_dir, deployed, run_dir.file(DEPLOY_FILE), {"train": dict(best), **data.metadata},
                    data.classes, self.notes, self.log)
         self.log(f"deploy model (best, epoch {best['epoch']}): {len(report.folded)} RefConvs folded, "

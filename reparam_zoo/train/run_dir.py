@@ -1,7 +1,7 @@
 """The run folder: its file names, the log, metrics.jsonl, the plot, config.json, and what a failed start
 leaves behind (nothing).
 
-Imports no torch: writing goes through `reparam_zoo.modelfile.atomic_write`, imported when a file is written.
+Imports no torch: writing goes through `reparam_zoo.fileio.atomic_write`, imported when a file is written.
 Only rank 0 writes; the caller decides who calls.
 """
 from __future__ import annotations
@@ -188,7 +188,7 @@ class RunDir:
             ax.legend()
         fig.suptitle(title)
         fig.tight_layout()
-        from ..modelfile import atomic_write
+        from ..fileio import atomic_write
 
         atomic_write(self.writes(os.path.join(self.path, PLOT_FILE)), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
@@ -246,7 +246,7 @@ def write_json(path: str, value: Any) -> None:
 
 
 def _atomic_text(path: str, text: str) -> None:
-    from ..modelfile import atomic_write
+    from ..fileio import atomic_write
 
     def write(tmp):
         with open(tmp, "w") as f:

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..data import EpochSampler, ShardSampler, make_loader
 from ..deploy import fold
+from ..module_attrs import refconv_summary_of
 from ..surgery import TRAIN_SCOPES, apply_train_scope, convert, refconv_layers
 from .config import DEFAULT_MAP_K, OPTIMIZERS, PLAIN_SCOPE, TrainConfig, TrainError
 from .tasks import TaskData
@@ -35,7 +36,7 @@ def load_input_model(config: TrainConfig, given: Optional[nn.Module], log) -> nn
         return copy.deepcopy(given)
     if config.model.startswith("<in-memory"):
         raise TrainError(f"this run trained an in-memory model ({config.model}); pass it again to resume()")
-    from ..modelfile import resolve_model
+    from ..resolve import resolve_model
 
     resolved = resolve_model(config.model, arch=config.arch, checkpoint=config.checkpoint,
                              pretrained=config.pretrained, trust_pickle=config.trust_pickle)
@@ -53,7 +54,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, head: set, *, fresh: bo
     if config.train_scope == PLAIN_SCOPE:
         return _plain(model, log)
     if refconv_layers(model):
-        summary = getattr(model, "refconv_summary", None)
+        summary = refconv_summary_of(model)
         own = getattr(summary, "train_scope", None)
         own = own if own in TRAIN_SCOPES else None
         if config.train_scope is None:  # not given: the model's own, recorded in config.json from now on
@@ -80,7 +81,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, head: set, *, fresh: bo
             config.map_k = DEFAULT_MAP_K
         converted = convert(model, map_k=config.map_k, train_scope=config.train_scope)
         log(f"converted with default settings (map_k={config.map_k}, zero init): "
-            + str(converted.refconv_summary).splitlines()[0].removeprefix("RefConv: "))
+            + str(refconv_summary_of(converted)).splitlines()[0].removeprefix("RefConv: "))
         reference = Reference(model)
     for name, p in converted.named_parameters():
         if name in head:

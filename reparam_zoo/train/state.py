@@ -144,7 +144,10 @@ def save_model(run_dir: RunDir, model: nn.Module, path: str, extra: Dict[str, An
     """A reparam model file when the architecture is known; else a whole-module pickle (a run of a trusted
     pickle, model_files "pickle"), or a bare safetensors state_dict (an in-memory model). Its extra metadata
     is `extra` and the class names (in output index order: what a deployment needs to label the outputs)."""
-    from ..modelfile import architecture_of, atomic_write, check_finite, save
+    from ..checkpoint import check_finite
+    from ..fileio import atomic_write
+    from ..modelfile import save
+    from ..module_attrs import architecture_of, restore_extra, set_extra
 
     run_dir.writes(path)
     extra = {**extra, "classes": list(classes)}
@@ -153,16 +156,11 @@ def save_model(run_dir: RunDir, model: nn.Module, path: str, extra: Dict[str, An
         return
     if run_dir.model_files == "pickle":
         # the extra metadata travels as the attribute `load` gives reparam files (`reparam_extra`)
-        missing = object()
-        previous = model.__dict__.get("reparam_extra", missing)
-        model.reparam_extra = extra
+        previous = set_extra(model, extra)
         try:
             save(model, path, trust_pickle=True)
         finally:
-            if previous is missing:
-                del model.reparam_extra
-            else:
-                model.reparam_extra = previous
+            restore_extra(model, previous)
         _note_once(notes, log, f"{type(model).__name__} has no rebuildable architecture: model files are whole-module "
                                "pickles (.pt; read them with --trust-pickle / reparam_zoo.load(path, trust_pickle=True))")
         return
@@ -186,8 +184,10 @@ def read_model_file(path: str, model_files: str, trust_pickle: bool) -> Tuple[Di
         from ..modelfile import load
 
         module = load(path, trust_pickle=True)
-        extra = getattr(module, "reparam_extra", None)
-        tag = extra.get("train") if isinstance(extra, dict) else None
+        from ..module_attrs import extra_of
+
+        extra = extra_of(module)
+        tag = extra.get("train") if extra is not None else None
         return module.state_dict(), tag if isinstance(tag, dict) else None
     tensors, meta = read_state_dict(path)
     return tensors, _train_tag(meta)

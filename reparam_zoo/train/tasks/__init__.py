@@ -163,7 +163,7 @@ class Task(abc.ABC):
     def replace_head(model, num_classes: int) -> Tuple[set, int]:
         """Give `model` a new head for `num_classes`: the names of its new parameters (they train too) and
         how many numbers they hold."""
-        from ...modelfile import set_num_classes
+        from ...architectures import set_num_classes
 
         before = {id(p) for p in model.parameters()}
         set_num_classes(model, num_classes)

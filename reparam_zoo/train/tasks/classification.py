@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ...data import IGNORE_TARGET, build_datasets, collate, image_list_digest
 from ...errors import first_line
-from ...model_info import cfg_input_size
+from ...model_info import kept_modes, require_input_size
 from ..config import TrainError
 from . import Evaluator, Task, TaskData
 
@@ -24,11 +24,8 @@ class ClassificationTask(Task):
     comparison_metric = ("top-1 %", 100.0)
 
     def build_data(self, data_dir: str, model: nn.Module, input_size: Any, *, resuming: bool) -> TaskData:
-        if input_size is None and cfg_input_size(model) is None and not resuming:
-            # timm would silently use 224x224: say so, as `reparam fuse` and `report` do (a resumed run goes on
-            # as it started)
-            raise TrainError(f"cannot tell the input size of {type(model).__name__} (no timm pretrained_cfg); "
-                             "pass --input-size N / input_size=N")
+        if input_size is None and not resuming:  # (a resumed run goes on as it started)
+            require_input_size(model, how="pass --input-size N / input_size=N", error=TrainError)
         splits = build_datasets(data_dir, model, input_size)
         return TaskData(train=splits.train, val=splits.val, classes=splits.classes,
                         input_size=tuple(splits.data_config["input_size"]), digest=image_list_digest(splits),
@@ -125,14 +122,11 @@ def num_outputs(model: nn.Module, input_size: Tuple[int, ...]) -> int:
 
 
 def output_on_zeros(model: nn.Module, input_size: Tuple[int, ...]) -> Any:
-    """What `model` returns in eval mode for one all-zero input (its mode is restored); a model that fails on
+    """What `model` returns in eval mode for one all-zero input (its modes are restored); a model that fails on
     the input size is a one-line TrainError."""
-    was_training = model.training
     try:
-        with torch.no_grad():
-            return model.eval()(torch.zeros(1, *input_size))
+        with kept_modes(model, train=False), torch.no_grad():
+            return model(torch.zeros(1, *input_size))
     except Exception as e:
         raise TrainError(f"{type(model).__name__} fails on a {'x'.join(map(str, input_size))} input "
                          f"({first_line(e)}); check --input-size / input_size=") from None
-    finally:
-        model.train(was_training)

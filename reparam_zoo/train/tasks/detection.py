@@ -73,11 +73,11 @@ class DetectionTask(Task):
                         metadata={"label_to_category_id": data.label_to_category_id})
 
     def fit_model(self, model: nn.Module, data: TaskData, num_classes: Any, data_dir: str) -> Tuple[set, List[str]]:
-        from ...torchvision_models import _class_count_of
+        from ...torchvision_models import class_count_of
 
         notes = list(data.describe.get("notes", []))
         classes = len(data.classes)  # the background counts, as in torchvision's num_classes
-        outputs = _class_count_of(model)
+        outputs = class_count_of(model)
         if num_classes is None:
             if outputs != classes:
                 raise TrainError(f"the detector has {outputs} classes but {data_dir} has {classes - 1} categories + the "
@@ -250,9 +250,9 @@ def _set_image_size(model: nn.Module, input_size: Optional[int]) -> int:
                              "fixes the size); leave out --input-size / input_size=")
         return size
     transform.min_size, transform.max_size = (size,), size
-    from ...modelfile import ARCH_ATTR
+    from ...module_attrs import architecture_of, set_architecture
 
-    arch = getattr(model, ARCH_ATTR, None)
-    if isinstance(arch, dict) and arch.get("source") == "torchvision":
-        setattr(model, ARCH_ATTR, {**arch, "kwargs": {**arch.get("kwargs", {}), "min_size": size, "max_size": size}})
+    arch = architecture_of(model)
+    if arch is not None and arch.get("source") == "torchvision":
+        set_architecture(model, {**arch, "kwargs": {**arch.get("kwargs", {}), "min_size": size, "max_size": size}})
     return size

@@ -49,8 +49,7 @@ class SegmentationTask(Task):
 
         cfg = resolve_data_config({}, model=model)
         if input_size is None and getattr(model, "pretrained_cfg", None) is None and not resuming:
-            raise TrainError(f"cannot tell the input size of {type(model).__name__} (no pretrained_cfg); "
-                             "pass --input-size N / input_size=N")
+            require_input_size(model, how="pass --input-size N / input_size=N", error=TrainError)
         size = int(input_size) if input_size is not None else int(cfg["input_size"][-1])
         data = build_segmentation_data(data_dir, size=size, mean=cfg["mean"], std=cfg["std"],
                                        ignore_index=self.ignore_index)
