@@ -26,6 +26,7 @@ from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 
 from .errors import ReparamError, preview
+from .fileio import open_regular_file
 
 __all__ = ["DataError", "ImageTooLargeError", "walk_files", "open_image", "open_regular_file", "DataSplits", "ImageFolderSplit", "EpochSampler", "ShardSampler", "build_datasets",
            "make_loader", "sample_seed"]
@@ -216,21 +217,6 @@ def walk_files(root: str, extensions) -> FolderWalk:
 
 def _identity(info: os.stat_result) -> Tuple[int, int]:
     return info.st_dev, info.st_ino
-
-
-def open_regular_file(path: str):
-    """`open(path, "rb")` for a regular file only, without blocking on anything else (a FIFO put in place of
-    an image after the folder was listed): OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path}: not a regular file")
-        if hasattr(os, "O_NONBLOCK"):  # no effect on regular files; cleared so the file behaves as open() gives it
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def open_image(path: str, fileobj=None) -> Image.Image:

@@ -22,13 +22,14 @@ import os
 import re
 import secrets
 import signal
+import stat
 import threading
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from .errors import OutputError, ReparamError, first_line
 
-__all__ = ["TEMP_MARK", "model_file_name_problem", "atomic_write", "atomic_write_file", "output_file", "temp_path_for", "leftover_temp_files",
+__all__ = ["TEMP_MARK", "open_regular_file", "model_file_name_problem", "atomic_write", "atomic_write_file", "output_file", "temp_path_for", "leftover_temp_files",
            "check_output_path", "same_file"]
 
 PathLike = Union[str, os.PathLike]
@@ -301,3 +302,18 @@ def model_file_name_problem(path: PathLike, has_architecture: bool) -> Optional[
     if not has_architecture and not lower.endswith((".pt", ".pth")):
         return "a model without a rebuildable architecture is written as a whole-module pickle; name it <name>.pt"
     return None
+
+
+def open_regular_file(path: str):
+    """`open(path, "rb")` for a regular file only, without blocking on anything else (a FIFO put in place of
+    an image after the folder was listed): OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if hasattr(os, "O_NONBLOCK"):  # no effect on regular files; cleared so the file behaves as open() gives it
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -76,6 +76,16 @@ def test_a_hostile_train_state_is_refused_without_running_it(data_dir, tmp_path)
     assert not marker.exists()
 
 
+def test_a_fifo_in_place_of_a_runs_config_is_refused_without_blocking(data_dir, tmp_path):
+    model = tiny_net(cls=lambda: SignalAt(at=2))
+    stopped = train(model, data_dir, output_dir=str(tmp_path / "run"), epochs=1, lr=0.1, **FAST)
+    config = os.path.join(stopped.output_dir, "config.json")
+    os.remove(config)
+    os.mkfifo(config)  # nobody will ever write it: opening it for reading would block forever
+    with deadline(60), pytest.raises(TrainError, match=r"config.json: unreadable .*not a regular file"):
+        resume(stopped.output_dir, model=TinyNet(), verbose=False)
+
+
 # -- 3: link loops in a data folder ------------------------------------------------------------------------------
 
 def test_link_loops_in_a_data_folder_are_walked_once_and_reported(tmp_path):

@@ -72,7 +72,9 @@ def read_settings_file(path: str, from_dict: Callable[[Dict[str, Any]], Any], er
     """`from_dict` of the JSON object in `path` (a run or ablation folder is data: only plain JSON is read);
     anything else is one `error` naming the file and `what` it should hold."""
     try:
-        with open(path) as f:
+        from ..fileio import open_regular_file  # a FIFO in place of the file must not block
+
+        with open_regular_file(path) as f:
             raw = json.load(f)
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
