@@ -224,7 +224,7 @@ def ddp_checks():
             with open(os.path.join(work, "run", "config.json")) as f:
                 row["world_size"] = json.load(f)["world_size"]
             row["passed"] = row["world_size"] == nproc
-            row["note"] = "DDP over nccl" if nproc > 1 else "one GPU: reparam train runs single-process (no DDP)"
+            row["note"] = f"DDP over nccl, {nproc} process(es)"  # torchrun starts the group also for one
         else:
             row["error"] = (proc.stderr.strip().splitlines() or [""])[-1]
         rows.append(row)

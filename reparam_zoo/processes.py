@@ -68,6 +68,7 @@ class Processes:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False
+    in_group: bool = False  # a process group runs (also with one process, under torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -75,7 +76,9 @@ class Processes:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether the run goes through a process group (DDP, collectives): several processes, or one
+        launched by torchrun, which then runs the same DDP code path as a multi-process run."""
+        return self.in_group or self.world_size > 1
 
     @classmethod
     def from_env(cls, device: Optional[Union[str, torch.device]]) -> "Processes":
@@ -86,7 +89,10 @@ class Processes:
         device = check_device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
-        if world_size <= 1:
+        # torchrun sets RANK and MASTER_ADDR (what init_process_group's env:// rendezvous reads) also for
+        # --nproc_per_node 1: such a run starts its group, so a one-process DDP run tests the DDP path
+        launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+        if world_size <= 1 and not launched:
             return cls(device=device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -94,7 +100,7 @@ class Processes:
         if owns:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return cls(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank, device=device,
-                   owns_group=owns)
+                   owns_group=owns, in_group=True)
 
     def sum(self, values: Sequence[float]) -> List[float]:
         return self._all_reduce(values, dist.ReduceOp.SUM)

@@ -1,6 +1,6 @@
 """DistributedDataParallel over nccl: a one-process group whose refocus gradients equal the plain step's,
-and `reparam train` under torchrun on the GPUs present (DDP over nccl with two or more; with one GPU
-`reparam train` runs a single process, which config.json records as world_size 1)."""
+and `reparam train` under torchrun on the GPUs present (DDP over nccl; with one GPU a single torchrun
+process, which still starts its nccl group and trains through DDP; config.json records world_size 1)."""
 import json
 import os
 import subprocess
