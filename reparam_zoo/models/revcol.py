@@ -32,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, LayerNorm2d, trunc_normal_
+from timm.layers import LayerNorm, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import pretrained_filter as checkpoint_filter_fn, register_checkpoint_adapter
+from .drop import DropPath
 from .pooling import select_global_pool
 from .reversible import ReversibleColumn, clamp_magnitude_, level_update, run_columns
 
