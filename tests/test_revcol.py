@@ -232,6 +232,38 @@ def test_reversible_gradients_equal_backprop_on_small_configs(cfg):
     assert_same_gradients(ref, rev)
 
 
+@pytest.mark.parametrize("top_to_bottom", [False, True], ids=["plain", "H-edge"])
+def test_input_not_a_multiple_of_32_upsamples_to_the_map_it_is_added_to(top_to_bottom):
+    """200x136: the stride-2 downsamplings floor 25x17 to 12x8, so a fixed 2x upsample would give 24x16."""
+    torch.manual_seed(0)
+    model = randomize_(RevCol(**TINY, num_columns=3, num_classes=5, drop_path_rate=0.4,
+                              top_to_bottom_fusion=top_to_bottom)).double().train()
+    x = torch.randn(2, 3, 200, 136, dtype=torch.float64)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(50, 34), (25, 17), (12, 8), (6, 4)]
+    loss_ref, ref = gradients(model, x, save_memory=False)
+    loss_rev, rev = gradients(model, x, save_memory=True)
+    assert torch.isfinite(loss_ref)
+    assert torch.equal(loss_ref, loss_rev)
+    assert_same_gradients(ref, rev)
+
+
+def test_upsample_to_a_size_equals_the_fixed_scale_when_the_size_is_a_multiple():
+    from reparam_zoo.models.revcol import UpSample
+
+    up = UpSample(8, 4, 8)
+    x = torch.randn(1, 8, 3, 5)
+    by_scale = up(x)
+    assert by_scale.shape == (1, 4, 24, 40)
+    assert torch.equal(up(x, [24, 40]), by_scale)
+    # independent: nearest upsampling by 8 repeats every pixel in an 8x8 block
+    expected = up.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    expected = expected.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    assert torch.equal(by_scale, expected)
+    assert up(x, [25, 41]).shape == (1, 4, 25, 41)
+
+
 def test_reversible_training_under_bfloat16_autocast():
     torch.manual_seed(0)
     model = randomize_(RevCol(**TINY, num_columns=3, num_classes=5, drop_path_rate=0.2)).train()

@@ -320,10 +320,14 @@ def test_fx_forward_matches_eager(name, kwargs):
 
 @pytest.mark.parametrize("name,kwargs", SMALL_CASES, ids=SMALL_IDS)
 def test_fx_backward_gives_the_eager_gradients(name, kwargs):
-    # float64: eager reversible RevCol reconstructs its states, exact only up to rounding
+    # float64: eager reversible RevCol reconstructs its states, exact only up to rounding.
+    # Drop path on: the graph must draw the same masks in the same order and rescale them as eager does.
+    model = timm.create_model(name, num_classes=42, drop_path_rate=0.1, **kwargs).double().train()
     if is_revcol(name):
-        kwargs = dict(kwargs, drop_path_rate=0.0)
-    model = timm.create_model(name, num_classes=42, **kwargs).double().train()
+        with torch.no_grad():  # layer scale starts at 1e-6: raise it so a wrong drop path shows in the gradients
+            for block in model.modules():
+                if hasattr(block, "gamma"):
+                    block.gamma.fill_(0.5)
     graph = fx_graph(model, train=True)
     torch.manual_seed(1)  # the same dropout masks in both runs
     out = only_output(graph(images(2).double()))
@@ -355,3 +359,45 @@ def test_fx_graph_keeps_the_alpha_clamp():
         model.subnet2.alpha1[0, 3] = -1e-5
     graph(images())
     assert model.subnet2.alpha1[0, 3].item() == torch.tensor(-1e-3).item()  # float32 -1e-3
+
+
+def test_traced_drop_path_keeps_its_rescaling_after_dead_code_elimination():
+    """Issue 21's cause: timm's drop_path rescales its mask in place (`div_`) and uses the mask, so a
+    traced graph's `div_` node has no users and `eliminate_dead_code()` (run by create_feature_extractor)
+    removes it: the graph drops paths without rescaling. The zoo's DropPath divides out of place."""
+    from timm.layers import DropPath as TimmDropPath
+    from reparam_zoo.models.drop import DropPath
+
+    x = torch.randn(64, 3, 2, 2, dtype=torch.float64)
+
+    def eager_and_traced(module):
+        module.train()
+        graph = torch.fx.symbolic_trace(module)
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        torch.manual_seed(3)
+        eager = module(x)
+        torch.manual_seed(3)
+        return eager, graph(x)
+
+    eager, traced = eager_and_traced(DropPath(0.25))
+    assert torch.equal(traced, eager)
+    # independent computation: kept samples are x / 0.75, dropped ones 0, with the mask of the same draw
+    torch.manual_seed(3)
+    keep = torch.empty(64, 1, 1, 1, dtype=torch.float64).bernoulli_(0.75)
+    assert 0 < keep.sum() < 64
+    torch.testing.assert_close(eager, x * keep / 0.75, rtol=1e-15, atol=0)
+    # bit-identical to timm's eager DropPath; timm's traced graph loses the 1/keep_prob scaling
+    timm_eager, timm_traced = eager_and_traced(TimmDropPath(0.25))
+    assert torch.equal(eager, timm_eager)
+    torch.testing.assert_close(timm_traced, x * keep, rtol=0, atol=0)
+
+
+def test_zoo_models_use_the_fx_safe_drop_path():
+    from timm.layers import DropPath as TimmDropPath
+    from reparam_zoo.models.drop import DropPath
+
+    for name in ("rexnetv1_100", "revcol_tiny"):
+        model = timm.create_model(name, drop_path_rate=0.1)
+        kinds = {type(m) for m in model.modules() if isinstance(m, TimmDropPath)}
+        assert kinds == {DropPath}, name

@@ -32,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, LayerNorm2d, trunc_normal_
+from timm.layers import LayerNorm, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import pretrained_filter as checkpoint_filter_fn, register_checkpoint_adapter
+from .drop import DropPath
 from .pooling import select_global_pool
 from .reversible import ReversibleColumn, clamp_magnitude_, level_update, run_columns
 
@@ -96,16 +97,22 @@ class ConvNextBlock(nn.Module):
 
 
 class UpSample(nn.Module):
-    """Linear channel change + channels-last LayerNorm, then nearest upsampling by `scale`."""
+    """Linear channel change + channels-last LayerNorm, then nearest upsampling by `scale` (SPEC), or to
+    `size`, the map the result is added to. The stride-2 downsamplings floor odd sizes, so on inputs that
+    are not multiples of 32 a fixed `scale` misses the target (25x17 -> 12x8 -> 24x16); the authors'
+    segmentation code interpolates to the target size. For multiples of 32 the size is exactly
+    `scale` times the input, and nearest upsampling to it picks the same pixels as the fixed scale."""
 
     def __init__(self, in_chs: int, out_chs: int, scale: int):
         super().__init__()
         self.scale = scale
         self.channel_reschedule = nn.Sequential(nn.Linear(in_chs, out_chs), LayerNorm(out_chs, eps=NORM_EPS))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Optional[List[int]] = None) -> torch.Tensor:
         x = self.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return F.interpolate(x, scale_factor=float(self.scale), mode="nearest")
+        if size is None:
+            return F.interpolate(x, scale_factor=float(self.scale), mode="nearest")
+        return F.interpolate(x, size=size, mode="nearest")
 
 
 class Fusion(nn.Module):
@@ -129,14 +136,15 @@ class Fusion(nn.Module):
 
     def forward(self, down_input: torch.Tensor, upper_states: List[Optional[torch.Tensor]]) -> torch.Tensor:
         x = self.down(down_input)
+        size = [x.shape[-2], x.shape[-1]]
         if self.up is not None:
             upper = upper_states[0]
             assert upper is not None, "the first column has no upper states"
-            x = x + self.up(upper)
+            x = x + self.up(upper, size)
         if self.up2 is not None:
             top = upper_states[-1]
             assert top is not None, "the first column has no upper states"
-            x = x + self.up2(top)
+            x = x + self.up2(top, size)
         return x
 
 

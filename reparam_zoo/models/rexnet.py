@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._efficientnet_builder import efficientnet_init_weights
 from timm.models._features import feature_take_indices
@@ -35,6 +34,7 @@ from timm.models.rexnet import RexNet  # only as the reference for timm's key or
 
 from ..checkpoint import pretrained_filter as checkpoint_filter_fn, register_checkpoint_adapter
 from ..errors import CheckpointError, preview
+from .drop import DropPath
 from .pooling import select_global_pool
 
 __all__ = ["ReXNetV1", "BlockConfig", "rexnet_block_configs", "checkpoint_filter_fn"]
