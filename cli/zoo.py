@@ -5,7 +5,7 @@ import json
 
 import click
 
-from reparam_zoo.options import ZOO_FORMATS
+from reparam_zoo.options import ZOO_FORMATS, zoo_variant_problem
 
 from .common import echo, echo_lines, input_size_option, report_format_option
 
@@ -34,13 +34,12 @@ def zoo_list(fmt):
               help="Per-module rows down to this depth (0: totals only).")
 def zoo_report(name, input_size, fmt, depth):
     """The full params/MACs report of one variant (randomly initialised), with its published numbers."""
+    problem = zoo_variant_problem(name)  # before torch loads: the names are a torch-free list
+    if problem:
+        raise click.BadParameter(problem, param_hint="NAME")
     from reparam_zoo.architectures import create_model
     from reparam_zoo.report import report
-    from reparam_zoo.zoo import PUBLISHED, published_line, zoo_names
-
-    names = zoo_names()
-    if name not in names:
-        raise click.BadParameter(f"'{name}' is not a zoo variant; one of: {', '.join(names)}", param_hint="NAME")
+    from reparam_zoo.zoo import PUBLISHED, published_line
     result = report(create_model(name), input_size, depth=depth, name=name)
     if fmt == "json":
         echo(json.dumps({**result.as_dict(), "published": PUBLISHED.get(name, {})}, indent=2))

@@ -17,6 +17,7 @@ from .module_attrs import pop_refconv_summary
 from .surgery import refconv_layers
 
 MACS_TOLERANCE = 0.02
+_DIFFERING_SHOWN = 4  # modules a disagreement names in one line (all of them are in `differing_modules`)
 # fvcore's names (after its own simplification) for the conv/matmul work torch's flop_counter also sees
 _FVCORE_MATMUL_OPS = ("conv", "linear", "addmm", "bmm", "matmul", "mm", "einsum")
 
@@ -31,6 +32,9 @@ class MacsCheck:
     tolerance: float = MACS_TOLERANCE
     fvcore_by_op: Dict[str, int] = field(default_factory=dict)
     flop_counter_by_op: Dict[str, int] = field(default_factory=dict)
+    # where the two differ: module -> [fvcore, flop_counter] conv/matmul MACs of the ops the module runs
+    # itself (outside its submodules); "" is the model's own forward. Largest differences first.
+    differing_modules: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
     def agrees(self) -> bool:
@@ -48,6 +52,11 @@ class MacsCheck:
         if not self.agrees:
             by_op = ", ".join(f"{op} {n:,}" for op, n in self.flop_counter_by_op.items())
             line += f"; flop_counter MACs by op: {by_op}"
+            if self.differing_modules:
+                shown = list(self.differing_modules.items())[:_DIFFERING_SHOWN]
+                where = ", ".join(f"{name or '(the model itself)'} {fv:,} vs {tc:,}" for name, (fv, tc) in shown)
+                more = len(self.differing_modules) - len(shown)
+                line += f"; they differ in: {where}" + (f" and {more} more" if more > 0 else "")
         return line
 
 
@@ -68,10 +77,27 @@ class ModuleRow:
     group: str = ""  # backbone / neck / heads of a detector or segmenter ("" for other models)
 
 
+@dataclass
+class MacCounts:
+    """What `count_macs` finds in one eval forward."""
+
+    by_module: Dict[str, int]  # fvcore MACs of each module's subtree ("" the whole model)
+    by_module_and_op: Dict[str, Dict[str, int]]  # the same, by fvcore op name
+    unsupported: Dict[str, int]  # ops fvcore does not count, with how often they ran
+    never_run: List[str]  # modules holding weights that the forward never called (forward hooks)
+    unused_output: List[str]  # modules holding weights that ran, but whose outputs nothing used: the traced
+    # graph fvcore counts drops them as dead code (no fvcore MACs), torch's flop_counter counts them
+    check: MacsCheck
+
+
 # -- counting ---------------------------------------------------------------------------------------
-def count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=None):
-    """fvcore MACs by module, fvcore's unsupported ops, and the flop_counter cross-check, in eval mode
-    without gradients (so that counting changes no BatchNorm statistics)."""
+def count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=None) -> MacCounts:
+    """fvcore MACs by module, fvcore's unsupported ops, the modules no MACs were counted for, and the
+    flop_counter cross-check, in eval mode without gradients (so that counting changes no BatchNorm statistics).
+
+    fvcore counts a JIT trace of the forward, torch's flop_counter the eager forward: a module run for an
+    output nothing uses is in the second and not the first (the trace drops dead code). Forward hooks on the
+    eager run tell such a module from one the forward never calls."""
     from torch.utils.flop_counter import FlopCounterMode
 
     FlopCountAnalysis = _fvcore_analysis()
@@ -95,24 +121,72 @@ def count_macs(model: nn.Module, input_size: Tuple[int, ...], name: str, call=No
             analysis = (FlopCountAnalysis(counted, inputs).unsupported_ops_warnings(False)
                         .uncalled_modules_warnings(False).tracer_warnings("none"))
             by_module = {_strip(k, prefix): v for k, v in analysis.by_module().items() if k + "." != prefix}
+            by_module_and_op = {_strip(k, prefix): v for k, v in analysis.by_module_and_operator().items()
+                                if k + "." != prefix}
             by_op = analysis.by_operator()
             unsupported = dict(sorted(analysis.unsupported_ops().items()))
-            uncalled = _outermost_with_weights(model, [_strip(n, prefix) for n in analysis.uncalled_modules()])
-            with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
-                counted(*inputs)
+            untraced = {_strip(n, prefix) for n in analysis.uncalled_modules()}
+            ran = set()
+            hook = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: ran.add(id(m)))
+            try:
+                with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
+                    counted(*inputs)
+            finally:
+                hook.remove()
     except Exception as e:  # the user's model failed to run: one line, not a traceback
         raise ReparamError(f"cannot count MACs of {name} on input 1x{'x'.join(map(str, input_size))}: "
                            f"{type(e).__name__}: {first_line(e)}") from None
     finally:
         restore_modes()
     fvcore_ops = {op: int(n) for op, n in by_op.items() if op in _FVCORE_MATMUL_OPS}
-    torch_ops = {str(op): int(n) // 2 for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    flop_counts = counter.get_flop_counts()
+    torch_ops = {str(op): int(n) // 2 for op, n in flop_counts.get("Global", {}).items()}
     fv, tc = sum(fvcore_ops.values()), int(counter.get_total_flops()) // 2
     rel = abs(fv - tc) / max(fv, tc) if max(fv, tc) else 0.0
     check = MacsCheck(fvcore_macs=fv, flop_counter_macs=tc, rel_diff=rel, fvcore_by_op=fvcore_ops,
-                      flop_counter_by_op=torch_ops)
-    return ({k: int(v) for k, v in by_module.items()}, {k: int(v) for k, v in unsupported.items()}, uncalled,
-            check)
+                      flop_counter_by_op=torch_ops,
+                      differing_modules=_differing_modules(model, counted, prefix, by_module_and_op, flop_counts))
+    # a module runs when called or when one of its submodules is (a body read through `forward_intermediates`,
+    # a ModuleList); only what neither counter saw run is `never_run`
+    ran_names = {n for n, m in model.named_modules() if id(m) in ran}
+    ran_names |= {n.rsplit(".", k)[0] for n in ran_names for k in range(1, n.count(".") + 1)}
+    never_run = sorted(untraced - ran_names)
+    return MacCounts(
+        by_module={k: int(v) for k, v in by_module.items()},
+        by_module_and_op={k: {op: int(n) for op, n in v.items()} for k, v in by_module_and_op.items()},
+        unsupported={k: int(v) for k, v in unsupported.items()},
+        never_run=_outermost_with_weights(model, never_run),
+        unused_output=_outermost_with_weights(model, untraced - set(never_run)),
+        check=check,
+    )
+
+
+def _differing_modules(model: nn.Module, counted: nn.Module, prefix: str,
+                       fvcore_by_module: Dict[str, Dict[str, int]], flop_counts) -> Dict[str, List[int]]:
+    """Modules whose own conv/matmul MACs (their subtree's, less those of the submodules the counter names)
+    differ between the counters, largest difference first. flop_counter names a module `<class of the
+    module it ran>.<qualified name>`, and only modules that were called (not a ModuleList, nor a body read
+    through another method): their work is then their nearest named ancestor's own."""
+    torch_names = {".".join(p for p in (type(counted).__name__, prefix.rstrip("."), n) if p): n
+                   for n, _ in model.named_modules()}
+    torch_tree = {torch_names[k]: sum(int(v) for v in ops.values()) // 2
+                  for k, ops in flop_counts.items() if k in torch_names}
+    fvcore_tree = {n: sum(v for op, v in ops.items() if op in _FVCORE_MATMUL_OPS)
+                   for n, ops in fvcore_by_module.items()}
+    own = {}
+    for side, tree in enumerate((fvcore_tree, torch_tree)):
+        tree = {"": 0, **tree}
+        mine = dict(tree)
+        for name, macs in tree.items():
+            if name:
+                ancestor = name.rpartition(".")[0]
+                while ancestor and ancestor not in tree:
+                    ancestor = ancestor.rpartition(".")[0]
+                mine[ancestor] -= macs
+        for name, macs in mine.items():
+            own.setdefault(name, [0, 0])[side] = int(macs)
+    differ = {n: v for n, v in own.items() if v[0] != v[1]}
+    return dict(sorted(differ.items(), key=lambda item: -abs(item[1][0] - item[1][1])))
 
 
 class _WithKeywords(nn.Module):
@@ -281,3 +355,25 @@ def unique_tensors(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
             seen.add(id(t))
             out.append(t)
     return out
+
+
+OUTSIDE_PARTS = "other"  # the group of what a detector's or segmenter's own forward computes outside its parts
+
+
+def add_outside_parts(totals: Dict[str, Dict[str, int]], training_params: int, inference_params: int,
+                      counts: MacCounts, groups: Dict[str, str]) -> Dict[str, int]:
+    """Add to the part totals the `other` entry that makes them sum to the model's totals (params, MACs), when
+    anything is outside the parts; return its MACs by fvcore op (the model's own forward: e.g. a segmenter's
+    final upsampling to the input size)."""
+    ops: Dict[str, int] = dict(counts.by_module_and_op.get("", {}))
+    for root in groups:
+        for op, n in counts.by_module_and_op.get(root, {}).items():
+            ops[op] = ops.get(op, 0) - n
+    other = {
+        "training_params": training_params - sum(v["training_params"] for v in totals.values()),
+        "inference_params": inference_params - sum(v["inference_params"] for v in totals.values()),
+        "macs": counts.by_module.get("", 0) - sum(v["macs"] for v in totals.values()),
+    }
+    if any(other.values()):
+        totals[OUTSIDE_PARTS] = other
+    return {op: n for op, n in sorted(ops.items()) if n}

@@ -7,6 +7,7 @@ library and `reparam_zoo.errors` only.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any, Optional, Union
 
@@ -15,7 +16,8 @@ from .errors import ConversionError
 __all__ = ["DEFAULT_MAP_K", "INITS", "TRAIN_SCOPES", "EXPORT_FORMATS", "EXPORT_SUFFIXES", "FORMAT_NAMES",
            "REPORT_FORMATS", "ZOO_FORMATS", "DEFAULT_CALIB_IMAGES",
            "DEFAULT_HELD_OUT_IMAGES", "DEFAULT_MIN_AGREEMENT", "REPORT_CALIB_IMAGES", "RUNTIMES", "DEFAULT_WARMUP",
-           "DEFAULT_REPEATS", "LATENCY_BATCH", "TORCHVISION_PREFIX", "check_map_k", "split_torchvision_name", "format_of_path"]
+           "DEFAULT_REPEATS", "LATENCY_BATCH", "TORCHVISION_PREFIX", "ZOO_VARIANTS", "zoo_variant_problem",
+           "check_map_k", "split_torchvision_name", "format_of_path"]
 
 DEFAULT_MAP_K = 3  # the RefConv transform kernel when none is given (the paper's 3x3)
 INITS = ("zero", "xavier", "kaiming")  # how a RefConv transform starts ("zero": exactly the original conv)
@@ -45,6 +47,20 @@ TORCHVISION_PREFIX = "torchvision:"  # a MODEL argument `torchvision:resnet50` n
 
 REPORT_FORMATS = ("table", "markdown", "json", "csv")
 ZOO_FORMATS = ("table", "markdown", "json")  # `reparam zoo list`
+# The shipped variants, family by family, smallest first (what `reparam zoo report NAME` takes), so that a
+# wrong NAME is refused before torch loads. timm's registry is the truth (reparam_zoo.zoo.zoo_names);
+# tests/test_cli_startup.py keeps this copy equal to it.
+ZOO_VARIANTS = ("rexnetv1_090", "rexnetv1_100", "rexnetv1_130", "rexnetv1_150", "rexnetv1_200", "rexnetv1_300",
+                "revcol_tiny", "revcol_small", "revcol_base", "revcol_large", "revcol_xlarge", "revcol_huge")
+
+
+def zoo_variant_problem(name: str) -> Optional[str]:
+    """Why `name` is not a zoo variant, in one line with the close names (as for a wrong MODEL name), or None."""
+    if name in ZOO_VARIANTS:
+        return None
+    close = difflib.get_close_matches(str(name), ZOO_VARIANTS, n=3, cutoff=0.75)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"'{name}' is not a zoo variant; {hint}one of: {', '.join(ZOO_VARIANTS)}"
 
 
 def check_map_k(map_k: int) -> None:

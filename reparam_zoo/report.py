@@ -40,8 +40,8 @@ from .layers.refconv import RefConvNd
 from .memory import tensor_bytes, training_memory
 from .model_info import require_input_size, require_module, timm_cfg, unwrap
 from .surgery import refconv_layers
-from .counting import (MACS_TOLERANCE, MacsCheck, ModuleRow, count_macs, folded_view, group_totals, module_rows,
-                       unique_tensors)
+from .counting import (MACS_TOLERANCE, MacsCheck, ModuleRow, add_outside_parts, count_macs, folded_view,
+                       group_totals, module_rows, unique_tensors)
 from . import torchvision_models
 from .report_render import FORMATS, UNIT, ComparisonRendering, ReportRendering, int_or_none
 
@@ -76,6 +76,8 @@ class Report(ReportRendering):
     macs_check: MacsCheck
     unsupported_ops: Dict[str, int] = field(default_factory=dict)
     uncalled_modules: List[str] = field(default_factory=list)  # hold weights, but the forward never ran them
+    # hold weights and ran, but nothing used their outputs (fvcore counts none of their MACs, flop_counter does)
+    unused_output_modules: List[str] = field(default_factory=list)
     modules: List[ModuleRow] = field(default_factory=list)
     depth: int = 1
     refconv_layers: int = 0
@@ -83,7 +85,8 @@ class Report(ReportRendering):
     memory_error: Optional[str] = None  # why the activations could not be measured
     architecture: Optional[str] = None  # timm's name (or the class name); `model` may be a file's name
     resized_input: Optional[Tuple[int, ...]] = None  # what a detector's own resize makes of `input_size`
-    groups: Dict[str, Dict[str, int]] = field(default_factory=dict)  # backbone / neck / heads totals
+    groups: Dict[str, Dict[str, int]] = field(default_factory=dict)  # backbone / neck / heads (/ other) totals
+    outside_parts_ops: Dict[str, int] = field(default_factory=dict)  # the `other` group's MACs by fvcore op
 
     @property
     def flags(self) -> List[str]:
@@ -106,9 +109,11 @@ class Report(ReportRendering):
             "macs_check": self.macs_check.as_dict(),
             "unsupported_ops": dict(self.unsupported_ops),
             "uncalled_modules": list(self.uncalled_modules),
+            "unused_output_modules": list(self.unused_output_modules),
             "depth": self.depth,
             "resized_input": None if self.resized_input is None else list(self.resized_input),
             "groups": {k: dict(v) for k, v in self.groups.items()},
+            "outside_parts_ops": dict(self.outside_parts_ops),
             "modules": [asdict(r) for r in self.modules],
         }
 
@@ -122,6 +127,8 @@ class Report(ReportRendering):
                 training=dict(data["training"]), inference=dict(data["inference"]),
                 macs_check=MacsCheck(**check), unsupported_ops=dict(data.get("unsupported_ops", {})),
                 uncalled_modules=list(data.get("uncalled_modules", [])), architecture=data.get("architecture"),
+                unused_output_modules=list(data.get("unused_output_modules", [])),
+                outside_parts_ops=dict(data.get("outside_parts_ops") or {}),
                 modules=[ModuleRow(**r) for r in data.get("modules", [])], depth=data.get("depth", 1),
                 refconv_layers=data.get("refconv_layers", 0), unit=data.get("unit", UNIT),
                 memory_error=data.get("memory_error"),
@@ -214,7 +221,8 @@ def report(
     refconvs = [m for _, m in refconv_layers(model)]
 
     deployed = folded_view(model) if refconvs else model
-    macs_by_module, unsupported, uncalled, check = count_macs(deployed, input_size, name, call)
+    counts = count_macs(deployed, input_size, name, call)
+    macs_by_module, check = counts.by_module, counts.check
 
     base_ids = {id(m.weight_base) for m in refconvs}
     params = unique_tensors(model.parameters())
@@ -242,13 +250,18 @@ def report(
                     activation_bytes=memory.activation_bytes)
     inference["weight_bytes"] = tensor_bytes(list(deployed.parameters()) + list(deployed.buffers()))
     modules = module_rows(model, deployed, macs_by_module, depth, groups) if depth else []
+    totals, outside_ops = {}, {}
+    if groups:
+        totals = group_totals(model, deployed, macs_by_module, groups)
+        outside_ops = add_outside_parts(totals, training["params"], inference["params"], counts, groups)
     return Report(
         model=name, architecture=model_name(model), stage=stage, input_size=input_size, training=training,
         inference=inference,
-        macs_check=check, unsupported_ops=unsupported, uncalled_modules=uncalled, modules=modules, depth=depth,
+        macs_check=check, unsupported_ops=counts.unsupported, uncalled_modules=counts.never_run,
+        unused_output_modules=counts.unused_output, modules=modules, depth=depth,
         refconv_layers=len(refconvs), memory_error=memory.error,
         resized_input=torchvision_models.resized_size(model, input_size),
-        groups=group_totals(model, deployed, macs_by_module, groups) if groups else {},
+        groups=totals, outside_parts_ops=outside_ops,
     )
 
 

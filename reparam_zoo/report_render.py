@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import ReparamError, preview
 from .memory import MEASURE_BATCH
+from .counting import OUTSIDE_PARTS
 from .options import REPORT_FORMATS as FORMATS
 from .tables import aligned_lines, markdown_lines
 
@@ -65,6 +66,14 @@ class ReportRendering:
             notes.append(f"not counted by fvcore: {_format_counts(self.unsupported_ops)}")
         if self.uncalled_modules:
             notes.append(f"not run by an eval forward, so no MACs counted: {preview(self.uncalled_modules)}")
+        if self.unused_output_modules:
+            notes.append("run, but nothing uses their outputs (fvcore's traced graph drops them: no MACs counted, "
+                         f"torch's flop_counter counts them): {preview(self.unused_output_modules)}")
+        if OUTSIDE_PARTS in self.groups:
+            parts = ", ".join(g for g in self.groups if g != OUTSIDE_PARTS)
+            ops = ", ".join(f"{op} {n:,}" for op, n in self.outside_parts_ops.items())
+            notes.append(f"part '{OUTSIDE_PARTS}': what the model's own forward computes outside {parts}"
+                         + (f" (MACs by op: {ops})" if ops else ""))
         if self.resized_input is not None:
             notes.append("a detector resizes its images itself (min_size/max_size, then pads): MACs and "
                          f"activations are those of its {'x'.join(map(str, self.resized_input))} input, and "

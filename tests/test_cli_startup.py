@@ -47,6 +47,9 @@ def run_cli(*args):
     (["train", "resnet18", "--data", ".", "--optimizer", "adamw", "--momentum", "0.5"], 2,
      "error: --momentum applies to --optimizer sgd, not adamw"),
     (["frobnicate"], 2, "error: No such command 'frobnicate'"),
+    (["zoo", "report", "nope"], 2,
+     "error: Invalid value for NAME: 'nope' is not a zoo variant; one of: rexnetv1_090, rexnetv1_100,"),
+    (["zoo", "report", "revcol_tny"], 2, "'revcol_tny' is not a zoo variant; did you mean revcol_tiny? one of:"),
 ])
 def test_help_version_and_usage_errors_import_no_torch(args, code, expected):
     returncode, stdout, stderr, modules = run_cli(*args)
@@ -66,3 +69,14 @@ def test_leaves_are_the_library_modules_once_the_library_is_imported(tmp_path):
             "import reparam_zoo.errors as e; assert issubclass(cfg.SettingError, e.ArgumentConflictError); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_zoo_variants_the_cli_checks_without_torch_are_the_registrys():
+    # the torch-free copy `reparam zoo report NAME` checks against, and timm's registry it stands for
+    from reparam_zoo.options import ZOO_VARIANTS
+    from reparam_zoo.zoo import zoo_names
+
+    assert list(ZOO_VARIANTS) == zoo_names()
+    # one line: the usage error names the variants and nothing else
+    returncode, _, stderr, _ = run_cli("zoo", "report", "revcol_tny")
+    assert returncode == 2 and len(stderr.strip().splitlines()) == 1

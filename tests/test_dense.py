@@ -188,10 +188,14 @@ def test_report_at_the_detectors_own_size_with_parts_and_training_memory():
     # min_size 128 would scale 96 -> 128, but max_size 128 caps the long side: 96x128, padded to 32
     assert result.resized_input == (3, 96, 128)
     assert result.memory_error is None and result.training["activation_bytes"] > 0
-    assert set(result.groups) == {"backbone", "neck", "heads"}
+    # `other`: the detector's own resize of the image (bilinear, 4 multiply-adds per output element), which
+    # makes the parts sum to the model's MACs
+    assert set(result.groups) == {"backbone", "neck", "heads", "other"}
+    assert result.groups["other"] == {"training_params": 0, "inference_params": 0, "macs": 4 * 3 * 96 * 128}
+    assert sum(g["macs"] for g in result.groups.values()) == result.inference["macs"]
     own = {g: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
            for g, prefixes in (("backbone", "backbone.body."), ("neck", "backbone.fpn."),
-                               ("heads", ("rpn.", "roi_heads.")))}
+                               ("heads", ("rpn.", "roi_heads.")), ("other", "transform."))}
     assert {g: v["inference_params"] for g, v in result.groups.items()} == own
     assert sum(own.values()) == result.inference["params"]
     # the FPN's output convs, counted here by hooks at the size the backbone really sees
@@ -215,8 +219,11 @@ def test_segmenter_report_training_memory_and_parts():
     model = mf.create_model("torchvision:lraspp_mobilenet_v3_large", num_classes=3)
     result = reparam_zoo.report(model, (3, 64, 64), depth=1)
     assert result.resized_input is None and result.memory_error is None
-    assert set(result.groups) == {"backbone", "heads"}
+    assert set(result.groups) == {"backbone", "heads", "other"}
     assert result.groups["heads"]["inference_params"] == sum(p.numel() for p in model.classifier.parameters())
+    # `other`: torchvision's final upsampling of the 3 class maps to 64x64 (bilinear: 4 multiply-adds each)
+    assert result.groups["other"]["macs"] == 4 * 3 * 64 * 64
+    assert sum(g["macs"] for g in result.groups.values()) == result.inference["macs"]
 
 
 def test_cli_report_and_fuse_a_detector(tmp_path):
@@ -226,7 +233,9 @@ def test_cli_report_and_fuse_a_detector(tmp_path):
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     assert data["input_size"] == [3, 320, 320] and data["resized_input"] == [3, 320, 320]
-    assert set(data["groups"]) == {"backbone", "neck", "heads"}
+    assert set(data["groups"]) == {"backbone", "neck", "heads", "other"}  # other: SSD's own resize, bilinear
+    assert data["groups"]["other"]["macs"] == 4 * 3 * 320 * 320
+    assert sum(g["macs"] for g in data["groups"].values()) == data["inference"]["macs"]
     target = tmp_path / "seg.fused.safetensors"
     fused = runner.invoke(main, ["fuse", "torchvision:lraspp_mobilenet_v3_large", "--num-classes", "2",
                                  "--input-size", "3,64,64", "-o", str(target)])

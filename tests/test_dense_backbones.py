@@ -68,7 +68,7 @@ _VARIANTS = list(REVCOL_VARIANTS) + ["rexnetv1_100", "rexnetv1_300"]
 @pytest.mark.parametrize("backbone,head",
                          [(b, list(dense.HEADS)[i % len(dense.HEADS)]) for i, b in enumerate(_VARIANTS)])
 def test_every_variant_builds_as_a_backbone_on_meta(backbone, head):
-    # the FPN reads the backbone's channels at strides 4..32 (R-CNNs, segmenter) or 8..32 (RetinaNet, FCOS)
+    # the FPN reads the backbone's channels at strides 4..32 (R-CNNs) or 8..32 (RetinaNet, FCOS, segmenter)
     with torch.device("meta"):
         model = modelfile.create_model(f"{head}_{backbone}_fpn")
     spec = dense.HEADS[head]
@@ -328,3 +328,103 @@ def test_own_layout_checkpoint_sizes_the_head(tmp_path, name):
     assert all(torch.equal(own[k], v) for k, v in trained.state_dict().items())
     with pytest.raises(ArgumentConflictError, match="has a 3-class head"):
         resolve.resolve_model(name, checkpoint=path, num_classes=5)
+
+
+# -- no dead weights ----------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("one_thread")  # small tensors: threads on a loaded machine cost more than the work
+@pytest.mark.parametrize("head", list(dense.HEADS))
+@pytest.mark.parametrize("backbone", ["rexnetv1_090", "revcol_tiny"])  # the smallest variant of each family
+def test_every_parameter_is_used_in_training_and_every_weighted_module_runs_in_eval(head, backbone):
+    # Independent of the counters the report uses: autograd says which parameters the training forward used,
+    # forward hooks which modules the (deployed) eval forward called. A module built and never run would be
+    # weights a deployed model carries for nothing.
+    torch.manual_seed(0)
+    name = f"{head}_{backbone}_fpn"
+    segmenter = dense.HEADS[head].task == "segmentation"
+    model = _small_sampling(dense.create(name, num_classes=3, **({} if segmenter else dict(min_size=SIZE,
+                                                                                            max_size=SIZE))))
+    model.train()
+    if segmenter:  # batch 2: the ASPP's image-pooling branch normalises a 1x1 map over the batch
+        loss = model(torch.stack(_images(2)))["out"].square().mean()
+    else:
+        loss = sum(model(_images(2), _targets(2, masks=head == "maskrcnn")).values())
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == [], f"{name}: parameters the training forward never used: {unused[:8]}"
+
+    ran = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: ran.add(id(m)))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.stack(_images(1)) if segmenter else _images(1))
+    finally:
+        hook.remove()
+    modules = dict(model.named_modules())
+    # a module that holds weights itself runs, or (a body read through forward_intermediates, a RevCol
+    # column's alphas) one of its submodules does
+    weighted = [n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))]
+    idle = [n for n in weighted if not any(id(m) in ran for k, m in modules.items() if k == n or k.startswith(n + "."))]
+    assert idle == [], f"{name}: modules holding weights that the eval forward never ran: {idle[:8]}"
+
+
+def test_segmenter_fpn_computes_torchvisions_stride_8_level():
+    # the FPN the segmenter builds is torchvision's over the strides 8-32, less the output convs of the levels
+    # nothing reads: its one level equals torchvision's class's first output with the same weights
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+    torch.manual_seed(0)
+    model = dense.create("deeplabv3_rexnetv1_090_fpn", num_classes=3).eval()
+    fpn = model.backbone.fpn
+    assert len(fpn.inner_blocks) == 3 and len(fpn.layer_blocks) == 1
+    in_channels = [block[0].in_channels for block in fpn.inner_blocks]
+    info = {i["reduction"]: i["num_chs"] for i in model.backbone.body.feature_info}
+    assert in_channels == [info[8], info[16], info[32]]
+    reference = FeaturePyramidNetwork(in_channels, 256).eval()
+    with torch.no_grad():
+        for ours, theirs in zip(fpn.inner_blocks, reference.inner_blocks):
+            theirs.load_state_dict(ours.state_dict())
+        reference.layer_blocks[0].load_state_dict(fpn.layer_blocks[0].state_dict())
+        g = torch.Generator().manual_seed(1)
+        maps = {str(k): torch.randn(1, c, 16 >> k, 16 >> k, generator=g) for k, c in enumerate(in_channels)}
+        out, expected = fpn(maps), reference(maps)
+    assert list(out) == ["0"]
+    torch.testing.assert_close(out["0"], expected["0"], rtol=0, atol=0)
+
+
+def test_segmenter_report_parts_sum_to_the_totals_and_the_counters_agree():
+    import math
+
+    import reparam_zoo
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = dense.create("deeplabv3_rexnetv1_090_fpn", num_classes=5)
+    result = reparam_zoo.report(model, (3, 64, 96), depth=1)
+    # every weight ran: fvcore's trace and torch's eager flop_counter count the same convs
+    assert result.uncalled_modules == [] and result.unused_output_modules == []
+    check = result.macs_check
+    assert check.fvcore_macs == check.flop_counter_macs and check.differing_modules == {}
+    # the conv MACs, by hand from the output shapes forward hooks see: Cout * Cin/g * kh * kw per position
+    macs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: macs.append(
+        o.numel() * m.in_channels // m.groups * math.prod(m.kernel_size)))
+        for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.rand(1, 3, 64, 96))
+    for h in hooks:
+        h.remove()
+    assert check.fvcore_macs == sum(macs)
+    # the parts and `other` (the final bilinear upsampling of the 5 class maps to 64x96: 4 multiply-adds per
+    # output element, one per neighbour) sum to the model's totals
+    assert list(result.groups) == ["backbone", "neck", "heads", "other"]
+    assert result.groups["other"] == {"training_params": 0, "inference_params": 0, "macs": 4 * 5 * 64 * 96}
+    assert result.outside_parts_ops == {"upsample_bilinear2d": 4 * 5 * 64 * 96}
+    for key, total in (("macs", result.inference["macs"]), ("inference_params", result.inference["params"]),
+                       ("training_params", result.training["params"])):
+        assert sum(g[key] for g in result.groups.values()) == total, key
+    assert result.groups["neck"]["inference_params"] == sum(p.numel() for p in model.backbone.fpn.parameters())
+    text = result.to_table()
+    assert ("part 'other': what the model's own forward computes outside backbone, neck, heads "
+            f"(MACs by op: upsample_bilinear2d {4 * 5 * 64 * 96:,})") in text
+    assert "WARNING" not in text

@@ -46,6 +46,8 @@ def test_report_of_the_refconv_model(files):
     assert report["input_size"] == [3, 128, 128]
     assert report["inference"]["macs"] > 0
     groups = report["groups"]
-    assert set(groups) == {"backbone", "neck", "heads"}
+    assert set(groups) == {"backbone", "neck", "heads", "other"}  # other: the final upsampling to 128x128
+    assert groups["other"]["macs"] == 4 * 21 * 128 * 128  # bilinear: 4 multiply-adds per output element
+    assert sum(g["macs"] for g in groups.values()) == report["inference"]["macs"]
     assert sum(g["inference_params"] for g in groups.values()) == report["inference"]["params"]
     assert sum(g["training_params"] for g in groups.values()) == report["training"]["params"]

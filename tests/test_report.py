@@ -150,6 +150,9 @@ def test_cross_check_counts_cpu_attention():
     assert sum(n for op, n in check.flop_counter_by_op.items() if op != "aten.convolution") == attention
     assert (check.fvcore_macs, check.flop_counter_macs) == (conv, conv + attention)
     assert not check.agrees and r.flags
+    # the model's own forward runs the attention (no submodule does): the report says where they differ
+    assert check.differing_modules == {"": [0, attention]}
+    assert f"they differ in: (the model itself) 0 vs {attention:,}" in r.flags[0]
 
 
 def test_modules_the_forward_never_runs_are_named():
@@ -162,6 +165,37 @@ def test_modules_the_forward_never_runs_are_named():
             "decoder_blocks") in r.to_table()
     assert json.loads(r.to_json())["uncalled_modules"] == r.uncalled_modules
     assert report(timm.create_model("test_resnet"), (3, 32, 32), depth=0).uncalled_modules == []
+
+
+class DeadBranch(nn.Module):
+    """`dead` runs in every forward, but nothing uses its output; `never` holds weights and never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.dead = nn.Conv2d(3, 16, 3, padding=1)
+        self.never = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.dead(x)
+        return self.conv(x)
+
+
+def test_modules_whose_outputs_are_unused_are_told_from_modules_never_run():
+    # fvcore counts a JIT trace, which drops `dead` as dead code; torch's flop_counter counts the eager run
+    r = report(DeadBranch(), (3, 8, 8), depth=1)
+    conv, dead = 8 * 8 * 4 * 3 * 9, 8 * 8 * 16 * 3 * 9  # positions x Cout x Cin x k*k
+    check = r.macs_check
+    assert (check.fvcore_macs, check.flop_counter_macs) == (conv, conv + dead) and not check.agrees
+    assert r.uncalled_modules == ["never"] and r.unused_output_modules == ["dead"]
+    assert check.differing_modules == {"dead": [0, dead]}
+    text = r.to_table()
+    assert f"they differ in: dead 0 vs {dead:,}" in text
+    assert ("run, but nothing uses their outputs (fvcore's traced graph drops them: no MACs counted, torch's "
+            "flop_counter counts them): dead") in text
+    assert "not run by an eval forward, so no MACs counted: never" in text
+    again = Report.from_dict(json.loads(r.to_json()))
+    assert (again.unused_output_modules, again.macs_check.differing_modules) == (["dead"], {"dead": [0, dead]})
 
 
 def test_cross_check_tolerance_is_two_percent():

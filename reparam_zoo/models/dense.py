@@ -13,7 +13,10 @@ feature API (`forward_intermediates` at its `feature_info` taps of strides 4-32)
 torchvision's `FeaturePyramidNetwork`; the heads are torchvision's `FasterRCNN`, `MaskRCNN`,
 `RetinaNet` and `FCOS` (their default anchors and sizes; the extra pyramid levels of torchvision's
 ResNet-50 versions: max-pool P6 for the R-CNNs, P6/P7 from P5 for RetinaNet and FCOS, which read the
-strides 8-32) and `DeepLabHead` for the segmenter.
+strides 8-32) and `DeepLabHead` for the segmenter. The segmenter reads one map, the pyramid's stride-8
+level, so its FPN (`FinestLevelFPN`) takes the strides 8-32 and builds and runs only what that level
+needs: the lateral convs of every level (the top-down path) and the one output conv of stride 8. Every
+parameter of every dense model is used by its forward (tests/test_dense_backbones.py checks it).
 
 Architecture arguments (all shape arguments, recorded in model files): `num_classes` (detectors 91 as
 torchvision's COCO models, segmenter 21), `trainable_layers` (torchvision's `trainable_backbone_layers`:
@@ -50,7 +53,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from ..checkpoint import StateDict, check_compatible, fit_state_dict, register_checkpoint_adapter
 
 __all__ = [
-    "HEADS", "BACKBONE_FAMILIES", "NUM_STAGES", "ZooBackboneWithFPN", "DenseModel",
+    "HEADS", "BACKBONE_FAMILIES", "NUM_STAGES", "ZooBackboneWithFPN", "FinestLevelFPN", "DenseModel",
     "FasterRCNN", "MaskRCNN", "RetinaNet", "FCOS", "FPNSegmenter",
     "split_name", "is_dense_name", "dense_names", "backbone_names", "create", "dense_config",
     "class_modules", "set_num_classes", "checkpoint_num_classes",
@@ -77,6 +80,7 @@ class HeadSpec:
     task: str  # "detection" | "segmentation"
     class_modules: Tuple[str, ...]  # the modules whose shape depends on num_classes
     class_count_key: str  # the tensor whose first dimension is num_classes (times anchors per location)
+    finest_level_only: bool = False  # the head reads the pyramid's finest level alone (FinestLevelFPN)
 
 
 @dataclass(frozen=True)
@@ -123,8 +127,9 @@ HEADS: Dict[str, HeadSpec] = {
                           ("head.classification_head.cls_logits",), "head.classification_head.cls_logits.weight"),
     "fcos": HeadSpec("FCOS", (8, 16, 32), "p6p7", 91, "detection", ("head.classification_head.cls_logits",),
                      "head.classification_head.cls_logits.weight"),
-    "deeplabv3": HeadSpec("FPNSegmenter", (4, 8, 16, 32), None, 21, "segmentation", ("classifier.4",),
-                          "classifier.4.weight"),
+    # the stride-8 map alone: a stride-4 level would feed no output (the top-down path runs coarse to fine)
+    "deeplabv3": HeadSpec("FPNSegmenter", (SEGMENTER_FEATURE_STRIDE, 16, 32), None, 21, "segmentation",
+                          ("classifier.4",), "classifier.4.weight", finest_level_only=True),
 }
 
 _NAME = re.compile(r"^(?P<head>[a-z0-9]+?)_(?P<backbone>.+)_fpn$")
@@ -177,21 +182,50 @@ class ZooBackboneWithFPN(nn.Module):
     torchvision's own class reads features with `IntermediateLayerGetter`, which runs the children one
     after another; a RevCol's maps come out of its columns, so the body is read through
     `forward_intermediates` instead. Attributes (`body`, `fpn`, `out_channels`) and output (an
-    OrderedDict "0".."n" plus the extra levels) are those of torchvision's class.
+    OrderedDict "0".."n" plus the extra levels) are those of torchvision's class; with `finest_level_only`
+    the FPN is a `FinestLevelFPN` and the output its one level "0".
     """
 
     def __init__(self, body: nn.Module, indices: Sequence[int], out_channels: int = FPN_CHANNELS,
-                 extra_blocks: Optional[nn.Module] = None):
+                 extra_blocks: Optional[nn.Module] = None, finest_level_only: bool = False):
         super().__init__()
         self.body = body
         self.indices = list(indices)
         in_channels = [body.feature_info[i]["num_chs"] for i in self.indices]
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
+        if finest_level_only:
+            if extra_blocks is not None:
+                raise ValueError("a finest-level FPN has no extra levels")
+            self.fpn = FinestLevelFPN(in_channels, out_channels)
+        else:
+            self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         maps = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)
         return self.fpn(OrderedDict((str(k), m) for k, m in enumerate(maps)))
+
+
+class FinestLevelFPN(FeaturePyramidNetwork):
+    """torchvision's FPN computing its finest output level only, for a head that reads that one map.
+
+    torchvision's class computes every level's 3x3 output conv; a single-map head would leave all but one
+    of them computed and unused, weights a deployed model carries for nothing. This one keeps the lateral
+    1x1 convs of every input level (the coarser levels reach the finest through the top-down path, as in
+    torchvision's forward) and the output conv of the finest level alone (`layer_blocks.0`), and returns
+    {first input name: that map}. Same initialisation and arithmetic as torchvision's class for that level.
+    """
+
+    def __init__(self, in_channels_list: List[int], out_channels: int):
+        super().__init__(in_channels_list, out_channels)
+        del self.layer_blocks[1:]
+
+    def forward(self, x: Dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+        names, maps = list(x), list(x.values())
+        last_inner = self.inner_blocks[-1](maps[-1])
+        for idx in range(len(maps) - 2, -1, -1):
+            lateral = self.inner_blocks[idx](maps[idx])
+            last_inner = lateral + F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
+        return OrderedDict([(names[0], self.layer_blocks[0](last_inner))])
 
 
 def _feature_indices(body: nn.Module, strides: Sequence[int]) -> List[int]:
@@ -244,8 +278,8 @@ class FCOS(DenseModel, detection.FCOS):
 
 class FPNSegmenter(DenseModel, DeepLabV3):
     """DeepLabV3 over an FPN: torchvision's `DeepLabHead` (ASPP) on the pyramid's stride-8 map (DeepLabV3's
-    output stride in torchvision), logits upsampled bilinearly to the input, output `{"out": logits}` as
-    torchvision's segmenters. Inputs are zero-padded to a multiple of 32 and the logits cropped back, so
+    output stride in torchvision; the FPN computes that level alone, from the strides 8-32), logits
+    upsampled bilinearly to the input, output `{"out": logits}` as torchvision's segmenters. Inputs are zero-padded to a multiple of 32 and the logits cropped back, so
     any image size works (RevCol's up-fusions need maps that halve exactly)."""
 
     def __init__(self, backbone: ZooBackboneWithFPN, num_classes: int, feature: str):
@@ -304,7 +338,8 @@ def create(name: str, *, pretrained: bool = False, num_classes: Optional[int] = 
     indices = _feature_indices(body, head.strides)
     body.prune_intermediate_layers(indices, prune_head=True)
     _freeze_stages(body, _family(backbone_name), trainable_layers)
-    backbone = ZooBackboneWithFPN(body, indices, extra_blocks=_extra_blocks(head.extra_levels))
+    backbone = ZooBackboneWithFPN(body, indices, extra_blocks=_extra_blocks(head.extra_levels),
+                                  finest_level_only=head.finest_level_only)
     cls = _BUILDERS[head.builder]
     if head.task == "detection":
         model = cls(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size)
