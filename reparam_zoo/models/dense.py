@@ -279,8 +279,9 @@ class FCOS(DenseModel, detection.FCOS):
 class FPNSegmenter(DenseModel, DeepLabV3):
     """DeepLabV3 over an FPN: torchvision's `DeepLabHead` (ASPP) on the pyramid's stride-8 map (DeepLabV3's
     output stride in torchvision; the FPN computes that level alone, from the strides 8-32), logits
-    upsampled bilinearly to the input, output `{"out": logits}` as torchvision's segmenters. Inputs are zero-padded to a multiple of 32 and the logits cropped back, so
-    any image size works (RevCol's up-fusions need maps that halve exactly)."""
+    upsampled bilinearly to the input, output `{"out": logits}` as torchvision's segmenters. Inputs are
+    zero-padded to a multiple of 32 and the logits cropped back, so any image size works (RevCol's
+    up-fusions need maps that halve exactly)."""
 
     def __init__(self, backbone: ZooBackboneWithFPN, num_classes: int, feature: str):
         super().__init__(backbone, DeepLabHead(backbone.out_channels, num_classes), None)
