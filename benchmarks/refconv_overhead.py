@@ -4,7 +4,7 @@ straightforward RefConv formulation, on CPU.
     python benchmarks/refconv_overhead.py [--models resnet18 mobilenetv2_100 rexnetv1_100] [--batch 32]
         [--size 224] [--reps 3] [--max-reps 15] [--budget-s 360] [--threads 1] [--profile] [--default-malloc]
         [--no-readme]
-    python benchmarks/refconv_overhead.py --own-loop-only [--own-loop-model resnet18] [--own-loop-rounds 4]
+    python benchmarks/refconv_overhead.py --own-loop-only [--own-loop-model resnet18] [--own-loop-rounds 8]
         [--own-loop-threads 2]
 
 Three variants of the same randomly initialised timm model (`pretrained=False`; the weights' values do
@@ -463,7 +463,7 @@ def main(argv=None) -> dict:
                         help="measure only the 'own loop, default allocator' row (a child process; JSON to --out, "
                              "default results/refconv_overhead_own_loop.json)")
     parser.add_argument("--own-loop-model", default="resnet18")
-    parser.add_argument("--own-loop-rounds", type=int, default=4)
+    parser.add_argument("--own-loop-rounds", type=int, default=8)
     parser.add_argument("--own-loop-threads", type=int, default=2, help="threads of the own-loop row (issue 19: 2)")
     _common.add_run_options(parser, "refconv_overhead.json")
     args = _common.parse_run_options(parser, argv)

@@ -8,7 +8,7 @@ from timm.layers import Conv2dSame
 
 import reparam_zoo.layers.refconv as refconv_module
 from reparam_zoo import ConversionError, RefConv1d, RefConv2d, RefConv3d, RefConvNd
-from reparam_zoo.layers.refocused_conv import SCRATCH_BYTES
+import reparam_zoo.layers.refocused_conv as refocused_conv_module
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 REFCONV = {1: RefConv1d, 2: RefConv2d, 3: RefConv3d}
@@ -346,6 +346,8 @@ def test_training_path_matches_a_plain_conv_with_the_independent_kernel(dims, kw
     conv, x = make(dims, kwargs)
     layer = RefConvNd.from_conv(conv, init="kaiming")
     assert layer._runs_as_one_function(x, layer.transform_weight)
+    # chunks of a few kernel slices each, so that the chunked kernel math runs over many chunk boundaries
+    monkeypatch.setattr(refocused_conv_module, "SCRATCH_BYTES", 3 * layer.weight_base[0, 0].nbytes)
     grad_out = torch.randn_like(conv(x))
     fused = _step_results(layer, x, grad_out, True, monkeypatch)
     # independent: a float64 plain conv of the same class and attributes with the paper's kernel
@@ -362,9 +364,9 @@ def test_training_path_matches_a_plain_conv_with_the_independent_kernel(dims, kw
     expected = [y, x64.grad, tw.grad] + ([] if bias is None else [bias.grad])
     for got, want in zip(fused, expected):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
-    # and the same floats as the separate ops (same ops on the same operands, only chunked)
+    # and the separate ops' floats up to rounding (the same ops, but a chunk may take another conv kernel)
     for got, want in zip(fused, _step_results(layer, x, grad_out, False, monkeypatch)):
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("groups,map_k,kernel", [(1, 3, 3), (1, 3, 5), (2, 3, 3), (4, 3, 3)],
@@ -393,7 +395,7 @@ def test_training_keeps_one_kernel_buffer_and_allocates_only_the_gradient(monkey
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     x = torch.randn(1, 256, 3, 3)
     kernel_bytes = layer.weight_base.nbytes
-    assert kernel_bytes > SCRATCH_BYTES  # temporaries are chunks, smaller
+    monkeypatch.setattr(refocused_conv_module, "SCRATCH_BYTES", kernel_bytes // 8)  # temporaries: chunks, smaller
 
     class LargeNewStorages(TorchDispatchMode):
         def __init__(self):
@@ -462,4 +464,4 @@ def test_training_path_with_a_layer_called_twice_per_step(monkeypatch):
         return first, second, t1.grad, t2.grad
 
     for got, want in zip(run(True), run(False)):
-        assert torch.equal(got, want)
+        assert torch.equal(got, want), (got - want).abs().max()

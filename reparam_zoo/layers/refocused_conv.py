@@ -16,8 +16,8 @@ benchmarks/step_allocations.py). `RefocusedConv` instead
 
 So a step allocates one weight-sized tensor per layer, the kernel's gradient from the conv backward, which
 becomes the transform's gradient (a grouped or depthwise layer's transform gradient is larger than its
-kernel and gets its own). The values are those of the separate ops: the same ops on the same operands,
-only split into chunks along the independent kernel slices.
+kernel and gets its own). The values are those of the separate ops up to rounding: the same ops on the same
+operands, split into chunks along the independent kernel slices (a chunk may run another conv kernel).
 """
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ __all__ = ["RefocusedConv", "ConvCall", "SCRATCH_BYTES", "refocus_into", "transf
 
 # Temporaries of the chunked kernel math stay small and are freed chunk after chunk, so an allocator
 # recycles them (glibc: its mmap threshold rises to the largest block freed, up to 32 MiB, after a training
-# step's first frees). 1 MiB: smaller chunks cost more in per-op overhead than they save (resnet18's
-# transforms, forward + backward: 120 ms at 120 KiB chunks, 81 ms at 1 MiB, 76 ms as one op per layer).
-SCRATCH_BYTES = 1024 * 1024
+# step's first frees). 4 MiB: each chunk costs a fixed overhead in the depthwise conv (a 512x512x3x3 layer's
+# kernel, forward + backward, one thread: 8.7 ms as one op, 9.3 ms in 4 MiB chunks, 11.4 ms in 1 MiB chunks),
+# while the chunk size barely matters to the allocator below its dynamic threshold (resnet18, batch 8 at
+# 112 px, glibc's default allocator: minor page faults per step equal to plain fine-tuning's at 4 MiB).
+SCRATCH_BYTES = 4 * 1024 * 1024
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -155,9 +157,10 @@ def refocus_into(out: torch.Tensor, base: torch.Tensor, transform: torch.Tensor,
 def transform_grad(grad_kernel: torch.Tensor, base: torch.Tensor, transform: torch.Tensor,
                    patches: Optional[torch.Tensor]) -> torch.Tensor:
     """The transform's gradient from the refocused kernel's. A dense layer's is the weight gradient of
-    the depthwise transform conv, computed chunk by chunk into `grad_kernel`'s storage when it has the same
-    size (`map_k` equal to the kernel: chunk i's result only overwrites gradient rows already read) and
-    into a new tensor otherwise; a grouped layer's is one matmul with the neighbourhoods."""
+    the depthwise transform conv: one op when the layer fits one chunk, else chunk by chunk into
+    `grad_kernel`'s storage when it has the same size (`map_k` equal to the kernel: chunk i's result only
+    overwrites gradient rows already read) or into a new tensor; a grouped layer's is one matmul with the
+    neighbourhoods."""
     n, g = transform.shape[:2]
     map_k = transform.shape[2:]
     kernel = base.shape[2:]
@@ -166,18 +169,24 @@ def transform_grad(grad_kernel: torch.Tensor, base: torch.Tensor, transform: tor
         grad = torch.bmm(grad_kernel.view(n // g, g, math.prod(kernel)), patches)
         return grad.view(transform.shape)
     taps = math.prod(map_k)
+    image_grad, image = grad_kernel.view(n, *kernel), base.reshape(n, *kernel)
+    d = len(kernel)
+    padding = [k // 2 for k in map_k]
+
+    def part(s, e):
+        return torch.ops.aten.convolution_backward(
+            image_grad[s:e].unsqueeze(0), image[s:e].unsqueeze(0), transform[s:e], None, [1] * d, padding,
+            [1] * d, False, [0] * d, e - s, [False, True, False])[1]
+
+    per_chunk = _per_chunk(grad_kernel, math.prod(kernel), n)
+    if per_chunk >= n:  # one chunk: its result is the gradient, no copy
+        return part(0, n).view(transform.shape)
     if taps == math.prod(kernel):
         out = grad_kernel.view(n, taps)
     else:
         out = torch.empty((n, taps), dtype=grad_kernel.dtype, device=grad_kernel.device)
-    image_grad, image = grad_kernel.view(n, *kernel), base.reshape(n, *kernel)
-    d = len(kernel)
-    padding = [k // 2 for k in map_k]
-    for s, e in _chunks(n, _per_chunk(grad_kernel, math.prod(kernel), n)):
-        part = torch.ops.aten.convolution_backward(
-            image_grad[s:e].unsqueeze(0), image[s:e].unsqueeze(0), transform[s:e], None, [1] * d, padding,
-            [1] * d, False, [0] * d, e - s, [False, True, False])[1]
-        out[s:e].copy_(part.view(e - s, taps))
+    for s, e in _chunks(n, per_chunk):
+        out[s:e].copy_(part(s, e).view(e - s, taps))
     return out.view(transform.shape)
 
 
