@@ -4,8 +4,7 @@ straightforward RefConv formulation, on CPU.
     python benchmarks/refconv_overhead.py [--models resnet18 mobilenetv2_100 rexnetv1_100] [--batch 32]
         [--size 224] [--reps 3] [--max-reps 15] [--budget-s 360] [--threads 1] [--profile] [--default-malloc]
         [--no-readme]
-    python benchmarks/refconv_overhead.py --own-loop-only [--own-loop-model resnet18] [--own-loop-rounds 8]
-        [--own-loop-threads 2]
+    python benchmarks/refconv_overhead.py --own-loop-only [--own-loop-rounds 8]
 
 Three variants of the same randomly initialised timm model (`pretrained=False`; the weights' values do
 not change the cost), side by side in one process:
@@ -35,7 +34,8 @@ Own loop, default allocator: what a user's own training loop gets, in a child pr
 allocator as it is (the main process keeps freed memory, as `reparam train` does): a plain PyTorch loop,
 one SGD optimizer per model, plain / RefConv / RefConv through separate differentiable ops (the
 implementation before the layer's one-Function training path; `keeps_kernel_in_graph` layers and autocast
-still take it) in paired, rotating steps. Beside CPU time it records the process's minor page faults per
+still take it) in paired, rotating steps, for each of `OWN_LOOP_CONFIGS` (issue 19's batch 32 at 224 with two
+threads, and batch 8 at 112 with one). It records CPU and wall time and the process's minor page faults per
 step (`getrusage`), the allocator's cost that does not depend on the machine's load.
 
 Work (deterministic context for the timings): `step GMACs` are the conv and matmul multiply-accumulates of
@@ -291,11 +291,16 @@ def measure_model(name: str, args, budget_s: float) -> dict:
 
 
 OWN_LOOP_VARIANTS = ("plain", "refconv", "refconv_separate_ops")
+# (batch, resolution, threads): issue 19's configuration, and a small step in which the weight-sized
+# allocations are a visible share (at batch 32 the activations' page faults dominate every variant's)
+OWN_LOOP_CONFIGS = ((32, 224, 2), (8, 112, 1))
+OWN_LOOP_MODEL = "resnet18"
 
 
 def own_loop(name: str, batch: int, size: int, threads: int, rounds: int) -> dict:
     """Paired steps of a plain PyTorch loop (see the module docstring); run it in a process whose allocator
-    is untouched. Returns medians of CPU seconds and minor page faults per step, and per-round ratios."""
+    is untouched. Returns medians of CPU and wall seconds and minor page faults per step, and the medians
+    of the per-round ratios to plain."""
     from reparam_zoo.layers.refconv import RefConvNd
 
     torch.set_num_threads(threads)
@@ -314,66 +319,84 @@ def own_loop(name: str, batch: int, size: int, threads: int, rounds: int) -> dic
                   for v, m in models.items()}
 
     def step(variant):
-        faults, cpu = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+        faults, cpu, wall = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time(), time.perf_counter()
         F.cross_entropy(models[variant](x), labels).backward()
         optimizers[variant].step()
         optimizers[variant].zero_grad(set_to_none=True)
-        return time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall,
+                "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
 
-    for variant in OWN_LOOP_VARIANTS:
+    for variant in OWN_LOOP_VARIANTS:  # two warm-up steps: momentum buffers exist from the second on
+        step(variant)
         step(variant)
     samples = {v: [] for v in OWN_LOOP_VARIANTS}
     for r in range(rounds):
-        order = OWN_LOOP_VARIANTS[r % 3:] + OWN_LOOP_VARIANTS[:r % 3]
-        for variant in order:
+        for variant in OWN_LOOP_VARIANTS[r % 3:] + OWN_LOOP_VARIANTS[:r % 3]:
             samples[variant].append(step(variant))
-    cpu = {v: [c for c, _ in samples[v]] for v in OWN_LOOP_VARIANTS}
-    ratios = {v: [a / b for a, b in zip(cpu[v], cpu["plain"])] for v in OWN_LOOP_VARIANTS[1:]}
+
+    def median(variant, key):
+        return statistics.median(s[key] for s in samples[variant])
+
+    def ratio(variant, key):
+        return statistics.median(a[key] / b[key] for a, b in zip(samples[variant], samples["plain"]))
+
     return {
         "model": name, "batch": batch, "resolution": size, "threads": threads, "rounds": rounds,
         "allocator": "glibc default (mallopt untouched)",
-        "step_cpu_s": {v: statistics.median(c) for v, c in cpu.items()},
-        "minor_faults_per_step": {v: statistics.median(f for _, f in samples[v]) for v in OWN_LOOP_VARIANTS},
-        "vs_plain_cpu_time": {v: statistics.median(r) for v, r in ratios.items()},
-        "vs_plain_cpu_time_range": {v: [min(r), max(r)] for v, r in ratios.items()},
+        "step_cpu_s": {v: median(v, "cpu") for v in OWN_LOOP_VARIANTS},
+        "step_wall_s": {v: median(v, "wall") for v in OWN_LOOP_VARIANTS},
+        "minor_faults_per_step": {v: median(v, "faults") for v in OWN_LOOP_VARIANTS},
+        "vs_plain_cpu_time": {v: ratio(v, "cpu") for v in OWN_LOOP_VARIANTS[1:]},
+        "vs_plain_wall": {v: ratio(v, "wall") for v in OWN_LOOP_VARIANTS[1:]},
         "samples": samples,
     }
 
 
-def own_loop_in_child(args) -> dict:
-    """`own_loop` in a fresh process: this one may already keep freed memory, which no call undoes."""
+def own_loop_in_child(rounds: int) -> list:
+    """`own_loop` for each of OWN_LOOP_CONFIGS, each in a fresh process: this one may already keep freed
+    memory, which no call undoes."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from benchmarks.refconv_overhead import own_loop; "
             "print(json.dumps(own_loop(sys.argv[2], *map(int, sys.argv[3:]))))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", code, root, args.own_loop_model, str(args.batch), str(args.size),
-         str(args.own_loop_threads), str(args.own_loop_rounds)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"own-loop child failed: {(proc.stderr.strip().splitlines() or [''])[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = []
+    for batch, size, threads in OWN_LOOP_CONFIGS:
+        proc = subprocess.run([sys.executable, "-c", code, root, OWN_LOOP_MODEL, str(batch), str(size), str(threads),
+                               str(rounds)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"own-loop child failed: {(proc.stderr.strip().splitlines() or [''])[-1]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"own loop, default allocator ({r['model']}, batch {batch} at {size}, {threads} threads, {rounds} "
+              "rounds): " + ", ".join(f"{v} {r['step_cpu_s'][v]:.3f} s CPU {r['step_wall_s'][v]:.3f} s wall "
+                                      f"{r['minor_faults_per_step'][v]:.0f} faults" for v in OWN_LOOP_VARIANTS),
+              flush=True)
+    return rows
 
 
 def own_loop_block(results: dict) -> str:
-    r, env = results["own_loop_default_allocator"], results["environment"]
+    env = results["environment"]
     rows = []
-    for v in OWN_LOOP_VARIANTS:
-        ratio = "1" if v == "plain" else (
-            f"**{r['vs_plain_cpu_time'][v]:.3f}** ({r['vs_plain_cpu_time_range'][v][0]:.2f}-"
-            f"{r['vs_plain_cpu_time_range'][v][1]:.2f})")
-        rows.append([v.replace("_", " "), f"{r['step_cpu_s'][v]:.2f}", ratio, f"{r['minor_faults_per_step'][v]:.0f}"])
+    for r in results["own_loop_default_allocator"]:
+        for v in OWN_LOOP_VARIANTS:
+            ratios = "1 / 1" if v == "plain" else f"**{r['vs_plain_cpu_time'][v]:.3f}** / {r['vs_plain_wall'][v]:.3f}"
+            rows.append([f"batch {r['batch']} at {r['resolution']}, {r['threads']} thr.", v.replace("_", " "),
+                         f"{r['step_cpu_s'][v]:.3f} / {r['step_wall_s'][v]:.3f}", ratios,
+                         f"{r['minor_faults_per_step'][v]:.0f}"])
+    first = results["own_loop_default_allocator"][0]
     return "\n".join([
-        "## RefConv in your own loop, default allocator (`refconv_overhead.py --own-loop-only`)",
+        "## RefConv in your own loop, default allocator (`refconv_overhead.py`, alone: `--own-loop-only`)",
         "",
         "```", results["command"], "```", "",
         f"{_common.facts_line(env)} (at end {', '.join(f'{x:.1f}' for x in env['load_average_at_end'])}); "
-        f"{r['model']}, batch {r['batch']}, {r['resolution']}x{r['resolution']}, {r['threads']} threads, "
-        f"{r['rounds']} paired rounds after one warm-up step each, a plain PyTorch loop (one SGD optimizer per "
-        "model), glibc's allocator untouched. `RefConv separate ops` is the layer as it was before its "
-        "one-Function training path. CPU-time ratios are medians of per-round ratios (range in brackets); minor "
-        "page faults per step are the allocator's cost and do not depend on the machine's load.",
+        f"{first['model']}, a plain PyTorch loop (one SGD optimizer per model, `zero_grad(set_to_none=True)`) in a "
+        f"child process that leaves glibc's allocator untouched, {first['rounds']} paired rounds after two "
+        "warm-up steps each. `refconv` is the layer's training path (one autograd Function, the kernel in a "
+        "buffer the layer keeps), `refconv separate ops` the same layer through separate differentiable ops "
+        "(its only path before). Ratios are medians of per-round ratios; minor page faults per step are the "
+        "allocator's cost and do not depend on the machine's load.",
         "",
-        _common.markdown_table(["own loop, default allocator", "step CPU s", "vs plain", "minor page faults / step"],
-                               rows),
+        _common.markdown_table(["own loop", "variant", "step s CPU / wall", "vs plain CPU / wall",
+                                "minor page faults / step"], rows),
     ])
 
 
@@ -462,14 +485,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--own-loop-only", action="store_true",
                         help="measure only the 'own loop, default allocator' row (a child process; JSON to --out, "
                              "default results/refconv_overhead_own_loop.json)")
-    parser.add_argument("--own-loop-model", default="resnet18")
     parser.add_argument("--own-loop-rounds", type=int, default=8)
-    parser.add_argument("--own-loop-threads", type=int, default=2, help="threads of the own-loop row (issue 19: 2)")
     _common.add_run_options(parser, "refconv_overhead.json")
     args = _common.parse_run_options(parser, argv)
     if args.own_loop_only:
         return main_own_loop(args, argv)
-    own = own_loop_in_child(args)  # before this process changes its allocator
+    own = own_loop_in_child(args.own_loop_rounds)  # before this process changes its allocator
     keeps_freed_memory = False if args.default_malloc else keep_freed_memory()
 
     results = {
@@ -524,14 +545,9 @@ def main_own_loop(args, argv) -> dict:
     if args.out == os.path.join(_common.RESULTS_DIR, "refconv_overhead.json"):
         args.out = os.path.join(_common.RESULTS_DIR, "refconv_overhead_own_loop.json")
     results = {"command": _common.command_line("refconv_overhead.py", argv), "environment": _common.machine_facts(),
-               "own_loop_default_allocator": own_loop_in_child(args)}
+               "own_loop_default_allocator": own_loop_in_child(args.own_loop_rounds)}
     _common.finish_run(results, args, "refconv_own_loop", own_loop_block, started)
-    r = results["own_loop_default_allocator"]
-    print(f"own loop, default allocator ({r['model']}, {r['threads']} threads, {r['rounds']} rounds): "
-          + ", ".join(f"{v} {r['step_cpu_s'][v]:.2f} s CPU, {r['minor_faults_per_step'][v]:.0f} faults"
-                      for v in OWN_LOOP_VARIANTS)
-          + "; vs plain " + ", ".join(f"{v} {x:.3f}" for v, x in r["vs_plain_cpu_time"].items())
-          + f"; wrote {args.out}")
+    print(f"wrote {args.out}")
     return results
 
 
