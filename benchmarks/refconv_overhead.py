@@ -4,6 +4,7 @@ straightforward RefConv formulation, on CPU.
     python benchmarks/refconv_overhead.py [--models resnet18 mobilenetv2_100 rexnetv1_100] [--batch 32]
         [--size 224] [--reps 3] [--max-reps 15] [--budget-s 360] [--threads 1] [--profile] [--default-malloc]
         [--no-readme]
+    python benchmarks/refconv_overhead.py --own-loop-only [--own-loop-rounds 8]
 
 Three variants of the same randomly initialised timm model (`pretrained=False`; the weights' values do
 not change the cost), side by side in one process:
@@ -29,6 +30,14 @@ storage's size, the model's own parameters and buffers excluded, the input batch
 parameters plus buffers. `total` adds the four: the memory a training step needs besides the
 allocator's transient workspace (not counted).
 
+Own loop, default allocator: what a user's own training loop gets, in a child process that leaves glibc's
+allocator as it is (the main process keeps freed memory, as `reparam train` does): a plain PyTorch loop,
+one SGD optimizer per model, plain / RefConv / RefConv through separate differentiable ops (the
+implementation before the layer's one-Function training path; `keeps_kernel_in_graph` layers and autocast
+still take it) in paired, rotating steps, for each of `OWN_LOOP_CONFIGS` (issue 19's batch 32 at 224 with two
+threads, and batch 8 at 112 with one). It records CPU and wall time and the process's minor page faults per
+step (`getrusage`), the allocator's cost that does not depend on the machine's load.
+
 Work (deterministic context for the timings): `step GMACs` are the conv and matmul multiply-accumulates of
 forward + backward as `torch.utils.flop_counter` counts them (its flops / 2, with its conv-backward
 formula corrected for grouped convs, see `_conv_backward_flop`; weight gradients only where they are
@@ -38,8 +47,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -278,6 +290,116 @@ def measure_model(name: str, args, budget_s: float) -> dict:
     return result
 
 
+OWN_LOOP_VARIANTS = ("plain", "refconv", "refconv_separate_ops")
+# (batch, resolution, threads): issue 19's configuration, and a small step in which the weight-sized
+# allocations are a visible share (at batch 32 the activations' page faults dominate every variant's)
+OWN_LOOP_CONFIGS = ((32, 224, 2), (8, 112, 1))
+OWN_LOOP_MODEL = "resnet18"
+
+
+def own_loop(name: str, batch: int, size: int, threads: int, rounds: int) -> dict:
+    """Paired steps of a plain PyTorch loop (see the module docstring); run it in a process whose allocator
+    is untouched. Returns medians of CPU and wall seconds and minor page faults per step, and the medians
+    of the per-round ratios to plain."""
+    from reparam_zoo.layers.refconv import RefConvNd
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    plain = timm.create_model(name, pretrained=False).train()
+    refconv = reparam_zoo.convert(plain).train()
+    separate = copy.deepcopy(refconv)
+    for module in separate.modules():
+        if isinstance(module, RefConvNd):
+            module._runs_as_one_function = lambda *args: False  # the separate differentiable ops
+    models = dict(zip(OWN_LOOP_VARIANTS, (plain, refconv, separate)))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    labels = torch.randint(0, 1000, (batch,), generator=generator)
+    optimizers = {v: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+                  for v, m in models.items()}
+
+    def step(variant):
+        faults, cpu, wall = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time(), time.perf_counter()
+        F.cross_entropy(models[variant](x), labels).backward()
+        optimizers[variant].step()
+        optimizers[variant].zero_grad(set_to_none=True)
+        return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall,
+                "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+
+    for variant in OWN_LOOP_VARIANTS:  # two warm-up steps: momentum buffers exist from the second on
+        step(variant)
+        step(variant)
+    samples = {v: [] for v in OWN_LOOP_VARIANTS}
+    for r in range(rounds):
+        for variant in OWN_LOOP_VARIANTS[r % 3:] + OWN_LOOP_VARIANTS[:r % 3]:
+            samples[variant].append(step(variant))
+
+    def median(variant, key):
+        return statistics.median(s[key] for s in samples[variant])
+
+    def ratio(variant, key):
+        return statistics.median(a[key] / b[key] for a, b in zip(samples[variant], samples["plain"]))
+
+    return {
+        "model": name, "batch": batch, "resolution": size, "threads": threads, "rounds": rounds,
+        "allocator": "glibc default (mallopt untouched)",
+        "step_cpu_s": {v: median(v, "cpu") for v in OWN_LOOP_VARIANTS},
+        "step_wall_s": {v: median(v, "wall") for v in OWN_LOOP_VARIANTS},
+        "minor_faults_per_step": {v: median(v, "faults") for v in OWN_LOOP_VARIANTS},
+        "vs_plain_cpu_time": {v: ratio(v, "cpu") for v in OWN_LOOP_VARIANTS[1:]},
+        "vs_plain_wall": {v: ratio(v, "wall") for v in OWN_LOOP_VARIANTS[1:]},
+        "samples": samples,
+    }
+
+
+def own_loop_in_child(rounds: int) -> list:
+    """`own_loop` for each of OWN_LOOP_CONFIGS, each in a fresh process: this one may already keep freed
+    memory, which no call undoes."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from benchmarks.refconv_overhead import own_loop; "
+            "print(json.dumps(own_loop(sys.argv[2], *map(int, sys.argv[3:]))))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    for batch, size, threads in OWN_LOOP_CONFIGS:
+        proc = subprocess.run([sys.executable, "-c", code, root, OWN_LOOP_MODEL, str(batch), str(size), str(threads),
+                               str(rounds)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"own-loop child failed: {(proc.stderr.strip().splitlines() or [''])[-1]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"own loop, default allocator ({r['model']}, batch {batch} at {size}, {threads} threads, {rounds} "
+              "rounds): " + ", ".join(f"{v} {r['step_cpu_s'][v]:.3f} s CPU {r['step_wall_s'][v]:.3f} s wall "
+                                      f"{r['minor_faults_per_step'][v]:.0f} faults" for v in OWN_LOOP_VARIANTS),
+              flush=True)
+    return rows
+
+
+def own_loop_block(results: dict) -> str:
+    env = results["environment"]
+    rows = []
+    for r in results["own_loop_default_allocator"]:
+        for v in OWN_LOOP_VARIANTS:
+            ratios = "1 / 1" if v == "plain" else f"**{r['vs_plain_cpu_time'][v]:.3f}** / {r['vs_plain_wall'][v]:.3f}"
+            rows.append([f"batch {r['batch']} at {r['resolution']}, {r['threads']} thr.", v.replace("_", " "),
+                         f"{r['step_cpu_s'][v]:.3f} / {r['step_wall_s'][v]:.3f}", ratios,
+                         f"{r['minor_faults_per_step'][v]:.0f}"])
+    first = results["own_loop_default_allocator"][0]
+    return "\n".join([
+        "## RefConv in your own loop, default allocator (`refconv_overhead.py`, alone: `--own-loop-only`)",
+        "",
+        "```", results["command"], "```", "",
+        f"{_common.facts_line(env)} (at end {', '.join(f'{x:.1f}' for x in env['load_average_at_end'])}); "
+        f"{first['model']}, a plain PyTorch loop (one SGD optimizer per model, `zero_grad(set_to_none=True)`) in a "
+        f"child process that leaves glibc's allocator untouched, {first['rounds']} paired rounds after two "
+        "warm-up steps each. `refconv` is the layer's training path (one autograd Function, the kernel in a "
+        "buffer the layer keeps), `refconv separate ops` the same layer through separate differentiable ops "
+        "(its only path before). Ratios are medians of per-round ratios; minor page faults per step are the "
+        "allocator's cost and do not depend on the machine's load.",
+        "",
+        _common.markdown_table(["own loop", "variant", "step s CPU / wall", "vs plain CPU / wall",
+                                "minor page faults / step"], rows),
+    ])
+
+
 def _ratio_range(times, numerator, denominator):
     ratios = [a / b for a, b in zip(times[numerator]["cpu"], times[denominator]["cpu"])]
     return [min(ratios), max(ratios)]
@@ -360,8 +482,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", action="store_true", help="also store a torch.profiler table per variant")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (default: keep freed memory, as `reparam train` does)")
+    parser.add_argument("--own-loop-only", action="store_true",
+                        help="measure only the 'own loop, default allocator' row (a child process; JSON to --out, "
+                             "default results/refconv_overhead_own_loop.json)")
+    parser.add_argument("--own-loop-rounds", type=int, default=8)
     _common.add_run_options(parser, "refconv_overhead.json")
     args = _common.parse_run_options(parser, argv)
+    if args.own_loop_only:
+        return main_own_loop(args, argv)
+    own = own_loop_in_child(args.own_loop_rounds)  # before this process changes its allocator
     keeps_freed_memory = False if args.default_malloc else keep_freed_memory()
 
     results = {
@@ -373,6 +502,7 @@ def main(argv=None) -> dict:
         "keep_freed_memory": keeps_freed_memory,
         "what_is_measured": __doc__.split("Memory (what is measured): ")[1].strip(),
         "goals": GOALS,
+        "own_loop_default_allocator": own,
         "models": {},
     }
     started = time.perf_counter()
@@ -404,7 +534,20 @@ def main(argv=None) -> dict:
         ),
     }
     _common.finish_run(results, args, "refconv_overhead", readme_block, started)
+    if not args.no_readme:
+        _common.update_readme_block("refconv_own_loop", own_loop_block(results))
     print(f"goals met: {results['goals_met']}; wrote {args.out} [{results['elapsed_s']:.0f} s]")
+    return results
+
+
+def main_own_loop(args, argv) -> dict:
+    started = time.perf_counter()
+    if args.out == os.path.join(_common.RESULTS_DIR, "refconv_overhead.json"):
+        args.out = os.path.join(_common.RESULTS_DIR, "refconv_overhead_own_loop.json")
+    results = {"command": _common.command_line("refconv_overhead.py", argv), "environment": _common.machine_facts(),
+               "own_loop_default_allocator": own_loop_in_child(args.own_loop_rounds)}
+    _common.finish_run(results, args, "refconv_own_loop", own_loop_block, started)
+    print(f"wrote {args.out}")
     return results
 
 

@@ -56,9 +56,10 @@ def training_memory(model: nn.Module, input_size: Sequence[int], call=None) -> T
         saved = _saved_bytes(model, (MEASURE_BATCH,) + tuple(input_size), call)
     except Exception as e:  # the user's model failed in training mode: report the rest
         return TrainingMemory(weights, gradients, None, f"{type(e).__name__}: {first_line(e)}")
-    per_step = sum(
+    per_step = sum(  # most RefConv layers keep their kernel in a buffer of their own, not in the graph
         m.weight_base.numel() * m.weight_base.element_size()
-        for m in model.modules() if isinstance(m, RefConvNd) and m.transform_weight.requires_grad
+        for m in model.modules()
+        if isinstance(m, RefConvNd) and m.transform_weight.requires_grad and m.keeps_kernel_in_graph()
     )
     return TrainingMemory(weights, gradients, max(saved - per_step, 0) // MEASURE_BATCH)
 

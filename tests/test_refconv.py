@@ -8,6 +8,7 @@ from timm.layers import Conv2dSame
 
 import reparam_zoo.layers.refconv as refconv_module
 from reparam_zoo import ConversionError, RefConv1d, RefConv2d, RefConv3d, RefConvNd
+import reparam_zoo.layers.refocused_conv as refocused_conv_module
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 REFCONV = {1: RefConv1d, 2: RefConv2d, 3: RefConv3d}
@@ -167,20 +168,22 @@ def test_conv_subclass_keeps_its_forward():
 def test_no_grad_path_reuses_the_kernel_until_the_transform_changes(monkeypatch):
     conv, x = make(2, dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4))
     layer = RefConv2d.from_conv(conv, init="xavier").eval()
-    calls = []
-    original = refconv_module.refocus_kernel
+    calls, training_calls = [], []
+    original, original_into = refconv_module.refocus_kernel, refconv_module.refocus_into
     monkeypatch.setattr(refconv_module, "refocus_kernel", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(refconv_module, "refocus_into",
+                        lambda *a, **k: training_calls.append(1) or original_into(*a, **k))
     with torch.no_grad():
         y1 = layer(x)
         y2 = layer(x)
     assert len(calls) == 1 and torch.equal(y1, y2)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(x).sum().backward()  # with grad: computed again, differentiably
+    layer(x).sum().backward()  # with grad: the training kernel, computed once for forward and backward
     optimizer.step()
-    assert len(calls) == 2
+    assert len(calls) == 1 and len(training_calls) == 1
     with torch.no_grad():
         y3 = layer(x)
-    assert len(calls) == 3 and not torch.equal(y3, y1)
+    assert len(calls) == 2 and not torch.equal(y3, y1)
     torch.testing.assert_close(y3, layer.to_conv()(x), rtol=1e-5, atol=1e-6)
 
 
@@ -318,3 +321,147 @@ def test_folded_conv_takes_the_layers_current_mode():
     layer = RefConv2d.from_conv(nn.Conv2d(4, 4, 3).eval())
     assert not layer.training
     assert layer.train().to_conv().training and not layer.eval().to_conv().training
+
+
+# -- the training path: one autograd Function with the kernel in the layer's buffer ------------------------------
+
+def _step_results(layer, x, grad_out, fused, monkeypatch):
+    """Output and gradients (input, transform, bias) of one forward + backward, through the one-Function
+    training path or (fused=False) through the separate differentiable ops."""
+    if not fused:
+        monkeypatch.setattr(layer, "_runs_as_one_function", lambda *a: False)
+    x = x.clone().requires_grad_()
+    layer.transform_weight.grad = None
+    if layer.bias is not None:
+        layer.bias.requires_grad_(True)
+        layer.bias.grad = None
+    y = layer(x)
+    y.backward(grad_out)
+    monkeypatch.undo()
+    return [y, x.grad, layer.transform_weight.grad] + ([] if layer.bias is None else [layer.bias.grad])
+
+
+@pytest.mark.parametrize("dims,kwargs", CONFIGS, ids=IDS)
+def test_training_path_matches_a_plain_conv_with_the_independent_kernel(dims, kwargs, monkeypatch):
+    conv, x = make(dims, kwargs)
+    layer = RefConvNd.from_conv(conv, init="kaiming")
+    assert layer._runs_as_one_function(x, layer.transform_weight)
+    # chunks of a few kernel slices each, so that the chunked kernel math runs over many chunk boundaries
+    monkeypatch.setattr(refocused_conv_module, "SCRATCH_BYTES", 3 * layer.weight_base[0, 0].nbytes)
+    grad_out = torch.randn_like(conv(x))
+    fused = _step_results(layer, x, grad_out, True, monkeypatch)
+    # independent: a float64 plain conv of the same class and attributes with the paper's kernel
+    tw = layer.transform_weight.detach().double().requires_grad_()
+    bias = None if conv.bias is None else conv.bias.detach().double().requires_grad_()
+    x64 = x.double().requires_grad_()
+    conv64 = RefConvNd.from_conv(conv.double()).to_conv()
+    w = conv.weight.detach().double()
+    n = w.shape[0] * w.shape[1]
+    image = w.reshape(1, n, *w.shape[2:])
+    mixed = getattr(torch.nn.functional, f"conv{dims}d")(image, tw, padding=1, groups=n // conv.groups)
+    y = conv64._conv_forward(x64, w + mixed.reshape(w.shape), bias)
+    y.backward(grad_out.double())
+    expected = [y, x64.grad, tw.grad] + ([] if bias is None else [bias.grad])
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # and the separate ops' floats up to rounding (the same ops, but a chunk may take another conv kernel)
+    for got, want in zip(fused, _step_results(layer, x, grad_out, False, monkeypatch)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups,map_k,kernel", [(1, 3, 3), (1, 3, 5), (2, 3, 3), (4, 3, 3)],
+                         ids=["dense", "dense-map3-on-5", "grouped", "depthwise"])
+def test_training_function_gradients_to_second_order(groups, map_k, kernel):
+    torch.manual_seed(0)
+    channels = 2 if groups == 1 else 4  # a dense layer's double backward is a float64 grouped conv: slow
+    layer = RefConv2d.from_conv(nn.Conv2d(channels, channels, kernel, padding=1, groups=groups).double(),
+                                map_k=map_k, init="kaiming")
+    x = torch.randn(1, channels, 4, 4, dtype=torch.float64, requires_grad=True)
+    transform = layer.transform_weight
+
+    def run(x, t):
+        return torch.func.functional_call(layer, {"transform_weight": t}, (x,))
+
+    assert layer._runs_as_one_function(x, transform)
+    torch.autograd.gradcheck(run, (x, transform))
+    torch.autograd.gradgradcheck(lambda x, t: run(x, t).square(), (x, transform))
+
+
+def test_training_keeps_one_kernel_buffer_and_allocates_only_the_gradient(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    layer = RefConv2d.from_conv(nn.Conv2d(256, 256, 3, padding=1, bias=False), init="kaiming")
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(1, 256, 3, 3)
+    kernel_bytes = layer.weight_base.nbytes
+    monkeypatch.setattr(refocused_conv_module, "SCRATCH_BYTES", kernel_bytes // 8)  # temporaries: chunks, smaller
+
+    class LargeNewStorages(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    if t.untyped_storage().nbytes() >= kernel_bytes:
+                        self.sizes.append(t.untyped_storage().nbytes())
+            return out
+
+    def step():
+        layer(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    buffer = layer._kernel_cache[1]
+    counter = LargeNewStorages()
+    before = layer.transform_weight.detach().clone()  # the transform this step's kernel comes from
+    with counter:
+        step()
+    assert layer._kernel_cache[1] is buffer  # rewritten in place, not a new tensor
+    assert counter.sizes == [kernel_bytes]  # the kernel's gradient, which becomes the transform's
+    with torch.no_grad():
+        expected = refconv_module.refocus_kernel(layer.weight_base, before)
+    torch.testing.assert_close(buffer, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_training_path_falls_back_where_it_cannot_run():
+    layer = RefConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1), init="kaiming")
+    x = torch.randn(1, 4, 6, 6)
+    assert layer._runs_as_one_function(x, layer.transform_weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._runs_as_one_function(x, layer.transform_weight)
+        assert layer(x).dtype == torch.bfloat16
+    assert not layer._runs_as_one_function(x.double(), layer.transform_weight)
+    same = RefConv2d.from_conv(Conv2dSame(4, 4, 3, stride=2), init="kaiming")
+    assert same.keeps_kernel_in_graph() and not same._runs_as_one_function(x, same.transform_weight)
+    assert not layer.keeps_kernel_in_graph()
+
+
+def test_training_path_with_a_layer_called_twice_per_step(monkeypatch):
+    """A layer runs twice, with two transforms, before one backward: the first forward's backward finds the
+    buffer holding the second forward's kernel and must still use its own."""
+    torch.manual_seed(0)
+    layer = RefConv2d.from_conv(nn.Conv2d(3, 3, 3, padding=1), init="kaiming")
+    x = torch.randn(2, 3, 5, 5)
+    t1 = layer.transform_weight.detach().clone().requires_grad_()
+    t2 = (2 * t1.detach()).requires_grad_()
+
+    def run(fused):
+        if not fused:
+            monkeypatch.setattr(layer, "_runs_as_one_function", lambda *a: False)
+        assert layer._runs_as_one_function(x, t1) == fused
+        t1.grad = t2.grad = None
+        first = torch.func.functional_call(layer, {"transform_weight": t1}, (x,))
+        second = torch.func.functional_call(layer, {"transform_weight": t2}, (first,))
+        (first.square().sum() + second.sum()).backward()
+        monkeypatch.undo()
+        return first, second, t1.grad, t2.grad
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want), (got - want).abs().max()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import ConversionError
 from ..options import DEFAULT_MAP_K, INITS, check_map_k
+from .refocused_conv import ConvCall, RefocusedConv, kernel_buffer_fits, refocus_into
 
 __all__ = ["RefConv1d", "RefConv2d", "RefConv3d", "RefConvNd", "refconv_class_for", "refocus_kernel", "INITS",
            "clear_kernel_caches"]
@@ -134,6 +135,12 @@ class RefConvNd(nn.Module):
     or the base kernel changes, as PyTorch's version counters see it: optimizer steps, `copy_`,
     `load_state_dict`, assignment. Writes through `.data` bypass those counters; after them call
     `clear_kernel_caches(model)`.
+
+    While the transform trains, a layer whose conv is a plain nn.Conv1d/2d/3d runs as one autograd
+    Function (`refocused_conv.RefocusedConv`): the kernel is computed into a buffer the layer keeps
+    between steps instead of new tensors each step, so a step costs the same allocations with any
+    allocator. Conv classes with their own forward (timm's Conv2dSame), autocast, torch.func transforms
+    and graph capture (jit trace, torch.compile, torch.export) take the differentiable kernel instead.
     """
 
     dims: int = 0
@@ -161,7 +168,11 @@ class RefConvNd(nn.Module):
         # the plain conv that folding produces.
         object.__setattr__(self, "_template", _weightless_copy(conv))
         self._overrides_forward = type(conv).forward is not _base_forward(conv)
-        self._kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._conv_call: Optional[ConvCall] = None if self._overrides_forward else ConvCall(conv)
+        # (key, kernel, reusable): key = (transform's and base's version keys, what computed it: "no_grad",
+        # "inference" or the training forward's token); reusable = no one but the layer holds the kernel, so the next
+        # training kernel may be written into it
+        self._kernel_cache: Optional[Tuple[tuple, torch.Tensor, bool]] = None
         self._patch_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self.reset_transform(init)
         self.train(conv.training)
@@ -253,16 +264,58 @@ class RefConvNd(nn.Module):
         if transform.is_inference() or base.is_inference():  # inference tensors have no version counter
             with torch.no_grad():
                 return self.refocused_weight()
-        inference = torch.is_inference_mode_enabled()
+        mode = "inference" if torch.is_inference_mode_enabled() else "no_grad"
         cache = self._kernel_cache
-        if (cache is None or cache[0][2] != inference or not _unchanged(cache[0][0], transform)
+        if (cache is None or cache[0][2] != mode or not _unchanged(cache[0][0], transform)
                 or not _unchanged(cache[0][1], base)):
             with torch.no_grad():
-                self._kernel_cache = ((_version_key(transform), _version_key(base), inference),
-                                      self.refocused_weight())
-        return self._kernel_cache[1]
+                cache = ((_version_key(transform), _version_key(base), mode), self.refocused_weight(),
+                         mode == "no_grad")
+        if cache[2] and torch.is_grad_enabled():
+            cache = cache[:2] + (False,)  # autograd may keep it (a frozen layer, an input that needs a gradient)
+        self._kernel_cache = cache
+        return cache[1]
+
+    def _training_kernel(self, transform: torch.Tensor, base: torch.Tensor, forward: object) -> torch.Tensor:
+        """`W_b + T(W_b)` for the current values of `transform` and `base`, without autograd, in the layer's
+        kernel buffer (reused from step to step while nothing else holds it). `forward` identifies the
+        training forward it is for: its backward reuses the kernel if no other forward overwrote it, every
+        forward computes it anew (writes through `.data`, e.g. gradcheck's, are invisible to versions)."""
+        cache = self._kernel_cache
+        if (cache is not None and cache[0][2] is forward and _unchanged(cache[0][0], transform)
+                and _unchanged(cache[0][1], base)):
+            return cache[1]
+        kernel = cache[1] if cache is not None and cache[2] and kernel_buffer_fits(cache[1], base) else None
+        if kernel is None:
+            kernel = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        with torch.autocast(base.device.type, enabled=False):
+            refocus_into(kernel, base, transform, self._patches())
+        self._kernel_cache = ((_version_key(transform), _version_key(base), forward), kernel, True)
+        return kernel
+
+    def _differentiable_kernel(self, transform: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """`W_b + T(W_b)` with autograd (for a backward that is itself differentiated)."""
+        with torch.autocast(base.device.type, enabled=False):
+            return refocus_kernel(base, transform, self._patches())
+
+    def _runs_as_one_function(self, x: torch.Tensor, transform: torch.Tensor) -> bool:
+        """Whether this training forward can be `RefocusedConv` (see the class docstring)."""
+        return (self.__dict__.get("_conv_call") is not None and not _capturing()
+                and not torch._C._are_functorch_transforms_active()
+                and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
+                and x.dtype == transform.dtype == self._buffers["weight_base"].dtype)
+
+    def keeps_kernel_in_graph(self) -> bool:
+        """Whether a training forward leaves its refocused kernel to autograd until the backward (conv
+        classes with their own forward) rather than in the layer's kernel buffer."""
+        return self.__dict__.get("_conv_call") is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        transform = self._parameters["transform_weight"]
+        if torch.is_grad_enabled() and transform.requires_grad and self._runs_as_one_function(x, transform):
+            call = self._conv_call
+            return RefocusedConv.apply(call.prepare(x), transform, self._buffers["weight_base"], self.bias, self,
+                                       call)
         weight = self._kernel()
         if not self._overrides_forward:
             return self._template._conv_forward(x, weight, self.bias)
@@ -296,6 +349,11 @@ class RefConvNd(nn.Module):
         result = super()._apply(fn, recurse)
         self.clear_cache()
         return result
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        replica.clear_cache()  # a replica writes its own kernel buffer
+        return replica
 
     def extra_repr(self) -> str:
         t = self._template
