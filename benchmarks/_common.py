@@ -167,13 +167,20 @@ def goals_text(goals_met: Dict[str, bool]) -> str:
     return "; ".join(f"{name.replace('_', ' ')}: {'yes' if met else 'NO'}" for name, met in goals_met.items())
 
 
+def section_head(title: str, command: str) -> list:
+    """A README section's first lines: its title and the command that produced it."""
+    return [f"## {title}", "", "```", command, "```", ""]
+
+
 def facts_line(facts: dict) -> str:
+    """The run's environment in one line: torch, threads, CPUs, the load average at start (and end, if known)."""
     load = ", ".join(f"{x:.1f}" for x in facts["load_average_at_start"])
     return (
         f"torch {facts['torch']}, {facts['threads']} thread{'s' if facts['threads'] != 1 else ''}, "
         f"{facts['cpu_count']} CPUs ({facts.get('cpu_model') or facts['machine']}), "
         f"load average at start {load}"
-    )
+    ) + (f" (at end {', '.join(f'{x:.1f}' for x in facts['load_average_at_end'])})"
+         if facts.get("load_average_at_end") else "")
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -120,10 +120,8 @@ def readme_block(results: dict) -> str:
     ]
     env = results["environment"]
     return "\n".join([
-        "## Inference: RefConv before folding, and fused (`inference.py`)",
-        "",
-        "```", results["command"], "```", "",
-        f"{_common.facts_line(env)} (at end {', '.join(f'{x:.1f}' for x in env['load_average_at_end'])}); "
+        *_common.section_head("Inference: RefConv before folding, and fused (`inference.py`)", results["command"]),
+        f"{_common.facts_line(env)}; "
         f"{results['resolution']}x{results['resolution']}, `torch.no_grad()`, eval mode; CPU ms per forward "
         f"(medians; a batch-1 sample is {results['inner']} forwards). Ratios of process CPU time: the median of "
         "per-round ratios (bold) and the ratio of the fastest samples; wall-time ratio in brackets. Goals: "

@@ -384,12 +384,12 @@ def own_loop_block(results: dict) -> str:
                          f"{r['minor_faults_per_step'][v]:.0f}"])
     first = results["own_loop_default_allocator"][0]
     return "\n".join([
-        "## RefConv in your own loop, default allocator (`refconv_overhead.py`, alone: `--own-loop-only`)",
-        "",
-        "```", results["command"], "```", "",
-        f"{_common.facts_line(env)} (at end {', '.join(f'{x:.1f}' for x in env['load_average_at_end'])}); "
-        f"{first['model']}, a plain PyTorch loop (one SGD optimizer per model, `zero_grad(set_to_none=True)`) in a "
-        f"child process that leaves glibc's allocator untouched, {first['rounds']} paired rounds after two "
+        *_common.section_head("RefConv in your own loop, default allocator (`refconv_overhead.py`, alone: "
+                               "`--own-loop-only`)", results["command"]),
+        f"{_common.facts_line(env)}; "
+        f"{first['model']} at the threads given per row, a plain PyTorch loop (one SGD optimizer per model, "
+        f"`zero_grad(set_to_none=True)`) in a child process that leaves glibc's allocator untouched, "
+        f"{first['rounds']} paired rounds after two "
         "warm-up steps each. `refconv` is the layer's training path (one autograd Function, the kernel in a "
         "buffer the layer keeps), `refconv separate ops` the same layer through separate differentiable ops "
         "(its only path before). Ratios are medians of per-round ratios; minor page faults per step are the "
@@ -429,11 +429,8 @@ def readme_block(results: dict) -> str:
         ])
     env = results["environment"]
     lines = [
-        "## RefConv training overhead (`refconv_overhead.py`)",
-        "",
-        "```", results["command"], "```", "",
-        f"{_common.facts_line(env)} (at end "
-        f"{', '.join(f'{x:.1f}' for x in env['load_average_at_end'])}); batch {results['batch']}, "
+        *_common.section_head("RefConv training overhead (`refconv_overhead.py`)", results["command"]),
+        f"{_common.facts_line(env)}; batch {results['batch']}, "
         f"{results['resolution']}x{results['resolution']}, one training step = forward + backward + SGD step"
         + (", freed memory kept for reuse as `reparam train` keeps it (`keep_freed_memory`). "
            if results.get("keep_freed_memory") else ", glibc's default allocator settings. ") +
