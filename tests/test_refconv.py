@@ -465,3 +465,29 @@ def test_training_path_with_a_layer_called_twice_per_step(monkeypatch):
 
     for got, want in zip(run(True), run(False)):
         assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_training_path_under_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint reruns the forward in the backward (a second training forward of every layer):
+    the gradients are those of the ordinary backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4))
+    layers = [RefConvNd.from_conv(c, init="kaiming") for c in (net[0], net[2])]
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1])
+    x = torch.randn(2, 3, 7, 7, requires_grad=reentrant)
+
+    def grads(checkpointed):
+        model.zero_grad(set_to_none=True)
+        y = checkpoint(model, x, use_reentrant=reentrant) if checkpointed else model(x)
+        y.square().sum().backward()
+        return [layer.transform_weight.grad for layer in layers]
+
+    assert all(layer._runs_as_one_function(x, layer.transform_weight) for layer in layers)
+    for got, want in zip(grads(True), grads(False)):
+        if reentrant:  # its backward also differentiates the input, which may round differently
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(got, want)
