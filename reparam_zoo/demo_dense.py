@@ -60,6 +60,7 @@ class DenseDemoResult:
     comparison: object  # reparam_zoo.report.Comparison: training (RefConv) vs inference (fused)
     seconds: float
     history: list = field(default_factory=list)
+    verdict: str = ""  # the last line printed: what the numbers above do and do not show
 
 
 def run_dense_demo(task: str, output_dir: str = "reparam-demo", *, seed: int = 0, verbose: bool = True,
@@ -112,11 +113,12 @@ def run_dense_demo(task: str, output_dir: str = "reparam-demo", *, seed: int = 0
     echo("")
     echo(comparison.render("table"))
     echo("")
-    echo(_verdict(demo, before, result.best))
+    verdict = _verdict(demo, before, result.best)
+    echo(verdict)
     files = {"data": data_dir, "pretrained": pretrained_path, "report": report_path, **result.files}
     return DenseDemoResult(output_dir=output_dir, task=task, files=files, metric=demo.metric, pretrained=before,
                            refocused=after, comparison=comparison, seconds=time.perf_counter() - start,
-                           history=result.history)
+                           history=result.history, verdict=verdict)
 
 
 def _verdict(demo: _Demo, before: float, best: dict) -> str:
