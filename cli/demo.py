@@ -10,7 +10,7 @@ import click
 @click.option("--seed", default=0, show_default=True, help="Seed for data generation and training.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--task", type=click.Choice(["classification", "detection", "segmentation"]), default="classification",
-              show_default=True, help="detection: a torchvision Faster R-CNN on generated COCO-format shapes "
+              show_default=True, help="detection: a torchvision SSDlite on generated COCO-format shapes "
                                       "(mAP); segmentation: a torchvision LR-ASPP on generated masks (mIoU).")
 def demo_command(output_dir, seed, quiet, task):
     """Run convert -> refocus-train -> fuse -> report on a built-in example, offline, in under a minute on 2 idle cores,
@@ -22,8 +22,9 @@ def demo_command(output_dir, seed, quiet, task):
     verified fused deploy models, prints the training-vs-inference table and a last line that says what was
     measured (one seed, one small validation set; `reparam ablate` answers it with seeds on your data).
 
-    --task detection / segmentation does the same for a torchvision detector (Faster R-CNN, mAP) or segmenter
-    (LR-ASPP, mIoU) on generated shapes (COCO JSON / index masks), printing the metric before and after.
+    --task detection / segmentation runs convert -> refocus-train -> fuse -> report for a torchvision
+    detector (SSDlite, mAP) or segmenter (LR-ASPP, mIoU) pretrained from scratch on generated shapes (COCO
+    JSON / index masks), printing the metric before and after refocusing, without a fine-tuning baseline.
     """
     from reparam_zoo.demo import run_demo
     from reparam_zoo.processes import keep_freed_memory
