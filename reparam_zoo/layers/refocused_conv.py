@@ -7,17 +7,17 @@ gradient. With glibc's default allocator each large one is a fresh mmap that is 
 returned to the OS every step (resnet18, batch 8 at 112 px: 45.6k minor page faults per step against plain
 fine-tuning's 11.6k; benchmarks/README.md, "own loop"). `RefocusedConv` instead
 
-* computes the refocused kernel into a buffer the layer keeps from step to step, with temporaries of at
-  most `SCRATCH_BYTES` on the CPU: no weight-sized tensor comes from the allocator;
+* computes the refocused kernel into a buffer the layer keeps from step to step (the kernel itself never
+  comes from the allocator), with temporaries of at most `SCRATCH_BYTES` on the CPU, each freed at once,
+  which an allocator hands back for the next (glibc: below its dynamic mmap threshold);
 * keeps no kernel in the autograd graph: the backward reuses the buffer while it still holds the kernel of
-  the transform the forward saw, and recomputes it otherwise;
-* writes the transform's gradient of a dense layer (the same size as the kernel's gradient when
-  `map_k` equals the kernel size) into the kernel gradient's own storage.
+  the transform the forward saw, and recomputes it otherwise; so no weight-sized tensor stays alive from
+  the forward to the backward;
+* computes a chunked dense layer's transform gradient (the same size as the kernel's gradient when `map_k`
+  equals the kernel size) into the kernel gradient's own storage.
 
-So a step allocates one weight-sized tensor per layer, the kernel's gradient from the conv backward, which
-becomes the transform's gradient (a grouped or depthwise layer's transform gradient is larger than its
-kernel and gets its own). The values are those of the separate ops up to rounding: the same ops on the same
-operands, split into chunks along the independent kernel slices (a chunk may run another conv kernel).
+The values are those of the separate ops up to rounding: the same ops on the same operands, split into
+chunks along the independent kernel slices for large kernels (a chunk may run another conv kernel).
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ import torch.nn.functional as F
 
 __all__ = ["RefocusedConv", "ConvCall", "SCRATCH_BYTES", "refocus_into", "transform_grad", "kernel_buffer_fits"]
 
-# Temporaries of the chunked kernel math stay small and are freed chunk after chunk, so an allocator
-# recycles them (glibc: its mmap threshold rises to the largest block freed, up to 32 MiB, after a training
-# step's first frees). 4 MiB: each chunk costs a fixed overhead in the depthwise conv (a 512x512x3x3 layer's
-# kernel, forward + backward, one thread: 8.7 ms as one op, 9.3 ms in 4 MiB chunks, 11.4 ms in 1 MiB chunks),
-# while the chunk size barely matters to the allocator below its dynamic threshold (resnet18, batch 8 at
-# 112 px, glibc's default allocator: minor page faults per step equal to plain fine-tuning's at 4 MiB).
-SCRATCH_BYTES = 4 * 1024 * 1024
+# Temporaries of the kernel math are at most this large (larger kernels are computed in chunks) and freed
+# one after the other, so an allocator recycles them: glibc's mmap threshold rises to the largest block freed,
+# up to 32 MiB, after a training step's first frees; a block above that is a fresh mmap every time. Chunks
+# cost time (a 512x512x3x3 kernel, forward + backward, two threads: 5.0 ms as one op, 7.9 ms in 4 MiB
+# chunks; resnet18 at batch 32, 224 px, two threads: 1.05x plain fine-tuning's step with 4 MiB chunks, 1.00x
+# with 16 MiB), so only kernels beyond 16 MiB (e.g. 1024x1024x3x3) are split.
+SCRATCH_BYTES = 16 * 1024 * 1024
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
