@@ -63,14 +63,16 @@ def add_run_options(parser, result_name: str) -> None:
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
 
 
-def parse_run_options(parser, argv, models_attr: str = "models"):
-    """Parse, set the thread count and refuse unknown timm model names with a usage error."""
+def parse_run_options(parser, argv, models_attr: Optional[str] = "models"):
+    """Parse, set the thread count and refuse unknown timm model names (the option `models_attr`, if any)
+    with a usage error."""
     import timm
     import torch
 
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    unknown = [m for m in getattr(args, models_attr, []) if m not in timm.list_models()]
+    names = getattr(args, models_attr) if models_attr else []
+    unknown = [m for m in names if m not in timm.list_models()]
     if unknown:
         parser.error(f"unknown timm model(s): {', '.join(unknown)}")
     return args

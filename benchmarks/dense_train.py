@@ -117,8 +117,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--eval-images", type=int, default=1000)
     _common.add_run_options(parser, "dense_train.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = _common.parse_run_options(parser, argv, models_attr=None)
     results = {"command": _common.command_line("dense_train.py", argv), "machine": _common.machine_facts(),
                "step": step_times(args.model, args.size, args.batch, args.reps),
                "evaluator": evaluator_time(args.eval_images)}

@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other models' rows from the existing results file")
     _common.add_run_options(parser, "fuse_time.json")
-    args = _common.parse_run_options(parser, argv, models_attr="no_such_option")
+    args = _common.parse_run_options(parser, argv, models_attr=None)
     unknown = [m for m in args.models if not modelfile.is_architecture(m)]
     if unknown:
         parser.error(f"unknown model(s): {', '.join(unknown)}")

@@ -148,8 +148,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--grid-epochs", type=int, default=1)
     parser.add_argument("--keep", metavar="DIR", help="keep the ablation folders under DIR (default: a temp dir)")
     _common.add_run_options(parser, "refocus_ablation.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = _common.parse_run_options(parser, argv, models_attr=None)
     args.lr_grid = [float(v) for v in args.lr_grid.split(",")]
     names = [n for n in args.sets.split(",") if n]
     unknown = [n for n in names if n not in SETS]

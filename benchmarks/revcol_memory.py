@@ -204,8 +204,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--reps", type=int, default=9)
     _common.add_run_options(parser, "revcol_memory.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = _common.parse_run_options(parser, argv, models_attr="variants")
 
     results = {
         "command": _common.command_line("revcol_memory.py", argv),
