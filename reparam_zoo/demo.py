@@ -3,6 +3,7 @@ whole job (convert -> refocus-train -> fuse -> report) runs offline in a few min
 user would otherwise run: fine-tuning the same model for the same epochs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -67,57 +68,81 @@ def run_demo(
     from .train import train
 
     start = time.perf_counter()
+    with new_output_folder(output_dir):
+        data_dir = make_pattern_dataset(os.path.join(output_dir, "data"), train_per_class=images_per_class,
+                                        val_per_class=max(2, images_per_class // 4), seed=seed)
+        echo(f"[1/5] generated a {len(PATTERNS)}-class texture data set in {data_dir}")
+
+        torch.manual_seed(seed)
+        model = create_model(model_name, num_classes=len(PATTERNS))
+        pretrained_acc = pretrain(model, data_dir, epochs=pretrain_epochs, input_size=input_size, seed=seed,
+                                  lr=PRETRAIN_LR, verbose=verbose)
+        pretrained_path = os.path.join(output_dir, "pretrained.safetensors")
+        save(model, pretrained_path, extra_metadata={"pretraining": {"lr": PRETRAIN_LR, "epochs": pretrain_epochs}})
+        echo(f"[2/5] pretrained {model_name} for {pretrain_epochs} epochs: val acc {100 * pretrained_acc:.1f}% "
+             f"-> {pretrained_path}")
+
+        common = dict(epochs=refocus_epochs, batch_size=32, warmup_epochs=min(1, refocus_epochs - 1),
+                      input_size=input_size, workers=0, seed=seed, fuse=True, verbose=verbose)
+        echo(f"[3/5] RefConv: converting every spatial conv and training only the transforms (lr {REFOCUS_LR:g})")
+        refocused = train(pretrained_path, data_dir, output_dir=os.path.join(output_dir, "refocus"), lr=REFOCUS_LR,
+                          **common)
+        echo(f"[4/5] baseline: fine-tuning every weight of the pretrained model for the same {refocus_epochs} epochs "
+             f"(lr {FINETUNE_LR:g}, same data order, augmentation and schedule)")
+        finetuned = train(pretrained_path, data_dir, output_dir=os.path.join(output_dir, "finetune"), lr=FINETUNE_LR,
+                          train_scope="all", **common)
+        from .modelfile import load
+
+        deployed = load(refocused.files["deploy"])
+        size = (3, input_size, input_size)
+        comparison = compare(refocused.model, deployed, size, names=("training (RefConv)", "inference (fused)"))
+        report_path = os.path.join(output_dir, "report.json")
+        from .fileio import atomic_write_file
+
+        text = comparison.render("json") + "\n"
+        atomic_write_file(report_path, lambda f: f.write(text.encode()))
+        baseline_cost = report(load(finetuned.files["deploy"]), size, depth=0).inference
+        refocused_acc, finetuned_acc = refocused.best["val_acc"], finetuned.best["val_acc"]
+        echo(f"[5/5] val acc after {refocus_epochs} epochs (best epoch): refocused {100 * refocused_acc:.1f}%, "
+             f"fine-tuned {100 * finetuned_acc:.1f}% (pretrained {100 * pretrained_acc:.1f}%); verified deploy model -> "
+             f"{refocused.files['deploy']}")
+        echo("")
+        echo(comparison.render("table"))
+        echo("")
+        verdict = _verdict(refocused.best, finetuned.best, comparison.reports[1].inference, baseline_cost)
+        echo(verdict)
+        files = {"data": data_dir, "pretrained": pretrained_path, "report": report_path, **refocused.files,
+                 **{f"finetune_{k}": v for k, v in finetuned.files.items()}}
+        return DemoResult(output_dir=output_dir, files=files, pretrained_val_acc=pretrained_acc,
+                          refocused_val_acc=refocused_acc, finetuned_val_acc=finetuned_acc, comparison=comparison,
+                          seconds=time.perf_counter() - start, history=refocused.history,
+                          finetune_history=finetuned.history, verdict=verdict)
+
+
+@contextlib.contextmanager
+def new_output_folder(output_dir: str):
+    """A demo's output folder: new or empty, made, and held by this demo alone while it writes (an exclusive
+    lock on the folder), so that a second demo started into it at the same moment is refused instead of
+    writing the same files."""
+    from .fileio import FolderBusy, lock_folder
+
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ReparamError(f"{output_dir} exists and is not a folder; pass another output folder")
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ReparamError(f"{output_dir} exists and is not empty; pass another output folder")
     os.makedirs(output_dir, exist_ok=True)
-    data_dir = make_pattern_dataset(os.path.join(output_dir, "data"), train_per_class=images_per_class,
-                                    val_per_class=max(2, images_per_class // 4), seed=seed)
-    echo(f"[1/5] generated a {len(PATTERNS)}-class texture data set in {data_dir}")
-
-    torch.manual_seed(seed)
-    model = create_model(model_name, num_classes=len(PATTERNS))
-    pretrained_acc = pretrain(model, data_dir, epochs=pretrain_epochs, input_size=input_size, seed=seed,
-                              lr=PRETRAIN_LR, verbose=verbose)
-    pretrained_path = os.path.join(output_dir, "pretrained.safetensors")
-    save(model, pretrained_path, extra_metadata={"pretraining": {"lr": PRETRAIN_LR, "epochs": pretrain_epochs}})
-    echo(f"[2/5] pretrained {model_name} for {pretrain_epochs} epochs: val acc {100 * pretrained_acc:.1f}% "
-         f"-> {pretrained_path}")
-
-    common = dict(epochs=refocus_epochs, batch_size=32, warmup_epochs=min(1, refocus_epochs - 1),
-                  input_size=input_size, workers=0, seed=seed, fuse=True, verbose=verbose)
-    echo(f"[3/5] RefConv: converting every spatial conv and training only the transforms (lr {REFOCUS_LR:g})")
-    refocused = train(pretrained_path, data_dir, output_dir=os.path.join(output_dir, "refocus"), lr=REFOCUS_LR,
-                      **common)
-    echo(f"[4/5] baseline: fine-tuning every weight of the pretrained model for the same {refocus_epochs} epochs "
-         f"(lr {FINETUNE_LR:g}, same data order, augmentation and schedule)")
-    finetuned = train(pretrained_path, data_dir, output_dir=os.path.join(output_dir, "finetune"), lr=FINETUNE_LR,
-                      train_scope="all", **common)
-    from .modelfile import load
-
-    deployed = load(refocused.files["deploy"])
-    size = (3, input_size, input_size)
-    comparison = compare(refocused.model, deployed, size, names=("training (RefConv)", "inference (fused)"))
-    report_path = os.path.join(output_dir, "report.json")
-    from .fileio import atomic_write_file
-
-    text = comparison.render("json") + "\n"
-    atomic_write_file(report_path, lambda f: f.write(text.encode()))
-    baseline_cost = report(load(finetuned.files["deploy"]), size, depth=0).inference
-    refocused_acc, finetuned_acc = refocused.best["val_acc"], finetuned.best["val_acc"]
-    echo(f"[5/5] val acc after {refocus_epochs} epochs (best epoch): refocused {100 * refocused_acc:.1f}%, fine-tuned "
-         f"{100 * finetuned_acc:.1f}% (pretrained {100 * pretrained_acc:.1f}%); verified deploy model -> "
-         f"{refocused.files['deploy']}")
-    echo("")
-    echo(comparison.render("table"))
-    echo("")
-    verdict = _verdict(refocused.best, finetuned.best, comparison.reports[1].inference, baseline_cost)
-    echo(verdict)
-    files = {"data": data_dir, "pretrained": pretrained_path, "report": report_path, **refocused.files,
-             **{f"finetune_{k}": v for k, v in finetuned.files.items()}}
-    return DemoResult(output_dir=output_dir, files=files, pretrained_val_acc=pretrained_acc,
-                      refocused_val_acc=refocused_acc, finetuned_val_acc=finetuned_acc, comparison=comparison,
-                      seconds=time.perf_counter() - start, history=refocused.history,
-                      finetune_history=finetuned.history, verdict=verdict)
+    try:
+        fd = lock_folder(output_dir)
+    except FolderBusy:
+        raise ReparamError(f"{output_dir}: another demo is writing into this folder; pass another output "
+                           "folder") from None
+    try:
+        if os.listdir(output_dir):  # another demo filled it between the check and the lock
+            raise ReparamError(f"{output_dir} exists and is not empty; pass another output folder")
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _verdict(refocused: dict, finetuned: dict, refocused_cost: dict, finetuned_cost: dict) -> str:

@@ -21,7 +21,7 @@ from typing import Callable, Dict
 
 import torch
 
-from .demo import fit_one_cycle
+from .demo import fit_one_cycle, new_output_folder
 from .errors import ReparamError
 
 __all__ = ["DENSE_DEMOS", "DenseDemoResult", "run_dense_demo"]
@@ -78,47 +78,43 @@ def run_dense_demo(task: str, output_dir: str = "reparam-demo", *, seed: int = 0
         raise ReparamError(f"no built-in {task} demo (expected one of {', '.join(DENSE_DEMOS)})")
     demo = DENSE_DEMOS[task]
     start = time.perf_counter()
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ReparamError(f"{output_dir} exists and is not a folder; pass another output folder")
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise ReparamError(f"{output_dir} exists and is not empty; pass another output folder")
-    os.makedirs(output_dir, exist_ok=True)
-    data_dir = os.path.join(output_dir, "data")
-    make = make_detection_set if task == "detection" else make_segmentation_set
-    make(data_dir, train=demo.train_images, val=demo.val_images, size=demo.size, seed=seed)
-    what = "COCO-format shapes" if task == "detection" else "shapes with index masks"
-    echo(f"[1/4] generated {demo.train_images} + {demo.val_images} images of {what} in {data_dir}")
+    with new_output_folder(output_dir):
+        data_dir = os.path.join(output_dir, "data")
+        make = make_detection_set if task == "detection" else make_segmentation_set
+        make(data_dir, train=demo.train_images, val=demo.val_images, size=demo.size, seed=seed)
+        what = "COCO-format shapes" if task == "detection" else "shapes with index masks"
+        echo(f"[1/4] generated {demo.train_images} + {demo.val_images} images of {what} in {data_dir}")
 
-    torch.manual_seed(seed)
-    model = create_model(demo.model, num_classes=4)  # 3 shapes + the background
-    pretrain(model, task, data_dir, demo, seed=seed, verbose=verbose)
-    pretrained_path = os.path.join(output_dir, "pretrained.safetensors")
-    save(model, pretrained_path)
-    echo(f"[2/4] pretrained {demo.model} (all weights) for {demo.pretrain_epochs} epochs -> {pretrained_path}")
+        torch.manual_seed(seed)
+        model = create_model(demo.model, num_classes=4)  # 3 shapes + the background
+        pretrain(model, task, data_dir, demo, seed=seed, verbose=verbose)
+        pretrained_path = os.path.join(output_dir, "pretrained.safetensors")
+        save(model, pretrained_path)
+        echo(f"[2/4] pretrained {demo.model} (all weights) for {demo.pretrain_epochs} epochs -> {pretrained_path}")
 
-    echo("[3/4] RefConv: converting the spatial convs and training only the transforms")
-    result = train(pretrained_path, data_dir, output_dir=os.path.join(output_dir, "refocus"), task=task,
-                   epochs=demo.refocus_epochs, batch_size=demo.batch_size, lr=demo.refocus_lr,
-                   warmup_epochs=min(1, demo.refocus_epochs - 1), input_size=demo.size, workers=0, seed=seed,
-                   fuse=True, verbose=verbose)
-    deployed = load(result.files["deploy"])
-    comparison = compare(result.model.cpu(), deployed, (3, demo.size, demo.size),
-                         names=("training (RefConv)", "inference (fused)"))
-    report_path = os.path.join(output_dir, "report.json")
-    text = comparison.render("json") + "\n"
-    atomic_write_file(report_path, lambda f: f.write(text.encode()))
-    before, after = result.history[0][f"val_{demo.metric}"], result.best[f"val_{demo.metric}"]
-    echo(f"[4/4] val {demo.label}: pretrained {100 * before:.1f}% -> refocused {100 * after:.1f}% (best, epoch "
-         f"{result.best['epoch']}); verified deploy model -> {result.files['deploy']}")
-    echo("")
-    echo(comparison.render("table"))
-    echo("")
-    verdict = _verdict(demo, before, result.best)
-    echo(verdict)
-    files = {"data": data_dir, "pretrained": pretrained_path, "report": report_path, **result.files}
-    return DenseDemoResult(output_dir=output_dir, task=task, files=files, metric=demo.metric, pretrained=before,
-                           refocused=after, comparison=comparison, seconds=time.perf_counter() - start,
-                           history=result.history, verdict=verdict)
+        echo("[3/4] RefConv: converting the spatial convs and training only the transforms")
+        result = train(pretrained_path, data_dir, output_dir=os.path.join(output_dir, "refocus"), task=task,
+                       epochs=demo.refocus_epochs, batch_size=demo.batch_size, lr=demo.refocus_lr,
+                       warmup_epochs=min(1, demo.refocus_epochs - 1), input_size=demo.size, workers=0, seed=seed,
+                       fuse=True, verbose=verbose)
+        deployed = load(result.files["deploy"])
+        comparison = compare(result.model.cpu(), deployed, (3, demo.size, demo.size),
+                             names=("training (RefConv)", "inference (fused)"))
+        report_path = os.path.join(output_dir, "report.json")
+        text = comparison.render("json") + "\n"
+        atomic_write_file(report_path, lambda f: f.write(text.encode()))
+        before, after = result.history[0][f"val_{demo.metric}"], result.best[f"val_{demo.metric}"]
+        echo(f"[4/4] val {demo.label}: pretrained {100 * before:.1f}% -> refocused {100 * after:.1f}% (best, epoch "
+             f"{result.best['epoch']}); verified deploy model -> {result.files['deploy']}")
+        echo("")
+        echo(comparison.render("table"))
+        echo("")
+        verdict = _verdict(demo, before, result.best)
+        echo(verdict)
+        files = {"data": data_dir, "pretrained": pretrained_path, "report": report_path, **result.files}
+        return DenseDemoResult(output_dir=output_dir, task=task, files=files, metric=demo.metric, pretrained=before,
+                               refocused=after, comparison=comparison, seconds=time.perf_counter() - start,
+                               history=result.history, verdict=verdict)
 
 
 def _verdict(demo: _Demo, before: float, best: dict) -> str:

@@ -17,6 +17,7 @@ a failed write to a path (a C++ exception in a destructor) but not on a write to
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from .errors import OutputError, ReparamError, first_line
 
-__all__ = ["TEMP_MARK", "open_regular_file", "model_file_name_problem", "atomic_write", "atomic_write_file", "output_file", "temp_path_for", "leftover_temp_files",
+__all__ = ["TEMP_MARK", "FolderBusy", "lock_folder", "open_regular_file", "model_file_name_problem", "atomic_write", "atomic_write_file", "output_file", "temp_path_for", "leftover_temp_files",
            "check_output_path", "same_file"]
 
 PathLike = Union[str, os.PathLike]
@@ -44,6 +45,27 @@ _previous_handlers: Dict[int, object] = {}
 
 
 # -- paths --------------------------------------------------------------------------------------------------
+
+class FolderBusy(ReparamError):
+    """Another process holds the folder's lock (`lock_folder`)."""
+
+
+def lock_folder(path: PathLike) -> Optional[int]:
+    """An exclusive flock on the folder `path` itself, for as long as the returned descriptor stays open (it
+    dies with the process: nothing stale after a crash, no lock file). Raises FolderBusy when another process
+    holds it; returns None on a file system without flock (some network mounts), where the caller runs
+    unguarded."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(f"{path}: another process is using this folder") from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
 
 def check_output_path(path: PathLike, inputs: Sequence[PathLike] = ()) -> None:
     """A clear error, before any work, when `path` cannot be written as a file or is one of `inputs`."""

@@ -107,3 +107,27 @@ def test_demo_refuses_a_non_empty_folder(tmp_path):
     assert result.exit_code == 1
     assert "exists and is not empty" in result.output
     assert os.listdir(tmp_path) == ["keep.txt"]
+
+
+def test_demo_refuses_a_file_as_its_folder(tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("mine")
+    with pytest.raises(reparam_zoo.ReparamError, match=rf"{target} exists and is not a folder"):
+        run_demo(str(target), verbose=False)  # (the command line refuses it earlier, as a usage error)
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_demo_refuses_a_folder_another_demo_is_writing(tmp_path, task):
+    """Two demos started into the same new folder: the one that finds the folder locked stops at once, before
+    writing anything (the lock is what a running demo holds; taken here by the test)."""
+    from reparam_zoo.fileio import lock_folder
+
+    fd = lock_folder(str(tmp_path))
+    try:
+        result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path), "--quiet", "--task", task])
+    finally:
+        os.close(fd)
+    assert result.exit_code == 1
+    assert "another demo is writing into this folder" in result.output
+    assert os.listdir(tmp_path) == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import math
 import os
@@ -77,17 +76,13 @@ class RunDir:
         crash), and leaves no file behind."""
         if self.lock_fd is not None or not os.path.isdir(self.path):
             return
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        from ..fileio import FolderBusy, lock_folder
+
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self.lock_fd = lock_folder(self.path)
+        except FolderBusy:
             raise TrainError(f"{self.path}: another run is using this folder (a reparam train still running?); wait "
                              "for it to end, or choose another folder") from None
-        except OSError:  # a file system without flock (some network mounts): run, unguarded
-            os.close(fd)
-            return
-        self.lock_fd = fd
 
     def unlock(self) -> None:
         if self.lock_fd is not None:
